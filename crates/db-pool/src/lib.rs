@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod pool;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::Error;
+pub use pool::{CloseReason, Conn, Param, Pool, PoolStats, Transaction};
+pub use config::{ConfigError, Defaults, Host, PoolConfig, Profile, Source, SslAccept, SslMode};

@@ -1,0 +1,395 @@
+//! A pooled connection and the handle callers hold while they use it.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::Object;
+use lru::LruCache;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Row, Statement};
+
+use super::manager::{Manager, Shared};
+use super::params::{infer_types, Param};
+use super::stats::{CloseReason, Counters};
+use crate::error::Error;
+
+/// One server connection as the pool keeps it.
+pub struct ClientConn {
+    pub(crate) client: Client,
+    /// Prepared statements by SQL text, least recently used evicted. Written
+    /// by hand over `lru` because tokio-postgres caches nothing and
+    /// deadpool-postgres's cache is unbounded; evicting drops the
+    /// `Statement`, which makes tokio-postgres close it on the server.
+    statements: Option<LruCache<String, Statement>>,
+    pub(crate) id: u64,
+    pub(crate) pid: i32,
+    pub(crate) created: Instant,
+    /// When it was last returned to the pool (for the idle lifetime).
+    pub(crate) returned: Instant,
+    pub(crate) lifetime: Option<Duration>,
+    /// A statement was sent and its answer not yet read: a caller dropped
+    /// mid-query leaves this set.
+    pub(crate) in_flight: bool,
+    /// A transaction may be open: roll back before anyone else uses it.
+    pub(crate) needs_rollback: bool,
+    /// Unusable: discard on return.
+    pub(crate) broken: bool,
+    /// Why it is being closed, set by whoever decides to close it and
+    /// counted when it is dropped (`shutdown` when nobody said).
+    close_reason: AtomicU8,
+    shared: Weak<Shared>,
+}
+
+impl ClientConn {
+    /// Records why this connection is about to be dropped.
+    pub(crate) fn closing(&self, reason: CloseReason) {
+        self.close_reason.store(reason as u8 + 1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        let reason = match self.close_reason.load(Ordering::Relaxed) {
+            0 => CloseReason::Shutdown,
+            n => CloseReason::from_index(n - 1),
+        };
+        tracing::debug!(
+            connection = self.id,
+            backend_pid = self.pid,
+            reason = reason.as_str(),
+            "closing database connection"
+        );
+        if let Some(shared) = self.shared.upgrade() {
+            shared.counters.closed(reason);
+        }
+    }
+}
+
+impl ClientConn {
+    pub(crate) fn new(
+        shared: Weak<Shared>,
+        client: Client,
+        id: u64,
+        pid: i32,
+        cache_size: usize,
+        lifetime: Option<Duration>,
+    ) -> ClientConn {
+        let now = Instant::now();
+        ClientConn {
+            client,
+            statements: NonZeroUsize::new(cache_size).map(LruCache::new),
+            id,
+            pid,
+            created: now,
+            returned: now,
+            lifetime,
+            in_flight: false,
+            needs_rollback: false,
+            broken: false,
+            close_reason: AtomicU8::new(0),
+            shared,
+        }
+    }
+}
+
+/// What a statement should produce.
+#[derive(Clone, Copy)]
+enum Want {
+    Rows,
+    Count,
+}
+
+enum Output {
+    Rows(Vec<Row>),
+    Count(u64),
+}
+
+/// A checked-out connection. Returned to the pool when dropped.
+///
+/// Every statement goes through the connection's prepared-statement cache
+/// (or, with `pgbouncer=true`, as one unnamed typed statement), under
+/// `socket_timeout`.
+pub struct Conn {
+    pub(crate) obj: Object<Manager>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Conn {
+    /// The server process serving this connection (`pg_backend_pid()`).
+    pub fn backend_pid(&self) -> i32 {
+        self.obj.pid
+    }
+
+    /// Runs a statement and returns its rows.
+    pub async fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, Error> {
+        match self.run(sql, params, Want::Rows).await? {
+            Output::Rows(rows) => Ok(rows),
+            Output::Count(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Runs a statement that returns exactly one row.
+    pub async fn query_one(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Row, Error> {
+        let mut rows = self.query(sql, params).await?;
+        match rows.len() {
+            1 => Ok(rows.swap_remove(0)),
+            n => Err(Error::RowCount(n)),
+        }
+    }
+
+    /// Runs a statement that returns at most one row.
+    pub async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<Row>, Error> {
+        let mut rows = self.query(sql, params).await?;
+        match rows.len() {
+            0 => Ok(None),
+            1 => Ok(Some(rows.swap_remove(0))),
+            n => Err(Error::RowCount(n)),
+        }
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, Error> {
+        match self.run(sql, params, Want::Count).await? {
+            Output::Count(n) => Ok(n),
+            Output::Rows(rows) => Ok(rows.len() as u64),
+        }
+    }
+
+    /// Runs a statement with explicitly typed parameters as one unnamed
+    /// statement (never cached, PgBouncer-safe).
+    pub async fn query_typed(
+        &mut self,
+        sql: &str,
+        params: &[(Param<'_>, Type)],
+    ) -> Result<Vec<Row>, Error> {
+        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let client = &conn.client;
+        let fut = async { client.query_typed(sql, params).await.map_err(query_error) };
+        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+    }
+
+    /// The parameter types the server infers for a statement.
+    pub async fn param_types(&mut self, sql: &str) -> Result<Vec<Type>, Error> {
+        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let client = &conn.client;
+        let pgbouncer = shared.config.pgbouncer;
+        let fut = async {
+            if pgbouncer {
+                // A named statement is safe inside one transaction even
+                // under PgBouncer: describe it there and let it go.
+                client.batch_execute("BEGIN").await.map_err(query_error)?;
+                let types = client.prepare(sql).await.map(|s| s.params().to_vec());
+                client.batch_execute("COMMIT").await.map_err(query_error)?;
+                types.map_err(query_error)
+            } else {
+                Ok(client.prepare(sql).await.map_err(query_error)?.params().to_vec())
+            }
+        };
+        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+    }
+
+    /// Runs SQL text with the simple protocol (several statements allowed,
+    /// no parameters, nothing returned).
+    pub async fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
+        // Raw SQL may open a transaction the pool does not know about.
+        self.obj.needs_rollback = true;
+        self.simple(sql).await
+    }
+
+    /// Begins a transaction. It rolls back unless committed, also when the
+    /// handle is dropped (the rollback then runs before the connection is
+    /// used again).
+    pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
+        self.simple("BEGIN").await?;
+        self.obj.needs_rollback = true;
+        Ok(Transaction {
+            conn: self,
+            done: false,
+        })
+    }
+
+    async fn simple(&mut self, sql: &str) -> Result<(), Error> {
+        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let client = &conn.client;
+        let fut = async { client.batch_execute(sql).await.map_err(query_error) };
+        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+    }
+
+    async fn run(&mut self, sql: &str, params: &[Param<'_>], want: Want) -> Result<Output, Error> {
+        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let counters = &shared.counters;
+        let client = &conn.client;
+        let statements = &mut conn.statements;
+        let pgbouncer = shared.config.pgbouncer;
+        let fut = async {
+            if pgbouncer {
+                let typed = infer_types(params).map_err(|n| {
+                    Error::Parameter(format!(
+                        "pgbouncer=true: cannot tell the PostgreSQL type of parameter ${n}; pass it with query_typed"
+                    ))
+                })?;
+                return match want {
+                    Want::Rows => client.query_typed(sql, &typed).await.map(Output::Rows),
+                    Want::Count => client.execute_typed(sql, &typed).await.map(Output::Count),
+                }
+                .map_err(query_error);
+            }
+            let Some(cache) = statements else {
+                return match want {
+                    Want::Rows => client.query(sql, params).await.map(Output::Rows),
+                    Want::Count => client.execute(sql, params).await.map(Output::Count),
+                }
+                .map_err(query_error);
+            };
+            let stmt = match cache.get(sql) {
+                Some(stmt) => {
+                    Counters::inc(&counters.statement_cache_hits);
+                    stmt.clone()
+                }
+                None => {
+                    Counters::inc(&counters.statement_cache_misses);
+                    let stmt = client.prepare(sql).await.map_err(query_error)?;
+                    if let Some((evicted, _)) = cache.push(sql.to_owned(), stmt.clone()) {
+                        if evicted != sql {
+                            // Dropping the evicted statement closes it on the server.
+                            Counters::inc(&counters.statement_cache_evictions);
+                        }
+                    }
+                    stmt
+                }
+            };
+            match want {
+                Want::Rows => client.query(&stmt, params).await.map(Output::Rows),
+                Want::Count => client.execute(&stmt, params).await.map(Output::Count),
+            }
+            .map_err(query_error)
+        };
+        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+    }
+}
+
+/// Runs one statement's future under `socket_timeout`, keeping the
+/// connection's state honest: `in_flight` stays set if the caller's future
+/// is dropped mid-statement; a timeout sends a real cancel request and marks
+/// the connection broken; a closed connection is marked broken.
+async fn guard<T>(
+    shared: &Shared,
+    in_flight: &mut bool,
+    broken: &mut bool,
+    client: &Client,
+    fut: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    *in_flight = true;
+    let result = match shared.config.socket_timeout {
+        Some(limit) => match tokio::time::timeout(limit, fut).await {
+            Ok(result) => result,
+            Err(_) => {
+                Counters::inc(&shared.counters.socket_timeouts);
+                shared.cancel(client);
+                *broken = true;
+                Err(Error::SocketTimeout(limit))
+            }
+        },
+        None => fut.await,
+    };
+    *in_flight = false;
+    if matches!(result, Err(Error::ConnectionClosed)) {
+        *broken = true;
+    }
+    result
+}
+
+/// Maps a statement's failure: a closed connection is P1017, a server error
+/// keeps its SQLSTATE, anything else is client-side.
+pub(crate) fn query_error(e: tokio_postgres::Error) -> Error {
+    if e.is_closed() {
+        return Error::ConnectionClosed;
+    }
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        // admin_shutdown, crash_shutdown: the backend is going away.
+        if code == "57P01" || code == "57P02" {
+            return Error::ConnectionClosed;
+        }
+        return Error::Query {
+            sqlstate: code.to_string(),
+            message: db.message().to_string(),
+            source: e,
+        };
+    }
+    if e.to_string().contains("closed") {
+        return Error::ConnectionClosed;
+    }
+    Error::Client(e)
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.obj.returned = Instant::now();
+    }
+}
+
+/// A transaction on a checked-out connection; rolls back unless committed.
+pub struct Transaction<'a> {
+    conn: &'a mut Conn,
+    done: bool,
+}
+
+impl Transaction<'_> {
+    /// See [`Conn::query`].
+    pub async fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, Error> {
+        self.conn.query(sql, params).await
+    }
+
+    /// See [`Conn::query_one`].
+    pub async fn query_one(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Row, Error> {
+        self.conn.query_one(sql, params).await
+    }
+
+    /// See [`Conn::query_opt`].
+    pub async fn query_opt(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<Row>, Error> {
+        self.conn.query_opt(sql, params).await
+    }
+
+    /// See [`Conn::execute`].
+    pub async fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64, Error> {
+        self.conn.execute(sql, params).await
+    }
+
+    /// Commits.
+    pub async fn commit(mut self) -> Result<(), Error> {
+        self.done = true;
+        self.conn.simple("COMMIT").await?;
+        self.conn.obj.needs_rollback = false;
+        Ok(())
+    }
+
+    /// Rolls back.
+    pub async fn rollback(mut self) -> Result<(), Error> {
+        self.done = true;
+        self.conn.simple("ROLLBACK").await?;
+        self.conn.obj.needs_rollback = false;
+        Ok(())
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            // Left open: `needs_rollback` stays set, so the pool rolls it
+            // back before the connection is handed out again.
+            self.conn.obj.needs_rollback = true;
+        }
+    }
+}
+

@@ -1,0 +1,381 @@
+//! Opening, checking and closing server connections: the deadpool `Manager`.
+//!
+//! Hand-written rather than deadpool-postgres's manager because that one has
+//! no bounded statement cache, no connection lifetimes, no socket timeout, no
+//! TLS policy from the URL, no backoff on "too many connections" and no
+//! protection against connections returned mid-query or mid-transaction.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{Metrics, RecycleError, RecycleResult};
+use rand::Rng;
+use tokio::task::AbortHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::conn::ClientConn;
+use super::stats::{CloseReason, Counters};
+use super::tls;
+use crate::config::{Host, PoolConfig};
+use crate::error::Error;
+
+/// Connections returned to the pool less than this long ago are handed out
+/// again without a round trip to check them (HikariCP's
+/// `aliveBypassWindowMs`); older ones are pinged first. A connection the
+/// server closed is caught before that by `Client::is_closed`.
+const VALIDATION_BYPASS: Duration = Duration::from_millis(500);
+
+/// First and longest pause after the server refused a connection with
+/// "too many connections" (SQLSTATE 53300).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the pool, the manager and every connection share.
+pub(crate) struct Shared {
+    pub config: PoolConfig,
+    pub counters: Counters,
+    pub tls: MakeRustlsConnect,
+    pg: tokio_postgres::Config,
+    backoff: Mutex<Option<Backoff>>,
+    /// The driver task of every open connection, so `close()` can end the
+    /// ones still checked out when its deadline passes.
+    drivers: Mutex<HashMap<u64, AbortHandle>>,
+    next_id: AtomicU64,
+}
+
+struct Backoff {
+    until: Instant,
+    current: Duration,
+    message: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every
+    // critical section is a single insert/remove/assignment).
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    pub fn new(config: PoolConfig) -> Result<Shared, Error> {
+        let tls = tls::connector(&config)?;
+        let pg = pg_config(&config);
+        Ok(Shared {
+            config,
+            counters: Counters::default(),
+            tls,
+            pg,
+            backoff: Mutex::new(None),
+            drivers: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Ends every connection's driver task: sockets close at once.
+    pub fn abort_all(&self) {
+        for (_, handle) in lock(&self.drivers).drain() {
+            handle.abort();
+        }
+    }
+
+    fn backoff_active(&self) -> Option<String> {
+        let guard = lock(&self.backoff);
+        let b = guard.as_ref()?;
+        let left = b.until.checked_duration_since(Instant::now())?;
+        Some(format!(
+            "{} (the pool is backing off for {} ms before trying again)",
+            b.message,
+            left.as_millis()
+        ))
+    }
+
+    fn refused(&self, message: &str) {
+        let mut guard = lock(&self.backoff);
+        let current = guard
+            .as_ref()
+            .map_or(BACKOFF_MIN, |b| (b.current * 2).min(BACKOFF_MAX));
+        *guard = Some(Backoff {
+            until: Instant::now() + current,
+            current,
+            message: message.to_string(),
+        });
+    }
+
+    fn connected(&self) {
+        lock(&self.backoff).take();
+    }
+
+    /// The configured lifetime with up to 10% taken off at random, so
+    /// connections opened together do not all reconnect together.
+    fn jittered_lifetime(&self) -> Option<Duration> {
+        self.config
+            .max_connection_lifetime
+            .map(|l| l.mul_f64(1.0 - rand::thread_rng().gen_range(0.0..0.1)))
+    }
+
+    /// Opens one connection: TCP or socket, TLS, authentication and the
+    /// backend pid, all within `connect_timeout`.
+    pub async fn connect(self: &Arc<Self>) -> Result<ClientConn, Error> {
+        if let Some(message) = self.backoff_active() {
+            return Err(Error::TooManyConnections(message));
+        }
+        Counters::inc(&self.counters.connect_attempts);
+        let attempt = async {
+            let (client, connection) = self
+                .pg
+                .connect(self.tls.clone())
+                .await
+                .map_err(|e| self.connect_error(e))?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let shared = Arc::downgrade(self);
+            let driver = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(connection = id, error = %e, "database connection ended");
+                }
+                if let Some(shared) = shared.upgrade() {
+                    lock(&shared.drivers).remove(&id);
+                }
+            });
+            lock(&self.drivers).insert(id, driver.abort_handle());
+            // tokio-postgres keeps the backend pid private; one simple query
+            // (no prepared statement, so PgBouncer-safe) fetches it for
+            // logs, leak reports and tests.
+            let pid = backend_pid(&client).await.map_err(|e| self.connect_error(e))?;
+            Ok::<_, Error>(ClientConn::new(
+                Arc::downgrade(self),
+                client,
+                id,
+                pid,
+                self.config.effective_statement_cache_size(),
+                self.jittered_lifetime(),
+            ))
+        };
+        let result = match self.config.connect_timeout {
+            Some(limit) => tokio::time::timeout(limit, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::Unreachable {
+                        address: self.config.address(),
+                        reason: format!("no answer within connect_timeout={}s", limit.as_secs()),
+                    })
+                }),
+            None => attempt.await,
+        };
+        match &result {
+            Ok(_) => {
+                self.connected();
+                Counters::inc(&self.counters.connections_opened);
+            }
+            Err(e) => {
+                Counters::inc(&self.counters.connect_failures);
+                if let Error::TooManyConnections(message) = e {
+                    Counters::inc(&self.counters.too_many_connections);
+                    self.refused(message);
+                }
+            }
+        }
+        result
+    }
+
+    fn connect_error(&self, e: tokio_postgres::Error) -> Error {
+        let address = self.config.address();
+        if let Some(db) = e.as_db_error() {
+            let code = db.code();
+            if *code == SqlState::TOO_MANY_CONNECTIONS {
+                return Error::TooManyConnections(db.message().to_string());
+            }
+            if *code == SqlState::INVALID_PASSWORD
+                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            {
+                return Error::AuthenticationFailed {
+                    address,
+                    user: self.config.user.clone(),
+                };
+            }
+            if *code == SqlState::INVALID_CATALOG_NAME {
+                return Error::DatabaseDoesNotExist {
+                    database: self.config.database.clone(),
+                    address,
+                };
+            }
+            return Error::Unreachable {
+                address,
+                reason: db.message().to_string(),
+            };
+        }
+        let text = error_chain(&e);
+        if text.contains("TLS") || text.contains("tls") {
+            return Error::Tls(text);
+        }
+        Error::Unreachable {
+            address,
+            reason: text,
+        }
+    }
+
+    /// Checks a connection about to be handed out again.
+    pub async fn recycle(&self, conn: &mut ClientConn) -> Result<(), CloseReason> {
+        if conn.broken || conn.client.is_closed() {
+            return Err(CloseReason::Broken);
+        }
+        if conn.in_flight {
+            // The caller was cancelled mid-query: the server may still be
+            // running it. Cancel it there and do not reuse the connection.
+            self.cancel(&conn.client);
+            return Err(CloseReason::Broken);
+        }
+        if conn.lifetime.is_some_and(|l| conn.created.elapsed() >= l) {
+            return Err(CloseReason::MaxLifetime);
+        }
+        if self
+            .config
+            .max_idle_connection_lifetime
+            .is_some_and(|l| conn.returned.elapsed() >= l)
+        {
+            return Err(CloseReason::IdleLifetime);
+        }
+        if conn.needs_rollback {
+            // Returned inside an open transaction (or after raw SQL that may
+            // have opened one): never hand it out "idle in transaction".
+            conn.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|_| CloseReason::Broken)?;
+            conn.needs_rollback = false;
+        }
+        if conn.returned.elapsed() >= VALIDATION_BYPASS {
+            conn.client
+                .check_connection()
+                .await
+                .map_err(|_| CloseReason::Broken)?;
+        }
+        Ok(())
+    }
+
+    /// Sends a cancel request for whatever the connection is running.
+    pub fn cancel(&self, client: &tokio_postgres::Client) {
+        let token = client.cancel_token();
+        let tls = self.tls.clone();
+        tokio::spawn(async move {
+            if let Err(e) = token.cancel_query(tls).await {
+                tracing::debug!(error = %e, "cancel request failed");
+            }
+        });
+    }
+
+    /// Whether an idle connection has outlived a lifetime (for the reaper).
+    pub fn expired(&self, conn: &ClientConn) -> Option<CloseReason> {
+        if conn.client.is_closed() {
+            Some(CloseReason::Broken)
+        } else if conn.lifetime.is_some_and(|l| conn.created.elapsed() >= l) {
+            Some(CloseReason::MaxLifetime)
+        } else if self
+            .config
+            .max_idle_connection_lifetime
+            .is_some_and(|l| conn.returned.elapsed() >= l)
+        {
+            Some(CloseReason::IdleLifetime)
+        } else {
+            None
+        }
+    }
+}
+
+/// The deadpool manager: thin, all logic lives in [`Shared`].
+pub(crate) struct Manager {
+    pub shared: Arc<Shared>,
+}
+
+impl deadpool::managed::Manager for Manager {
+    type Type = ClientConn;
+    type Error = Error;
+
+    async fn create(&self) -> Result<ClientConn, Error> {
+        self.shared.connect().await
+    }
+
+    async fn recycle(&self, conn: &mut ClientConn, _: &Metrics) -> RecycleResult<Error> {
+        self.shared.recycle(conn).await.map_err(|reason| {
+            conn.closing(reason);
+            RecycleError::message(reason.as_str())
+        })
+    }
+}
+
+async fn backend_pid(client: &tokio_postgres::Client) -> Result<i32, tokio_postgres::Error> {
+    let rows = client.simple_query("SELECT pg_backend_pid()").await?;
+    Ok(rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(0))
+}
+
+/// The error and its causes on one line ("error connecting to server:
+/// Connection refused (os error 111)").
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// The tokio-postgres configuration for a pool configuration. The schema
+/// travels in the startup packet (`-c search_path=...`), so no connection
+/// needs an extra round trip to set it.
+fn pg_config(cfg: &PoolConfig) -> tokio_postgres::Config {
+    let mut pg = tokio_postgres::Config::new();
+    match &cfg.host {
+        Host::Tcp(h) => pg.host(h),
+        Host::Unix(dir) => pg.host_path(dir),
+    };
+    pg.port(cfg.port)
+        .user(&cfg.user)
+        .dbname(&cfg.database)
+        .application_name(&cfg.application_name)
+        .ssl_mode(tls::negotiation(cfg.sslmode))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(60));
+    if let Some(pw) = cfg.password() {
+        pg.password(pw);
+    }
+    let mut options = String::new();
+    if cfg.schema != "public" {
+        options.push_str("-c search_path=");
+        options.push_str(&escape_option(&cfg.schema));
+    }
+    if let Some(extra) = &cfg.options {
+        if !options.is_empty() {
+            options.push(' ');
+        }
+        options.push_str(extra);
+    }
+    if !options.is_empty() {
+        pg.options(&options);
+    }
+    pg
+}
+
+/// Escapes a value for the `options` startup parameter, where spaces
+/// separate arguments and backslash escapes.
+fn escape_option(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c == ' ' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}

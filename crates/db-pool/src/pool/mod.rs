@@ -1,0 +1,203 @@
+//! The pool: deadpool's managed pool (fair FIFO queue of callers, slot
+//! accounting) around our own connection manager.
+
+mod conn;
+mod manager;
+mod params;
+mod stats;
+mod tls;
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use deadpool::managed::{PoolError, QueueMode};
+
+pub use conn::{Conn, Transaction};
+pub use params::Param;
+pub use stats::{CloseReason, PoolStats};
+
+use manager::{Manager, Shared};
+
+use crate::config::PoolConfig;
+use crate::error::Error;
+
+/// A PostgreSQL connection pool configured by a [`PoolConfig`].
+///
+/// Cheap to clone; clones share the same connections. Connections open
+/// lazily, on demand, up to `connection_limit`.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: deadpool::managed::Pool<Manager>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("url", &self.inner.shared.config.redacted_url())
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Pool {
+    /// Builds a pool. No connection is opened yet; call [`Pool::get`] (or
+    /// `get` once at start-up to fail fast). Must be called inside a tokio
+    /// runtime when connection lifetimes are configured (a background task
+    /// closes expired idle connections).
+    pub fn new(config: PoolConfig) -> Result<Pool, Error> {
+        let limit = config.connection_limit;
+        let shared = Arc::new(Shared::new(config)?);
+        let pool = deadpool::managed::Pool::builder(Manager {
+            shared: shared.clone(),
+        })
+        .max_size(limit)
+        // The most recently returned connection first: hot connections stay
+        // hot and surplus ones age out through the idle lifetime. Callers
+        // themselves queue first-come first-served (tokio's fair semaphore).
+        .queue_mode(QueueMode::Lifo)
+        .build()
+        .map_err(|e| Error::Parameter(format!("cannot build the pool: {e}")))?;
+        let inner = Arc::new(Inner { pool, shared });
+        spawn_reaper(Arc::downgrade(&inner));
+        Ok(Pool { inner })
+    }
+
+    /// The configuration the pool runs with.
+    pub fn config(&self) -> &PoolConfig {
+        &self.inner.shared.config
+    }
+
+    /// Checks out a connection, opening one if none is free and the limit
+    /// allows. Waits at most `pool_timeout`, measured from this call, then
+    /// fails with `P2024`.
+    pub async fn get(&self) -> Result<Conn, Error> {
+        let shared = &self.inner.shared;
+        let checkout = self.inner.pool.get();
+        let result = match shared.config.pool_timeout {
+            Some(limit) => match tokio::time::timeout(limit, checkout).await {
+                Ok(result) => result,
+                Err(_) => return Err(self.timeout_error(limit)),
+            },
+            None => checkout.await,
+        };
+        match result {
+            Ok(obj) => {
+                stats::Counters::inc(&shared.counters.checkouts);
+                Ok(Conn {
+                    obj,
+                    shared: shared.clone(),
+                })
+            }
+            Err(PoolError::Backend(e)) => Err(e),
+            Err(PoolError::Closed) => Err(Error::PoolClosed),
+            Err(PoolError::Timeout(_)) => Err(self.timeout_error(
+                shared.config.pool_timeout.unwrap_or(Duration::ZERO),
+            )),
+            Err(other) => Err(Error::Parameter(format!("pool failure: {other}"))),
+        }
+    }
+
+    fn timeout_error(&self, limit: Duration) -> Error {
+        stats::Counters::inc(&self.inner.shared.counters.checkout_timeouts);
+        let s = self.stats();
+        Error::PoolTimeout {
+            timeout_secs: limit.as_secs(),
+            connection_limit: self.config().connection_limit,
+            in_use: s.in_use,
+            // This caller has stopped waiting but was one of them.
+            waiting: s.waiting + 1,
+        }
+    }
+
+    /// A snapshot of the pool's gauges and counters.
+    pub fn stats(&self) -> PoolStats {
+        let status = self.inner.pool.status();
+        let mut s = PoolStats {
+            max: self.config().connection_limit,
+            open: status.size,
+            idle: status.available,
+            in_use: status.size.saturating_sub(status.available),
+            waiting: status.waiting,
+            ..PoolStats::default()
+        };
+        self.inner.shared.counters.fill(&mut s);
+        s
+    }
+
+    /// Closes the pool: new checkouts fail at once (`P2024`, pool closed),
+    /// idle connections close now, checked-out ones close when returned or,
+    /// at `deadline`, by force.
+    pub async fn close(&self, deadline: Duration) {
+        let shared = &self.inner.shared;
+        self.inner.pool.close();
+        let until = Instant::now() + deadline;
+        while self.inner.pool.status().size > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.inner.pool.status().size;
+        if left > 0 {
+            tracing::warn!(
+                connections = left,
+                "pool closed with connections still checked out after {}s; closing them",
+                deadline.as_secs_f64()
+            );
+        }
+        shared.abort_all();
+    }
+
+    /// Whether [`Pool::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.pool.is_closed()
+    }
+}
+
+/// Closes idle connections past their lifetime (and ones the server
+/// closed) in the background, so an idle pool really lets go of its server
+/// connections rather than noticing at the next checkout.
+fn spawn_reaper(inner: Weak<Inner>) {
+    let Some(strong) = inner.upgrade() else {
+        return;
+    };
+    let cfg = &strong.shared.config;
+    let shortest = [cfg.max_idle_connection_lifetime, cfg.max_connection_lifetime]
+        .into_iter()
+        .flatten()
+        .min();
+    let Some(shortest) = shortest else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let period = (shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
+    drop(strong);
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            if inner.pool.is_closed() {
+                return;
+            }
+            let shared = &inner.shared;
+            let removed = inner.pool.retain(|conn, _| match shared.expired(conn) {
+                Some(reason) => {
+                    conn.closing(reason);
+                    false
+                }
+                None => true,
+            });
+            if !removed.removed.is_empty() {
+                tracing::debug!(closed = removed.removed.len(), "closed expired idle connections");
+            }
+        }
+    });
+}

@@ -1,0 +1,57 @@
+//! `integrations config`: the effective settings, without connecting.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::{DatabaseArgs, EXIT_INVALID_INPUT};
+use crate::settings;
+
+/// Options of `integrations config`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+
+    /// Print one JSON object (parameter names as keys; durations in seconds,
+    /// null where disabled or unlimited) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command: 0 when the configuration is valid, 2 when it is not.
+pub fn run(args: ConfigArgs) -> ExitCode {
+    let cfg = match settings::pool_config(args.db.database_url.as_deref(), args.db.profile.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("hint: {}", e.hint());
+            return ExitCode::from(EXIT_INVALID_INPUT);
+        }
+    };
+    for p in &cfg.ignored_parameters {
+        eprintln!("warning: unknown DATABASE_URL parameter '{p}' is ignored");
+    }
+    if args.json {
+        println!("{}", cfg.to_json());
+        return ExitCode::SUCCESS;
+    }
+    println!("DATABASE_URL  {}", cfg.redacted_url());
+    println!(
+        "profile       {}",
+        cfg.profile.map_or("none (set DATABASE_PROFILE to development, production or high-traffic)".to_string(), |p| p.to_string())
+    );
+    println!();
+    let rows = cfg.describe();
+    let width = rows.iter().map(|(k, _, _)| k.len()).max().unwrap_or(0);
+    let vwidth = rows.iter().map(|(_, v, _)| v.len()).max().unwrap_or(0);
+    println!("{:width$}  {:vwidth$}  source", "parameter", "value");
+    for (name, value, source) in rows {
+        println!("{name:width$}  {value:vwidth$}  {source}");
+    }
+    if !cfg.ignored_parameters.is_empty() {
+        println!();
+        println!("ignored parameters: {}", cfg.ignored_parameters.join(", "));
+    }
+    ExitCode::SUCCESS
+}

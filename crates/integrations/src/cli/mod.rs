@@ -1,0 +1,52 @@
+//! The command line: one file per subcommand.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub mod config;
+
+/// Exit status for invalid input (a bad DATABASE_URL, a bad flag).
+pub const EXIT_INVALID_INPUT: u8 = 2;
+
+/// Integrations Management System: keeps users' third-party OAuth
+/// integrations in PostgreSQL and their tokens fresh.
+#[derive(Debug, Parser)]
+#[command(name = "integrations", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the database is; shared by every command that needs it.
+#[derive(Debug, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL with pool parameters, e.g.
+    /// postgresql://user:password@host:5432/db?connection_limit=20&pool_timeout=30
+    /// (read from DATABASE_URL, or from .env in the working directory).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Profile supplying defaults the URL does not set: development,
+    /// production or high-traffic (read from DATABASE_PROFILE).
+    #[arg(long, env = "DATABASE_PROFILE")]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print the effective database settings and where each came from, without connecting.
+    Config(config::ConfigArgs),
+}
+
+/// Parses the command line, runs the command, and returns its exit status.
+pub fn run() -> ExitCode {
+    if let Err(e) = crate::settings::load_dotenv() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_INVALID_INPUT);
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config(args) => config::run(args),
+    }
+}

@@ -1,0 +1,6 @@
+//! Integrations Management System: users' third-party OAuth integrations kept
+//! in PostgreSQL through the `db-pool` crate.
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod settings;

@@ -1,0 +1,135 @@
+//! `integrations config`: the effective settings, without a server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output};
+
+fn config(url: Option<&str>, profile: Option<&str>, json: bool) -> Output {
+    let dir = tempfile::tempdir().unwrap(); // no stray .env
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
+    cmd.current_dir(dir.path())
+        .arg("config")
+        .env_remove("DATABASE_URL")
+        .env_remove("DATABASE_PROFILE");
+    if json {
+        cmd.arg("--json");
+    }
+    if let Some(url) = url {
+        cmd.env("DATABASE_URL", url);
+    }
+    if let Some(p) = profile {
+        cmd.env("DATABASE_PROFILE", p);
+    }
+    cmd.output().unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn json_shows_effective_values_with_nulls_for_unlimited() {
+    let out = config(
+        Some("postgresql://app:hunter2@db:6432/prod?connection_limit=20&pool_timeout=0&pgbouncer=true&mystery=1"),
+        None,
+        true,
+    );
+    let v = json(&out);
+    assert_eq!(v["host"], "db");
+    assert_eq!(v["port"], 6432);
+    assert_eq!(v["database"], "prod");
+    assert_eq!(v["user"], "app");
+    assert_eq!(v["connection_limit"], 20);
+    assert_eq!(v["pool_timeout"], serde_json::Value::Null);
+    assert_eq!(v["connect_timeout"], 5);
+    assert_eq!(v["socket_timeout"], serde_json::Value::Null);
+    assert_eq!(v["pgbouncer"], true);
+    assert_eq!(v["statement_cache_size"], 0);
+    assert_eq!(v["max_idle_connection_lifetime"], 300);
+    assert_eq!(v["application_name"], "integrations");
+    assert_eq!(v["schema"], "public");
+    assert_eq!(v["sslmode"], "prefer");
+    assert_eq!(v["profile"], serde_json::Value::Null);
+    assert_eq!(v["ignored_parameters"], serde_json::json!(["mystery"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mystery"), "unknown parameter not reported: {stderr}");
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr);
+    assert!(!all.contains("hunter2"), "password leaked: {all}");
+}
+
+#[test]
+fn profile_fills_what_the_url_does_not_set() {
+    let v = json(&config(
+        Some("postgresql://h/db?connection_limit=7"),
+        Some("production"),
+        true,
+    ));
+    assert_eq!(v["profile"], "production");
+    assert_eq!(v["connection_limit"], 7);
+    assert_eq!(v["pool_timeout"], 30);
+    assert_eq!(v["connect_timeout"], 10);
+}
+
+#[test]
+fn table_names_sources_and_redacts_the_password() {
+    let out = config(Some("postgresql://app:hunter2@db/prod?connection_limit=3"), Some("development"), false);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("postgresql://app:****@db:5432/prod"), "{text}");
+    assert!(!text.contains("hunter2"));
+    let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+    assert!(line("connection_limit").ends_with("url"), "{text}");
+    assert!(line("pool_timeout").ends_with("profile"), "{text}");
+    assert!(line("socket_timeout").ends_with("default"), "{text}");
+}
+
+#[test]
+fn invalid_input_exits_2_with_p1013() {
+    for (url, profile, needle) in [
+        (Some("postgresql://u:hunter2@h/db?connection_limit=abc"), None, "connection_limit='abc'"),
+        (Some("postgresql://u:hunter2@h/db?pool_timeout=-1"), None, "pool_timeout='-1'"),
+        (Some("postgresql://u:hunter2@h/db?pgbouncer=yes"), None, "pgbouncer='yes'"),
+        (Some("postgresql://u:hunter2@h:99999/db"), None, "port"),
+        (Some("mysql://u:hunter2@h/db"), None, "'mysql'"),
+        (Some("postgresql://u:hunter2@h/db"), Some("turbo"), "DATABASE_PROFILE='turbo'"),
+        (None, None, "DATABASE_URL is not set"),
+    ] {
+        for as_json in [false, true] {
+            let out = config(url, profile, as_json);
+            assert_eq!(out.status.code(), Some(2), "{url:?}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(stderr.starts_with("P1013: The provided database string is invalid."), "{stderr}");
+            assert!(stderr.contains(needle), "{needle}: {stderr}");
+            assert!(!stderr.contains("hunter2"));
+            assert!(out.stdout.is_empty());
+        }
+    }
+}
+
+#[test]
+fn dotenv_is_read_but_the_environment_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(".env"),
+        "DATABASE_URL=postgresql://fromfile@h/filedb?connection_limit=4\nDATABASE_PROFILE=production\n",
+    )
+    .unwrap();
+    let run = |env_url: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
+        cmd.current_dir(dir.path())
+            .args(["config", "--json"])
+            .env_remove("DATABASE_URL")
+            .env_remove("DATABASE_PROFILE");
+        if let Some(u) = env_url {
+            cmd.env("DATABASE_URL", u);
+        }
+        json(&cmd.output().unwrap())
+    };
+    let v = run(None);
+    assert_eq!(v["database"], "filedb");
+    assert_eq!(v["connection_limit"], 4);
+    assert_eq!(v["profile"], "production");
+    let v = run(Some("postgresql://h/envdb"));
+    assert_eq!(v["database"], "envdb");
+    assert_eq!(v["connection_limit"], 20, "profile from .env still applies");
+}
