@@ -342,8 +342,8 @@ async fn server_does_not_outlive_a_killed_process() {
         "the server (pid {pid}, port {port}) outlived the process that started it"
     );
 
-    // The next temporary cluster removes the dead process's directory.
-    assert!(base.exists());
+    // The next temporary cluster removes the dead process's directory (a
+    // concurrently starting one may already have done so).
     let _cluster = LocalCluster::start_temporary(ClusterOptions::default())
         .await
         .unwrap();
@@ -411,4 +411,54 @@ async fn test_database_works_in_a_current_thread_runtime() {
         tokio_postgres::connect(&url, NoTls).await.is_err(),
         "{name} still exists"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_binaries_are_reported_with_a_remedy() {
+    let error = LocalCluster::start_temporary(ClusterOptions::new().bin_dir("/nonexistent/bin"))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ClusterError::BinariesNotFound { .. }));
+    let message = error.to_string();
+    assert!(message.contains("apt-get install postgresql"), "{message}");
+    assert!(message.contains("DATABASE_URL"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_data_dir_paths_get_a_short_socket_dir() {
+    let dir = traversable_tempdir();
+    let data_dir = dir.path().join("a".repeat(60)).join("b".repeat(60));
+    let cluster = LocalCluster::open_or_init(&data_dir, ClusterOptions::default())
+        .await
+        .unwrap();
+    let socket_dir = cluster.socket_dir().to_path_buf();
+    assert!(
+        socket_dir.as_os_str().len() < 90,
+        "{}",
+        socket_dir.display()
+    );
+    assert!(socket_dir
+        .join(format!(".s.PGSQL.{}", cluster.port()))
+        .exists());
+    connect(&cluster.url("postgres")).await;
+    drop(cluster);
+    assert!(!socket_dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_data_dir_is_reported_when_root() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
+        return;
+    }
+    // tempfile creates 0700 directories the `postgres` account cannot enter.
+    let dir = tempfile::tempdir().unwrap();
+    let error = LocalCluster::open_or_init(&dir.path().join("data"), ClusterOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ClusterError::Inaccessible { path, .. } if path == dir.path()),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("chmod o+x"), "{error}");
 }

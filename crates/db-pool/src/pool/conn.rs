@@ -112,14 +112,45 @@ enum Output {
 /// (or, with `pgbouncer=true`, as one unnamed typed statement), under
 /// `socket_timeout`.
 pub struct Conn {
-    pub(crate) obj: Object<Manager>,
-    pub(crate) shared: Arc<Shared>,
+    /// Always `Some` until `drop` hands it back (or discards it).
+    obj: Option<Object<Manager>>,
+    shared: Arc<Shared>,
+    /// A `Transaction` was dropped without commit or rollback: roll back
+    /// before this caller's next statement.
+    abandoned_transaction: bool,
 }
 
 impl Conn {
+    pub(crate) fn new(obj: Object<Manager>, shared: Arc<Shared>) -> Conn {
+        Conn {
+            obj: Some(obj),
+            shared,
+            abandoned_transaction: false,
+        }
+    }
+
+    #[allow(clippy::expect_used)]
+    fn client_conn(&self) -> &ClientConn {
+        self.obj.as_ref().expect("Conn holds its connection until dropped")
+    }
+
+    /// The connection, after rolling back a transaction its caller abandoned.
+    #[allow(clippy::expect_used)]
+    async fn ready(&mut self) -> Result<(&Shared, &mut ClientConn), Error> {
+        let conn: &mut ClientConn = self.obj.as_mut().expect("Conn holds its connection until dropped");
+        if self.abandoned_transaction {
+            let client = &conn.client;
+            let fut = async { client.batch_execute("ROLLBACK").await.map_err(query_error) };
+            guard(&self.shared, &mut conn.in_flight, &mut conn.broken, client, fut).await?;
+            self.abandoned_transaction = false;
+            conn.needs_rollback = false;
+        }
+        Ok((&self.shared, conn))
+    }
+
     /// The server process serving this connection (`pg_backend_pid()`).
     pub fn backend_pid(&self) -> i32 {
-        self.obj.pid
+        self.client_conn().pid
     }
 
     /// Runs a statement and returns its rows.
@@ -168,7 +199,7 @@ impl Conn {
         sql: &str,
         params: &[(Param<'_>, Type)],
     ) -> Result<Vec<Row>, Error> {
-        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let fut = async { client.query_typed(sql, params).await.map_err(query_error) };
         guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
@@ -176,7 +207,7 @@ impl Conn {
 
     /// The parameter types the server infers for a statement.
     pub async fn param_types(&mut self, sql: &str) -> Result<Vec<Type>, Error> {
-        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let pgbouncer = shared.config.pgbouncer;
         let fut = async {
@@ -198,7 +229,7 @@ impl Conn {
     /// no parameters, nothing returned).
     pub async fn batch_execute(&mut self, sql: &str) -> Result<(), Error> {
         // Raw SQL may open a transaction the pool does not know about.
-        self.obj.needs_rollback = true;
+        self.ready().await?.1.needs_rollback = true;
         self.simple(sql).await
     }
 
@@ -207,7 +238,7 @@ impl Conn {
     /// used again).
     pub async fn transaction(&mut self) -> Result<Transaction<'_>, Error> {
         self.simple("BEGIN").await?;
-        self.obj.needs_rollback = true;
+        self.ready().await?.1.needs_rollback = true;
         Ok(Transaction {
             conn: self,
             done: false,
@@ -215,14 +246,14 @@ impl Conn {
     }
 
     async fn simple(&mut self, sql: &str) -> Result<(), Error> {
-        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let fut = async { client.batch_execute(sql).await.map_err(query_error) };
         guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
     }
 
     async fn run(&mut self, sql: &str, params: &[Param<'_>], want: Want) -> Result<Output, Error> {
-        let (shared, conn) = (&self.shared, &mut *self.obj);
+        let (shared, conn) = self.ready().await?;
         let counters = &shared.counters;
         let client = &conn.client;
         let statements = &mut conn.statements;
@@ -330,8 +361,39 @@ pub(crate) fn query_error(e: tokio_postgres::Error) -> Error {
 }
 
 impl Drop for Conn {
+    /// Hands the connection back. One that may be unusable (mid-statement,
+    /// broken) is discarded at once, freeing its slot; one left inside a
+    /// transaction is rolled back first, so it never waits in the pool
+    /// "idle in transaction" holding locks.
     fn drop(&mut self) {
-        self.obj.returned = Instant::now();
+        let Some(mut obj) = self.obj.take() else {
+            return;
+        };
+        obj.returned = Instant::now();
+        if obj.in_flight || obj.broken || obj.client.is_closed() {
+            if obj.in_flight {
+                // The caller was cancelled mid-statement: stop it on the server.
+                self.shared.cancel(&obj.client);
+            }
+            let conn = Object::take(obj);
+            conn.closing(CloseReason::Broken);
+            return;
+        }
+        if !(obj.needs_rollback || self.abandoned_transaction) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    match obj.client.batch_execute("ROLLBACK").await {
+                        Ok(()) => obj.needs_rollback = false,
+                        Err(_) => obj.broken = true,
+                    }
+                    obj.returned = Instant::now();
+                });
+            }
+            Err(_) => Object::take(obj).closing(CloseReason::Broken),
+        }
     }
 }
 
@@ -370,7 +432,7 @@ impl Transaction<'_> {
     pub async fn commit(mut self) -> Result<(), Error> {
         self.done = true;
         self.conn.simple("COMMIT").await?;
-        self.conn.obj.needs_rollback = false;
+        self.conn.ready().await?.1.needs_rollback = false;
         Ok(())
     }
 
@@ -378,7 +440,7 @@ impl Transaction<'_> {
     pub async fn rollback(mut self) -> Result<(), Error> {
         self.done = true;
         self.conn.simple("ROLLBACK").await?;
-        self.conn.obj.needs_rollback = false;
+        self.conn.ready().await?.1.needs_rollback = false;
         Ok(())
     }
 }
@@ -386,9 +448,9 @@ impl Transaction<'_> {
 impl Drop for Transaction<'_> {
     fn drop(&mut self) {
         if !self.done {
-            // Left open: `needs_rollback` stays set, so the pool rolls it
-            // back before the connection is handed out again.
-            self.conn.obj.needs_rollback = true;
+            // Left open: rolled back before the caller's next statement,
+            // or when the connection goes back to the pool.
+            self.conn.abandoned_transaction = true;
         }
     }
 }

@@ -110,9 +110,7 @@ impl Shared {
     /// The configured lifetime with up to 10% taken off at random, so
     /// connections opened together do not all reconnect together.
     fn jittered_lifetime(&self) -> Option<Duration> {
-        self.config
-            .max_connection_lifetime
-            .map(|l| l.mul_f64(1.0 - rand::thread_rng().gen_range(0.0..0.1)))
+        self.config.max_connection_lifetime.map(jitter)
     }
 
     /// Opens one connection: TCP or socket, TLS, authentication and the
@@ -256,9 +254,12 @@ impl Shared {
 
     /// Sends a cancel request for whatever the connection is running.
     pub fn cancel(&self, client: &tokio_postgres::Client) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let token = client.cancel_token();
         let tls = self.tls.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             if let Err(e) = token.cancel_query(tls).await {
                 tracing::debug!(error = %e, "cancel request failed");
             }
@@ -281,6 +282,11 @@ impl Shared {
             None
         }
     }
+}
+
+/// A lifetime shortened by a random 0-10%.
+fn jitter(lifetime: Duration) -> Duration {
+    lifetime.mul_f64(1.0 - rand::thread_rng().gen_range(0.0..0.1))
 }
 
 /// The deadpool manager: thin, all logic lives in [`Shared`].
@@ -378,4 +384,31 @@ fn escape_option(value: &str) -> String {
         out.push(c);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetimes_are_spread_over_the_last_tenth() {
+        let l = Duration::from_secs(100);
+        let samples: Vec<Duration> = (0..200).map(|_| jitter(l)).collect();
+        assert!(samples.iter().all(|d| *d <= l && *d >= l.mul_f64(0.9)));
+        let distinct: std::collections::HashSet<_> = samples.iter().collect();
+        assert!(distinct.len() > 150, "jitter must differ between connections");
+    }
+
+    #[test]
+    fn schema_and_options_travel_in_the_startup_packet() {
+        let cfg = PoolConfig::parse(
+            "postgresql://h/db?schema=my%20app&options=-c%20statement_timeout%3D5000",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pg = pg_config(&cfg);
+        assert_eq!(
+            pg.get_options(),
+            Some("-c search_path=my\\ app -c statement_timeout=5000")
+        );
+    }
 }

@@ -88,10 +88,7 @@ impl Pool {
         match result {
             Ok(obj) => {
                 stats::Counters::inc(&shared.counters.checkouts);
-                Ok(Conn {
-                    obj,
-                    shared: shared.clone(),
-                })
+                Ok(Conn::new(obj, shared.clone()))
             }
             Err(PoolError::Backend(e)) => Err(e),
             Err(PoolError::Closed) => Err(Error::PoolClosed),

@@ -1,0 +1,15 @@
+//! The pool against real PostgreSQL servers, one module per behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod cancellation;
+mod close;
+mod errors;
+mod lifetimes;
+mod limits;
+mod recovery;
+mod session;
+mod statement_cache;
+mod timeouts;
+mod tls;

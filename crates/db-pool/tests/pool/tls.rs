@@ -1,0 +1,120 @@
+//! sslmode and the certificate parameters against a private server with a
+//! certificate signed by a test CA, issued for the name `localhost`.
+
+use std::path::PathBuf;
+
+use db_pool::cluster::{ClusterOptions, LocalCluster};
+use db_pool::testing::TestDatabase;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+
+use crate::common::{pool, pool_url};
+
+struct TlsServer {
+    cluster: LocalCluster,
+    ca_file: PathBuf,
+    other_ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn ca() -> (String, Issuer<'static, KeyPair>) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), Issuer::new(params, key))
+}
+
+async fn tls_server() -> TlsServer {
+    let (ca_pem, issuer) = ca();
+    let (other_ca_pem, _) = ca();
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &issuer)
+        .unwrap();
+
+    let mut cluster = LocalCluster::start_temporary(ClusterOptions::default()).await.unwrap();
+    cluster.write_data_file("server.crt", server_cert.pem(), 0o600).unwrap();
+    cluster.write_data_file("server.key", server_key.serialize_pem(), 0o600).unwrap();
+    cluster.set_setting("ssl", "on");
+    cluster.restart().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    let other_ca_file = dir.path().join("other-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    std::fs::write(&other_ca_file, other_ca_pem).unwrap();
+    TlsServer { cluster, ca_file, other_ca_file, _dir: dir }
+}
+
+impl TlsServer {
+    fn url(&self, host: &str, params: &str) -> String {
+        format!("postgresql://postgres@{host}:{}/postgres?{params}", self.cluster.port())
+    }
+}
+
+/// Whether the pool's connection is encrypted, as the server reports it.
+async fn encrypted(url: &str) -> Result<bool, db_pool::Error> {
+    let pool = pool_url(url);
+    let mut conn = pool.get().await?;
+    Ok(conn
+        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .await?
+        .get(0))
+}
+
+#[tokio::test]
+async fn sslmode_policies_against_a_tls_server() {
+    let server = tls_server().await;
+    let ca = server.ca_file.display().to_string();
+    let other = server.other_ca_file.display().to_string();
+
+    assert!(encrypted(&server.url("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"))).await.unwrap());
+    // Prisma's spelling of the trusted certificate works too.
+    assert!(encrypted(&server.url("localhost", &format!("sslmode=verify-full&sslcert={ca}"))).await.unwrap());
+    assert!(encrypted(&server.url("127.0.0.1", "sslmode=prefer")).await.unwrap());
+    assert!(encrypted(&server.url("127.0.0.1", "sslmode=require")).await.unwrap());
+    assert!(!encrypted(&server.url("127.0.0.1", "sslmode=disable")).await.unwrap());
+
+    // The certificate names localhost, not 127.0.0.1: verify-full refuses,
+    // verify-ca (chain only) accepts.
+    let err = encrypted(&server.url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "P1011", "{err}");
+    assert!(encrypted(&server.url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca}"))).await.unwrap());
+
+    // Signed by a CA we do not trust.
+    let err = encrypted(&server.url("localhost", &format!("sslmode=verify-full&sslrootcert={other}")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "P1011", "{err}");
+    // ... unless the user explicitly accepts invalid certificates.
+    assert!(encrypted(&server.url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={other}&sslaccept=accept_invalid_certs")
+    ))
+    .await
+    .unwrap());
+}
+
+#[tokio::test]
+async fn require_refuses_a_server_without_tls() {
+    let db = TestDatabase::create().await; // the shared test server has TLS off
+    let (strict, _) = pool(&db, "sslmode=require");
+    let err = strict.get().await.err().unwrap();
+    assert_eq!(err.code(), "P1011", "{err}");
+    let (lenient, _) = pool(&db, "sslmode=prefer");
+    lenient.get().await.unwrap().query("SELECT 1", &[]).await.unwrap();
+}
+
+#[tokio::test]
+async fn unreadable_root_certificate_is_a_clear_error() {
+    let err = db_pool::Pool::new(
+        db_pool::PoolConfig::parse("postgresql://localhost/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem").unwrap(),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(err.code(), "P1011");
+    assert!(err.to_string().contains("/no/such/ca.pem"), "{err}");
+}
