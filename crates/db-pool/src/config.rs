@@ -460,7 +460,11 @@ impl PoolConfig {
             percent_decode_str(s)
                 .decode_utf8()
                 .map(|c| c.into_owned())
-                .map_err(|_| invalid(format!("the {what} is not valid UTF-8 after percent-decoding")))
+                .map_err(|_| {
+                    invalid(format!(
+                        "the {what} is not valid UTF-8 after percent-decoding"
+                    ))
+                })
         };
         if !url.username().is_empty() {
             self.user = decode(url.username(), "user name")?;
@@ -525,7 +529,11 @@ impl PoolConfig {
             seen.push(key.clone());
             self.apply_param(&key, &value)?;
             // Kept for `redacted_url` only, so it is stored redacted.
-            let shown = if key == "sslpassword" { "****".to_string() } else { value };
+            let shown = if key == "sslpassword" {
+                "****".to_string()
+            } else {
+                value
+            };
             self.raw_params.push((key, shown));
         }
         Ok(())
@@ -553,7 +561,12 @@ impl PoolConfig {
                 self.host = if value.starts_with('/') {
                     Host::Unix(PathBuf::from(value))
                 } else {
-                    Host::Tcp(value.trim_start_matches('[').trim_end_matches(']').to_string())
+                    Host::Tcp(
+                        value
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_string(),
+                    )
                 };
                 self.mark("host");
             }
@@ -672,11 +685,9 @@ impl PoolConfig {
                 self.sslaccept = Some(match value {
                     "strict" => SslAccept::Strict,
                     "accept_invalid_certs" => SslAccept::AcceptInvalidCerts,
-                    _ => {
-                        return Err(invalid(format!(
-                            "sslaccept='{value}' is not valid; accepted: strict, accept_invalid_certs"
-                        )))
-                    }
+                    _ => return Err(invalid(format!(
+                        "sslaccept='{value}' is not valid; accepted: strict, accept_invalid_certs"
+                    ))),
                 });
                 self.mark("sslaccept");
             }
@@ -725,8 +736,7 @@ impl PoolConfig {
     pub fn redacted_url(&self) -> String {
         let mut out = String::from("postgresql://");
         let enc = |s: &str| {
-            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC)
-                .to_string()
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
         };
         out.push_str(&enc(&self.user));
         if self.password.is_some() {
@@ -795,8 +805,12 @@ impl PoolConfig {
         let show = |v: &Value, name: &str| -> String {
             let unit = match name {
                 "slow_query_threshold" => "ms",
-                "pool_timeout" | "connect_timeout" | "socket_timeout" | "max_connection_lifetime"
-                | "max_idle_connection_lifetime" | "leak_detection_threshold" => "s",
+                "pool_timeout"
+                | "connect_timeout"
+                | "socket_timeout"
+                | "max_connection_lifetime"
+                | "max_idle_connection_lifetime"
+                | "leak_detection_threshold" => "s",
                 _ => "",
             };
             match v {
@@ -818,7 +832,10 @@ impl PoolConfig {
         for p in PARAMETERS {
             let mut shown = show(&json[*p], p);
             if *p == "statement_cache_size" && self.pgbouncer && self.statement_cache_size > 0 {
-                shown = format!("0 (pgbouncer=true disables it; configured {})", self.statement_cache_size);
+                shown = format!(
+                    "0 (pgbouncer=true disables it; configured {})",
+                    self.statement_cache_size
+                );
             }
             rows.push((*p, shown, self.source(p)));
         }
@@ -868,7 +885,10 @@ mod tests {
         assert_eq!(c.statement_cache_size, 100);
         assert!(!c.pgbouncer);
         assert_eq!(c.max_connection_lifetime, None);
-        assert_eq!(c.max_idle_connection_lifetime, Some(Duration::from_secs(300)));
+        assert_eq!(
+            c.max_idle_connection_lifetime,
+            Some(Duration::from_secs(300))
+        );
         assert_eq!(c.schema, "public");
         assert_eq!(c.sslmode, SslMode::Prefer);
         assert_eq!(c.leak_detection_threshold, None);
@@ -886,8 +906,8 @@ mod tests {
         };
         let c = PoolConfig::parse_with("postgresql://localhost/db", &d).unwrap();
         assert_eq!(c.application_name, "integrations");
-        let c = PoolConfig::parse_with("postgresql://localhost/db?application_name=api", &d)
-            .unwrap();
+        let c =
+            PoolConfig::parse_with("postgresql://localhost/db?application_name=api", &d).unwrap();
         assert_eq!(c.application_name, "api");
         assert_eq!(c.source("application_name"), Source::Url);
     }
@@ -910,7 +930,10 @@ mod tests {
         assert_eq!(c.effective_statement_cache_size(), 250);
         assert!(!c.pgbouncer);
         assert_eq!(c.max_connection_lifetime, Some(Duration::from_secs(600)));
-        assert_eq!(c.max_idle_connection_lifetime, Some(Duration::from_secs(60)));
+        assert_eq!(
+            c.max_idle_connection_lifetime,
+            Some(Duration::from_secs(60))
+        );
         assert_eq!(c.application_name, "svc");
         assert_eq!(c.schema, "app");
         assert_eq!(c.options.as_deref(), Some("-c statement_timeout=5000"));
@@ -918,7 +941,10 @@ mod tests {
         assert_eq!(c.sslrootcert, Some(PathBuf::from("/ca.pem")));
         assert_eq!(c.sslcert, Some(PathBuf::from("server.pem")));
         assert_eq!(c.sslidentity, Some(PathBuf::from("id.p12")));
-        assert_eq!(c.sslpassword.as_ref().map(|s| s.expose_secret()), Some("s3cret"));
+        assert_eq!(
+            c.sslpassword.as_ref().map(|s| s.expose_secret()),
+            Some("s3cret")
+        );
         assert_eq!(c.sslaccept, Some(SslAccept::Strict));
         assert_eq!(c.leak_detection_threshold, Some(Duration::from_secs(30)));
         assert_eq!(c.slow_query_threshold, Some(Duration::from_millis(250)));
@@ -1021,23 +1047,54 @@ mod tests {
             ("pool_timeout=1.5", "pool_timeout='1.5'", "whole number"),
             ("connect_timeout=soon", "connect_timeout='soon'", ">= 0"),
             ("socket_timeout=x", "socket_timeout='x'", ">= 0"),
-            ("statement_cache_size=-5", "statement_cache_size='-5'", ">= 0"),
+            (
+                "statement_cache_size=-5",
+                "statement_cache_size='-5'",
+                ">= 0",
+            ),
             ("pgbouncer=yes", "pgbouncer='yes'", "true, false"),
             ("pgbouncer=1", "pgbouncer='1'", "true, false"),
-            ("max_connection_lifetime=x", "max_connection_lifetime='x'", ">= 0"),
-            ("max_idle_connection_lifetime=-1", "max_idle_connection_lifetime='-1'", ">= 0"),
+            (
+                "max_connection_lifetime=x",
+                "max_connection_lifetime='x'",
+                ">= 0",
+            ),
+            (
+                "max_idle_connection_lifetime=-1",
+                "max_idle_connection_lifetime='-1'",
+                ">= 0",
+            ),
             ("sslmode=always", "sslmode='always'", "verify-full"),
-            ("sslaccept=never", "sslaccept='never'", "accept_invalid_certs"),
-            ("leak_detection_threshold=x", "leak_detection_threshold='x'", ">= 0"),
-            ("slow_query_threshold=fast", "slow_query_threshold='fast'", "milliseconds"),
+            (
+                "sslaccept=never",
+                "sslaccept='never'",
+                "accept_invalid_certs",
+            ),
+            (
+                "leak_detection_threshold=x",
+                "leak_detection_threshold='x'",
+                ">= 0",
+            ),
+            (
+                "slow_query_threshold=fast",
+                "slow_query_threshold='fast'",
+                "milliseconds",
+            ),
             ("application_name=", "application_name=''", "1 to 63"),
             ("schema=", "schema is empty", "public"),
             ("sslrootcert=", "sslrootcert is empty", "file path"),
-            ("connection_limit=5&connection_limit=6", "connection_limit is given more than once", "once"),
+            (
+                "connection_limit=5&connection_limit=6",
+                "connection_limit is given more than once",
+                "once",
+            ),
         ];
         for (q, names, accepted) in cases {
             let e = err(&format!("{BASE}?{q}"));
-            assert!(e.starts_with("P1013: The provided database string is invalid. "), "{q}: {e}");
+            assert!(
+                e.starts_with("P1013: The provided database string is invalid. "),
+                "{q}: {e}"
+            );
             assert!(e.contains(names), "{q}: {e}");
             assert!(e.contains(accepted), "{q}: {e}");
             assert!(!e.contains("u:p@"), "{q}: {e}");
@@ -1047,7 +1104,10 @@ mod tests {
     #[test]
     fn bad_ports_are_refused() {
         let e = err("postgresql://u:p@h:99999/db");
-        assert!(e.starts_with("P1013: ") && e.contains("port") && e.contains("65535"), "{e}");
+        assert!(
+            e.starts_with("P1013: ") && e.contains("port") && e.contains("65535"),
+            "{e}"
+        );
         let e = err("postgresql://u:p@h:0/db");
         assert!(e.contains("port 0"), "{e}");
         let e = err("postgresql://u:p@h:abc/db");
@@ -1065,7 +1125,10 @@ mod tests {
         ] {
             let e = PoolConfig::parse(url).unwrap_err();
             let text = format!("{e} {e:?}");
-            assert!(!text.contains("hunter2") && !text.contains("hunter3"), "{text}");
+            assert!(
+                !text.contains("hunter2") && !text.contains("hunter3"),
+                "{text}"
+            );
         }
     }
 
@@ -1079,16 +1142,23 @@ mod tests {
 
     #[test]
     fn redaction_covers_url_debug_and_json() {
-        let c = parse("postgresql://app:hunter2@db:5432/prod?connection_limit=4&sslpassword=hunter3");
+        let c =
+            parse("postgresql://app:hunter2@db:5432/prod?connection_limit=4&sslpassword=hunter3");
         let url = c.redacted_url();
         assert_eq!(
             url,
             "postgresql://app:****@db:5432/prod?connection_limit=4&sslpassword=****"
         );
         let debug = format!("{c:?}");
-        assert!(!debug.contains("hunter2") && !debug.contains("hunter3"), "{debug}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("hunter3"),
+            "{debug}"
+        );
         let json = c.to_json().to_string();
-        assert!(!json.contains("hunter2") && !json.contains("hunter3"), "{json}");
+        assert!(
+            !json.contains("hunter2") && !json.contains("hunter3"),
+            "{json}"
+        );
         let table = format!("{:?}", c.describe());
         assert!(!table.contains("hunter2") && !table.contains("hunter3"));
         // No password: nothing to redact, and no stray colon.
@@ -1111,7 +1181,10 @@ mod tests {
             .unwrap()
         };
         let d = p(Profile::Development);
-        assert_eq!((d.connection_limit, d.pool_timeout), (5, Some(Duration::from_secs(10))));
+        assert_eq!(
+            (d.connection_limit, d.pool_timeout),
+            (5, Some(Duration::from_secs(10)))
+        );
         assert_eq!(d.connect_timeout, Some(Duration::from_secs(5)));
         assert_eq!(d.source("connect_timeout"), Source::Default);
         let pr = p(Profile::Production);
@@ -1148,21 +1221,36 @@ mod tests {
 
     #[test]
     fn profile_names() {
-        assert_eq!("development".parse::<Profile>().unwrap(), Profile::Development);
-        assert_eq!("production".parse::<Profile>().unwrap(), Profile::Production);
-        assert_eq!("high-traffic".parse::<Profile>().unwrap(), Profile::HighTraffic);
+        assert_eq!(
+            "development".parse::<Profile>().unwrap(),
+            Profile::Development
+        );
+        assert_eq!(
+            "production".parse::<Profile>().unwrap(),
+            Profile::Production
+        );
+        assert_eq!(
+            "high-traffic".parse::<Profile>().unwrap(),
+            Profile::HighTraffic
+        );
         let e = "prod".parse::<Profile>().unwrap_err().to_string();
-        assert!(e.contains("'prod'") && e.contains("development, production, high-traffic"), "{e}");
+        assert!(
+            e.contains("'prod'") && e.contains("development, production, high-traffic"),
+            "{e}"
+        );
     }
 
     #[test]
     fn json_has_every_documented_key() {
         let j = parse("postgresql://u:p@h/db").to_json();
-        for k in PARAMETERS
-            .iter()
-            .copied()
-            .chain(["host", "port", "database", "user", "profile", "ignored_parameters"])
-        {
+        for k in PARAMETERS.iter().copied().chain([
+            "host",
+            "port",
+            "database",
+            "user",
+            "profile",
+            "ignored_parameters",
+        ]) {
             assert!(j.get(k).is_some(), "missing {k}");
         }
         assert_eq!(j["pool_timeout"], 10);

@@ -117,7 +117,9 @@ impl Error {
             Error::TooManyConnections(_) => "P2037",
             Error::SocketTimeout(_) => "P1008",
             Error::ConnectionClosed => "P1017",
-            Error::Query { .. } | Error::Client(_) | Error::RowCount(_) | Error::Parameter(_) => "P2010",
+            Error::Query { .. } | Error::Client(_) | Error::RowCount(_) | Error::Parameter(_) => {
+                "P2010"
+            }
         }
     }
 

@@ -8,6 +8,7 @@ pub mod pool;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use config::{ConfigError, Defaults, Host, PoolConfig, Profile, Source, SslAccept, SslMode};
 pub use error::Error;
 pub use pool::{CloseReason, Conn, Param, Pool, PoolStats, Transaction};
-pub use config::{ConfigError, Defaults, Host, PoolConfig, Profile, Source, SslAccept, SslMode};
+pub use tokio_postgres::{types, Row};

@@ -55,7 +55,7 @@ fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
 }
 
 /// A directory the `postgres` account can enter even when the tests run as
-/// root (tempfile creates 0700 directories).
+/// root, whatever the umask.
 fn traversable_tempdir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
@@ -451,8 +451,10 @@ async fn unreachable_data_dir_is_reported_when_root() {
     if std::fs::metadata("/proc/self").unwrap().uid() != 0 {
         return;
     }
-    // tempfile creates 0700 directories the `postgres` account cannot enter.
+    use std::os::unix::fs::PermissionsExt;
+    // A root-owned 0700 directory the `postgres` account cannot enter.
     let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let error = LocalCluster::open_or_init(&dir.path().join("data"), ClusterOptions::default())
         .await
         .unwrap_err();

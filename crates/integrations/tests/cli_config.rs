@@ -23,7 +23,11 @@ fn config(url: Option<&str>, profile: Option<&str>, json: bool) -> Output {
 }
 
 fn json(out: &Output) -> serde_json::Value {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -52,7 +56,10 @@ fn json_shows_effective_values_with_nulls_for_unlimited() {
     assert_eq!(v["profile"], serde_json::Value::Null);
     assert_eq!(v["ignored_parameters"], serde_json::json!(["mystery"]));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("mystery"), "unknown parameter not reported: {stderr}");
+    assert!(
+        stderr.contains("mystery"),
+        "unknown parameter not reported: {stderr}"
+    );
     let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr);
     assert!(!all.contains("hunter2"), "password leaked: {all}");
 }
@@ -72,12 +79,24 @@ fn profile_fills_what_the_url_does_not_set() {
 
 #[test]
 fn table_names_sources_and_redacts_the_password() {
-    let out = config(Some("postgresql://app:hunter2@db/prod?connection_limit=3"), Some("development"), false);
+    let out = config(
+        Some("postgresql://app:hunter2@db/prod?connection_limit=3"),
+        Some("development"),
+        false,
+    );
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("postgresql://app:****@db:5432/prod"), "{text}");
+    assert!(
+        text.contains("postgresql://app:****@db:5432/prod"),
+        "{text}"
+    );
     assert!(!text.contains("hunter2"));
-    let line = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .to_string()
+    };
     assert!(line("connection_limit").ends_with("url"), "{text}");
     assert!(line("pool_timeout").ends_with("profile"), "{text}");
     assert!(line("socket_timeout").ends_with("default"), "{text}");
@@ -86,19 +105,38 @@ fn table_names_sources_and_redacts_the_password() {
 #[test]
 fn invalid_input_exits_2_with_p1013() {
     for (url, profile, needle) in [
-        (Some("postgresql://u:hunter2@h/db?connection_limit=abc"), None, "connection_limit='abc'"),
-        (Some("postgresql://u:hunter2@h/db?pool_timeout=-1"), None, "pool_timeout='-1'"),
-        (Some("postgresql://u:hunter2@h/db?pgbouncer=yes"), None, "pgbouncer='yes'"),
+        (
+            Some("postgresql://u:hunter2@h/db?connection_limit=abc"),
+            None,
+            "connection_limit='abc'",
+        ),
+        (
+            Some("postgresql://u:hunter2@h/db?pool_timeout=-1"),
+            None,
+            "pool_timeout='-1'",
+        ),
+        (
+            Some("postgresql://u:hunter2@h/db?pgbouncer=yes"),
+            None,
+            "pgbouncer='yes'",
+        ),
         (Some("postgresql://u:hunter2@h:99999/db"), None, "port"),
         (Some("mysql://u:hunter2@h/db"), None, "'mysql'"),
-        (Some("postgresql://u:hunter2@h/db"), Some("turbo"), "DATABASE_PROFILE='turbo'"),
+        (
+            Some("postgresql://u:hunter2@h/db"),
+            Some("turbo"),
+            "DATABASE_PROFILE='turbo'",
+        ),
         (None, None, "DATABASE_URL is not set"),
     ] {
         for as_json in [false, true] {
             let out = config(url, profile, as_json);
             assert_eq!(out.status.code(), Some(2), "{url:?}");
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(stderr.starts_with("P1013: The provided database string is invalid."), "{stderr}");
+            assert!(
+                stderr.starts_with("P1013: The provided database string is invalid."),
+                "{stderr}"
+            );
             assert!(stderr.contains(needle), "{needle}: {stderr}");
             assert!(!stderr.contains("hunter2"));
             assert!(out.stdout.is_empty());

@@ -131,17 +131,29 @@ impl Conn {
 
     #[allow(clippy::expect_used)]
     fn client_conn(&self) -> &ClientConn {
-        self.obj.as_ref().expect("Conn holds its connection until dropped")
+        self.obj
+            .as_ref()
+            .expect("Conn holds its connection until dropped")
     }
 
     /// The connection, after rolling back a transaction its caller abandoned.
     #[allow(clippy::expect_used)]
     async fn ready(&mut self) -> Result<(&Shared, &mut ClientConn), Error> {
-        let conn: &mut ClientConn = self.obj.as_mut().expect("Conn holds its connection until dropped");
+        let conn: &mut ClientConn = self
+            .obj
+            .as_mut()
+            .expect("Conn holds its connection until dropped");
         if self.abandoned_transaction {
             let client = &conn.client;
             let fut = async { client.batch_execute("ROLLBACK").await.map_err(query_error) };
-            guard(&self.shared, &mut conn.in_flight, &mut conn.broken, client, fut).await?;
+            guard(
+                &self.shared,
+                &mut conn.in_flight,
+                &mut conn.broken,
+                client,
+                fut,
+            )
+            .await?;
             self.abandoned_transaction = false;
             conn.needs_rollback = false;
         }
@@ -219,7 +231,12 @@ impl Conn {
                 client.batch_execute("COMMIT").await.map_err(query_error)?;
                 types.map_err(query_error)
             } else {
-                Ok(client.prepare(sql).await.map_err(query_error)?.params().to_vec())
+                Ok(client
+                    .prepare(sql)
+                    .await
+                    .map_err(query_error)?
+                    .params()
+                    .to_vec())
             }
         };
         guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
@@ -454,4 +471,3 @@ impl Drop for Transaction<'_> {
         }
     }
 }
-

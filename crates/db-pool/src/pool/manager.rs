@@ -140,7 +140,9 @@ impl Shared {
             // tokio-postgres keeps the backend pid private; one simple query
             // (no prepared statement, so PgBouncer-safe) fetches it for
             // logs, leak reports and tests.
-            let pid = backend_pid(&client).await.map_err(|e| self.connect_error(e))?;
+            let pid = backend_pid(&client)
+                .await
+                .map_err(|e| self.connect_error(e))?;
             Ok::<_, Error>(ClientConn::new(
                 Arc::downgrade(self),
                 client,
@@ -396,7 +398,10 @@ mod tests {
         let samples: Vec<Duration> = (0..200).map(|_| jitter(l)).collect();
         assert!(samples.iter().all(|d| *d <= l && *d >= l.mul_f64(0.9)));
         let distinct: std::collections::HashSet<_> = samples.iter().collect();
-        assert!(distinct.len() > 150, "jitter must differ between connections");
+        assert!(
+            distinct.len() > 150,
+            "jitter must differ between connections"
+        );
     }
 
     #[test]

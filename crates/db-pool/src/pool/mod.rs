@@ -92,9 +92,9 @@ impl Pool {
             }
             Err(PoolError::Backend(e)) => Err(e),
             Err(PoolError::Closed) => Err(Error::PoolClosed),
-            Err(PoolError::Timeout(_)) => Err(self.timeout_error(
-                shared.config.pool_timeout.unwrap_or(Duration::ZERO),
-            )),
+            Err(PoolError::Timeout(_)) => {
+                Err(self.timeout_error(shared.config.pool_timeout.unwrap_or(Duration::ZERO)))
+            }
             Err(other) => Err(Error::Parameter(format!("pool failure: {other}"))),
         }
     }
@@ -161,10 +161,13 @@ fn spawn_reaper(inner: Weak<Inner>) {
         return;
     };
     let cfg = &strong.shared.config;
-    let shortest = [cfg.max_idle_connection_lifetime, cfg.max_connection_lifetime]
-        .into_iter()
-        .flatten()
-        .min();
+    let shortest = [
+        cfg.max_idle_connection_lifetime,
+        cfg.max_connection_lifetime,
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     let Some(shortest) = shortest else {
         return;
     };
@@ -193,7 +196,10 @@ fn spawn_reaper(inner: Weak<Inner>) {
                 None => true,
             });
             if !removed.removed.is_empty() {
-                tracing::debug!(closed = removed.removed.len(), "closed expired idle connections");
+                tracing::debug!(
+                    closed = removed.removed.len(),
+                    "closed expired idle connections"
+                );
             }
         }
     });

@@ -13,7 +13,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{PoolConfig, SslAccept, SslMode};
@@ -99,7 +101,12 @@ fn root_store(cfg: &PoolConfig) -> Result<RootCertStore, Error> {
     for file in files {
         let certs = CertificateDer::pem_file_iter(file)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| Error::Tls(format!("cannot read certificates from {}: {e}", file.display())))?;
+            .map_err(|e| {
+                Error::Tls(format!(
+                    "cannot read certificates from {}: {e}",
+                    file.display()
+                ))
+            })?;
         if certs.is_empty() {
             return Err(Error::Tls(format!(
                 "{} holds no PEM certificate",
@@ -168,7 +175,12 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -177,7 +189,12 @@ impl ServerCertVerifier for Verifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -13,7 +13,11 @@ async fn caller_dropped_mid_query_frees_its_slot_and_stops_the_query() {
     let (pool, app) = pool(&db, "connection_limit=2");
     let mut conn = pool.get().await.unwrap();
     let pid = conn.backend_pid();
-    let gave_up = tokio::time::timeout(Duration::from_millis(200), conn.query("SELECT pg_sleep(60)", &[])).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        conn.query("SELECT pg_sleep(60)", &[]),
+    )
+    .await;
     assert!(gave_up.is_err());
     drop(conn);
 
@@ -51,7 +55,10 @@ async fn connection_returned_inside_a_transaction_is_rolled_back() {
     // Not left "idle in transaction" in the pool, holding its locks.
     let idle = eventually(Duration::from_secs(5), || async {
         let state: Option<String> = admin
-            .query_one("SELECT state FROM pg_stat_activity WHERE application_name = $1", &[&app])
+            .query_one(
+                "SELECT state FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
             .await
             .unwrap()
             .get(0);
@@ -61,7 +68,11 @@ async fn connection_returned_inside_a_transaction_is_rolled_back() {
     assert!(idle, "connection left idle in transaction");
     let mut conn = pool.get().await.unwrap();
     assert_eq!(conn.backend_pid(), pid, "rolled back, not discarded");
-    let n: i64 = conn.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    let n: i64 = conn
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
 }
 
@@ -75,7 +86,11 @@ async fn abandoned_transaction_is_rolled_back_before_the_next_statement() {
         let mut tx = conn.transaction().await.unwrap();
         tx.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
     }
-    let n: i64 = conn.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    let n: i64 = conn
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
     // Inside the abandoned transaction the row would be visible: it is not.
     // And the session is not in a transaction block any more.

@@ -11,19 +11,28 @@ use crate::common::{closed_port, pool, pool_url, with_params};
 #[tokio::test]
 async fn refused_connection_is_p1001() {
     let port = closed_port();
-    let pool = pool_url(&format!("postgresql://postgres@127.0.0.1:{port}/db?sslmode=disable"));
+    let pool = pool_url(&format!(
+        "postgresql://postgres@127.0.0.1:{port}/db?sslmode=disable"
+    ));
     let err = pool.get().await.err().unwrap();
     assert_eq!(err.code(), "P1001");
-    assert!(err.to_string().starts_with(&format!("P1001: Can't reach database server at 127.0.0.1:{port}")));
+    assert!(err.to_string().starts_with(&format!(
+        "P1001: Can't reach database server at 127.0.0.1:{port}"
+    )));
     assert!(err.hint().contains("running"));
 }
 
 #[tokio::test]
 async fn unresolvable_host_is_p1001() {
-    let pool = pool_url("postgresql://postgres@no-such-host.invalid:5432/db?sslmode=disable&connect_timeout=3");
+    let pool = pool_url(
+        "postgresql://postgres@no-such-host.invalid:5432/db?sslmode=disable&connect_timeout=3",
+    );
     let err = pool.get().await.err().unwrap();
     assert_eq!(err.code(), "P1001", "{err}");
-    assert!(err.to_string().contains("no-such-host.invalid:5432"), "{err}");
+    assert!(
+        err.to_string().contains("no-such-host.invalid:5432"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -50,7 +59,10 @@ async fn terminated_backend_mid_use_is_p1017() {
     let (pool, _) = pool(&db, "connection_limit=1");
     let mut conn = pool.get().await.unwrap();
     let pid = conn.backend_pid();
-    admin.execute("SELECT pg_terminate_backend($1, 5000)", &[&pid]).await.unwrap();
+    admin
+        .execute("SELECT pg_terminate_backend($1, 5000)", &[&pid])
+        .await
+        .unwrap();
     let err = conn.query("SELECT 1", &[]).await.err().unwrap();
     assert_eq!(err.code(), "P1017", "{err}");
     assert_eq!(err.to_string(), "P1017: Server has closed the connection");
@@ -65,7 +77,11 @@ async fn server_errors_keep_their_sqlstate() {
     let db = TestDatabase::create().await;
     let (pool, _) = pool(&db, "");
     let mut conn = pool.get().await.unwrap();
-    let err = conn.query("SELECT * FROM no_such_table", &[]).await.err().unwrap();
+    let err = conn
+        .query("SELECT * FROM no_such_table", &[])
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), "P2010");
     assert_eq!(err.sqlstate(), Some("42P01"));
     // The connection is fine afterwards.
@@ -81,12 +97,16 @@ async fn small_server() -> (LocalCluster, String) {
     )
     .await
     .unwrap();
-    let (admin, connection) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (admin, connection) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(connection);
     admin.batch_execute("CREATE ROLE app LOGIN").await.unwrap();
-    let url = format!("postgresql://app@127.0.0.1:{}/postgres?sslmode=disable", cluster.port());
+    let url = format!(
+        "postgresql://app@127.0.0.1:{}/postgres?sslmode=disable",
+        cluster.port()
+    );
     (cluster, url)
 }
 
@@ -107,7 +127,11 @@ async fn too_many_connections_is_p2037_and_backs_off() {
     assert_eq!(held.len(), 3, "the server has 3 slots for this role");
     let err = first_error.unwrap();
     assert_eq!(err.code(), "P2037", "{err}");
-    assert!(err.to_string().starts_with("P2037: Too many database connections opened: "), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("P2037: Too many database connections opened: "),
+        "{err}"
+    );
     assert!(err.hint().contains("max_connections"));
 
     // Callers keep asking for a second; the pool must not storm the server.

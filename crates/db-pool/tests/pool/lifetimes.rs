@@ -11,7 +11,11 @@ async fn connections_past_max_lifetime_are_replaced() {
     let db = TestDatabase::create().await;
     let (pool, _) = pool(&db, "connection_limit=1&max_connection_lifetime=1");
     let first = pool.get().await.unwrap().backend_pid();
-    assert_eq!(pool.get().await.unwrap().backend_pid(), first, "young: reused");
+    assert_eq!(
+        pool.get().await.unwrap().backend_pid(),
+        first,
+        "young: reused"
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let mut conn = pool.get().await.unwrap();
     assert_ne!(conn.backend_pid(), first, "old: replaced");
@@ -40,5 +44,10 @@ async fn idle_connections_are_closed_on_the_server_without_a_checkout() {
     assert_eq!(stats.closed_idle_lifetime, 3);
     assert_eq!((stats.open, stats.idle, stats.in_use), (0, 0, 0));
     // And the pool still serves.
-    pool.get().await.unwrap().query("SELECT 1", &[]).await.unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .query("SELECT 1", &[])
+        .await
+        .unwrap();
 }

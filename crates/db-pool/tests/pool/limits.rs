@@ -27,14 +27,20 @@ async fn server_never_sees_more_than_connection_limit() {
     let mut most = 0;
     while !load.iter().all(|t| t.is_finished()) {
         most = most.max(server_connections(&admin, &app).await);
-        assert!(most <= 3, "the server saw {most} connections with connection_limit=3");
+        assert!(
+            most <= 3,
+            "the server saw {most} connections with connection_limit=3"
+        );
         assert!(pool.stats().open <= 3);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for t in load {
         t.await.unwrap();
     }
-    assert_eq!(most, 3, "under this load all 3 connections should have been used");
+    assert_eq!(
+        most, 3,
+        "under this load all 3 connections should have been used"
+    );
     assert_eq!(pool.stats().checkouts, 32 * 20);
 }
 

@@ -8,6 +8,7 @@ mod close;
 mod errors;
 mod lifetimes;
 mod limits;
+mod pgbouncer;
 mod recovery;
 mod session;
 mod statement_cache;

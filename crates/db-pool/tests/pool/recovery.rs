@@ -8,7 +8,9 @@ use db_pool::Pool;
 use crate::common::{eventually, pool_url};
 
 async fn private_server() -> LocalCluster {
-    LocalCluster::start_temporary(ClusterOptions::default()).await.unwrap()
+    LocalCluster::start_temporary(ClusterOptions::default())
+        .await
+        .unwrap()
 }
 
 fn url(cluster: &LocalCluster, params: &str) -> String {
@@ -28,9 +30,15 @@ async fn works(pool: &Pool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_serves_again_after_a_server_restart_without_leaking_capacity() {
     let mut cluster = private_server().await;
-    let pool = pool_url(&url(&cluster, "connection_limit=4&pool_timeout=2&connect_timeout=2"));
+    let pool = pool_url(&url(
+        &cluster,
+        "connection_limit=4&pool_timeout=2&connect_timeout=2",
+    ));
     let warm: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get())).await;
-    let old_pids: Vec<i32> = warm.iter().map(|c| c.as_ref().unwrap().backend_pid()).collect();
+    let old_pids: Vec<i32> = warm
+        .iter()
+        .map(|c| c.as_ref().unwrap().backend_pid())
+        .collect();
     drop(warm);
     assert_eq!(pool.stats().open, 4);
 
@@ -40,7 +48,10 @@ async fn pool_serves_again_after_a_server_restart_without_leaking_capacity() {
     cluster.start().await.unwrap();
     let up = Instant::now();
     assert!(eventually(Duration::from_secs(10), || works(&pool)).await);
-    eprintln!("pool served again {:?} after the server accepted connections", up.elapsed());
+    eprintln!(
+        "pool served again {:?} after the server accepted connections",
+        up.elapsed()
+    );
 
     // Every slot usable, none handed out twice, gauges consistent.
     let conns: Vec<_> = futures_util::future::join_all((0..4).map(|_| pool.get())).await;
@@ -56,7 +67,10 @@ async fn pool_serves_again_after_a_server_restart_without_leaking_capacity() {
     }
     pids.sort_unstable();
     pids.dedup();
-    assert!(pids.iter().all(|p| !old_pids.contains(p)), "a pre-restart connection was reused");
+    assert!(
+        pids.iter().all(|p| !old_pids.contains(p)),
+        "a pre-restart connection was reused"
+    );
     let s = pool.stats();
     assert!(s.closed_broken >= 4, "{s:?}");
     assert_eq!(s.in_use, 0);
@@ -65,11 +79,15 @@ async fn pool_serves_again_after_a_server_restart_without_leaking_capacity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_pooled_backend_is_never_handed_out() {
     let cluster = private_server().await;
-    let (admin, connection) = tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (admin, connection) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(connection);
-    let pool = pool_url(&url(&cluster, "connection_limit=3&application_name=victims"));
+    let pool = pool_url(&url(
+        &cluster,
+        "connection_limit=3&application_name=victims",
+    ));
     for round in 0..5 {
         let conns: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
         drop(conns);

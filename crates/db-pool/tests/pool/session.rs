@@ -8,7 +8,12 @@ use crate::common::pool;
 async fn application_name_schema_and_options_reach_the_server() {
     let db = TestDatabase::create().await;
     let admin = db.connect().await;
-    admin.batch_execute("CREATE SCHEMA app; CREATE TABLE app.t (v int); INSERT INTO app.t VALUES (42)").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE SCHEMA app; CREATE TABLE app.t (v int); INSERT INTO app.t VALUES (42)",
+        )
+        .await
+        .unwrap();
     let (pool, app) = pool(&db, "schema=app&options=-c%20statement_timeout%3D4321");
     let mut conn = pool.get().await.unwrap();
     let row = conn
@@ -22,7 +27,11 @@ async fn application_name_schema_and_options_reach_the_server() {
     assert_eq!(row.get::<_, String>(0), app);
     assert_eq!(row.get::<_, String>(1), "app");
     assert_eq!(row.get::<_, String>(2), "4321ms");
-    assert_eq!(row.get::<_, i32>(3), 42, "unqualified names resolve in the schema");
+    assert_eq!(
+        row.get::<_, i32>(3),
+        42,
+        "unqualified names resolve in the schema"
+    );
 }
 
 #[tokio::test]
@@ -32,11 +41,19 @@ async fn transactions_commit_and_roll_back() {
     let mut conn = pool.get().await.unwrap();
     conn.batch_execute("CREATE TABLE t (v int)").await.unwrap();
     let mut tx = conn.transaction().await.unwrap();
-    tx.execute("INSERT INTO t VALUES ($1)", &[&1i32]).await.unwrap();
+    tx.execute("INSERT INTO t VALUES ($1)", &[&1i32])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let mut tx = conn.transaction().await.unwrap();
-    tx.execute("INSERT INTO t VALUES ($1)", &[&2i32]).await.unwrap();
+    tx.execute("INSERT INTO t VALUES ($1)", &[&2i32])
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
-    let n: i64 = conn.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    let n: i64 = conn
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1);
 }

@@ -38,7 +38,10 @@ async fn repeated_statements_are_prepared_once() {
         conn.query("SELECT $1::text", &[&"x"]).await.unwrap();
     }
     let stats = pool.stats();
-    assert_eq!((stats.statement_cache_misses, stats.statement_cache_hits), (1, 4));
+    assert_eq!(
+        (stats.statement_cache_misses, stats.statement_cache_hits),
+        (1, 4)
+    );
     drop(conn);
     // The cache belongs to the connection and survives its return.
     let mut conn = pool.get().await.unwrap();
@@ -52,7 +55,9 @@ async fn size_zero_keeps_no_statement_on_the_server() {
     let (pool, _) = pool(&db, "connection_limit=1&statement_cache_size=0");
     let mut conn = pool.get().await.unwrap();
     for i in 0..5 {
-        conn.query(&format!("SELECT {i} + $1::int4"), &[&1i32]).await.unwrap();
+        conn.query(&format!("SELECT {i} + $1::int4"), &[&1i32])
+            .await
+            .unwrap();
     }
     // Only the counting statement itself, while it runs.
     assert!(prepared_on_server(&mut conn).await <= 1);

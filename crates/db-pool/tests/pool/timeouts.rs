@@ -12,7 +12,11 @@ async fn pool_timeout_returns_p2024_with_pool_stats() {
     let db = TestDatabase::create().await;
     let (pool, _) = pool(&db, "connection_limit=1&pool_timeout=1");
     let _held = pool.get().await.unwrap();
-    let err = pool.get().await.err().expect("second checkout must time out");
+    let err = pool
+        .get()
+        .await
+        .err()
+        .expect("second checkout must time out");
     assert_eq!(err.code(), "P2024");
     assert!(matches!(err, Error::PoolTimeout { .. }));
     assert_eq!(
@@ -22,7 +26,11 @@ async fn pool_timeout_returns_p2024_with_pool_stats() {
     );
     assert!(err.hint().contains("connection_limit"));
     assert_eq!(pool.stats().checkout_timeouts, 1);
-    assert_eq!(pool.stats().waiting, 0, "the timed-out caller no longer waits");
+    assert_eq!(
+        pool.stats().waiting,
+        0,
+        "the timed-out caller no longer waits"
+    );
 }
 
 #[tokio::test]
@@ -66,12 +74,18 @@ async fn connect_timeout_gives_p1001_for_a_silent_server() {
     assert_eq!(err.code(), "P1001", "{err}");
     let text = err.to_string();
     assert!(
-        text.starts_with(&format!("P1001: Can't reach database server at 127.0.0.1:{port}")),
+        text.starts_with(&format!(
+            "P1001: Can't reach database server at 127.0.0.1:{port}"
+        )),
         "{text}"
     );
     assert!(text.contains("connect_timeout=1s"), "{text}");
     assert_eq!(pool.stats().connect_failures, 1);
-    assert_eq!(pool.stats().open, 0, "a failed connect must not take a slot");
+    assert_eq!(
+        pool.stats().open,
+        0,
+        "a failed connect must not take a slot"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

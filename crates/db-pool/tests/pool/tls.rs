@@ -33,9 +33,15 @@ async fn tls_server() -> TlsServer {
         .signed_by(&server_key, &issuer)
         .unwrap();
 
-    let mut cluster = LocalCluster::start_temporary(ClusterOptions::default()).await.unwrap();
-    cluster.write_data_file("server.crt", server_cert.pem(), 0o600).unwrap();
-    cluster.write_data_file("server.key", server_key.serialize_pem(), 0o600).unwrap();
+    let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
+        .await
+        .unwrap();
+    cluster
+        .write_data_file("server.crt", server_cert.pem(), 0o600)
+        .unwrap();
+    cluster
+        .write_data_file("server.key", server_key.serialize_pem(), 0o600)
+        .unwrap();
     cluster.set_setting("ssl", "on");
     cluster.restart().await.unwrap();
 
@@ -44,12 +50,20 @@ async fn tls_server() -> TlsServer {
     let other_ca_file = dir.path().join("other-ca.pem");
     std::fs::write(&ca_file, ca_pem).unwrap();
     std::fs::write(&other_ca_file, other_ca_pem).unwrap();
-    TlsServer { cluster, ca_file, other_ca_file, _dir: dir }
+    TlsServer {
+        cluster,
+        ca_file,
+        other_ca_file,
+        _dir: dir,
+    }
 }
 
 impl TlsServer {
     fn url(&self, host: &str, params: &str) -> String {
-        format!("postgresql://postgres@{host}:{}/postgres?{params}", self.cluster.port())
+        format!(
+            "postgresql://postgres@{host}:{}/postgres?{params}",
+            self.cluster.port()
+        )
     }
 }
 
@@ -58,7 +72,10 @@ async fn encrypted(url: &str) -> Result<bool, db_pool::Error> {
     let pool = pool_url(url);
     let mut conn = pool.get().await?;
     Ok(conn
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await?
         .get(0))
 }
@@ -69,25 +86,50 @@ async fn sslmode_policies_against_a_tls_server() {
     let ca = server.ca_file.display().to_string();
     let other = server.other_ca_file.display().to_string();
 
-    assert!(encrypted(&server.url("localhost", &format!("sslmode=verify-full&sslrootcert={ca}"))).await.unwrap());
+    assert!(encrypted(&server.url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={ca}")
+    ))
+    .await
+    .unwrap());
     // Prisma's spelling of the trusted certificate works too.
-    assert!(encrypted(&server.url("localhost", &format!("sslmode=verify-full&sslcert={ca}"))).await.unwrap());
-    assert!(encrypted(&server.url("127.0.0.1", "sslmode=prefer")).await.unwrap());
-    assert!(encrypted(&server.url("127.0.0.1", "sslmode=require")).await.unwrap());
-    assert!(!encrypted(&server.url("127.0.0.1", "sslmode=disable")).await.unwrap());
+    assert!(
+        encrypted(&server.url("localhost", &format!("sslmode=verify-full&sslcert={ca}")))
+            .await
+            .unwrap()
+    );
+    assert!(encrypted(&server.url("127.0.0.1", "sslmode=prefer"))
+        .await
+        .unwrap());
+    assert!(encrypted(&server.url("127.0.0.1", "sslmode=require"))
+        .await
+        .unwrap());
+    assert!(!encrypted(&server.url("127.0.0.1", "sslmode=disable"))
+        .await
+        .unwrap());
 
     // The certificate names localhost, not 127.0.0.1: verify-full refuses,
     // verify-ca (chain only) accepts.
-    let err = encrypted(&server.url("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}")))
-        .await
-        .unwrap_err();
+    let err = encrypted(&server.url(
+        "127.0.0.1",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), "P1011", "{err}");
-    assert!(encrypted(&server.url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca}"))).await.unwrap());
+    assert!(
+        encrypted(&server.url("127.0.0.1", &format!("sslmode=verify-ca&sslrootcert={ca}")))
+            .await
+            .unwrap()
+    );
 
     // Signed by a CA we do not trust.
-    let err = encrypted(&server.url("localhost", &format!("sslmode=verify-full&sslrootcert={other}")))
-        .await
-        .unwrap_err();
+    let err = encrypted(&server.url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={other}"),
+    ))
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), "P1011", "{err}");
     // ... unless the user explicitly accepts invalid certificates.
     assert!(encrypted(&server.url(
@@ -105,13 +147,22 @@ async fn require_refuses_a_server_without_tls() {
     let err = strict.get().await.err().unwrap();
     assert_eq!(err.code(), "P1011", "{err}");
     let (lenient, _) = pool(&db, "sslmode=prefer");
-    lenient.get().await.unwrap().query("SELECT 1", &[]).await.unwrap();
+    lenient
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT 1", &[])
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn unreadable_root_certificate_is_a_clear_error() {
     let err = db_pool::Pool::new(
-        db_pool::PoolConfig::parse("postgresql://localhost/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem").unwrap(),
+        db_pool::PoolConfig::parse(
+            "postgresql://localhost/db?sslmode=verify-full&sslrootcert=/no/such/ca.pem",
+        )
+        .unwrap(),
     )
     .err()
     .unwrap();

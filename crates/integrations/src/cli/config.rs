@@ -4,8 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::{DatabaseArgs, EXIT_INVALID_INPUT};
-use crate::settings;
+use super::DatabaseArgs;
 
 /// Options of `integrations config`.
 #[derive(Debug, Args)]
@@ -21,17 +20,10 @@ pub struct ConfigArgs {
 
 /// Runs the command: 0 when the configuration is valid, 2 when it is not.
 pub fn run(args: ConfigArgs) -> ExitCode {
-    let cfg = match settings::pool_config(args.db.database_url.as_deref(), args.db.profile.as_deref()) {
+    let cfg = match super::pool_config(&args.db) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("{e}");
-            eprintln!("hint: {}", e.hint());
-            return ExitCode::from(EXIT_INVALID_INPUT);
-        }
+        Err(code) => return code,
     };
-    for p in &cfg.ignored_parameters {
-        eprintln!("warning: unknown DATABASE_URL parameter '{p}' is ignored");
-    }
     if args.json {
         println!("{}", cfg.to_json());
         return ExitCode::SUCCESS;
@@ -39,7 +31,10 @@ pub fn run(args: ConfigArgs) -> ExitCode {
     println!("DATABASE_URL  {}", cfg.redacted_url());
     println!(
         "profile       {}",
-        cfg.profile.map_or("none (set DATABASE_PROFILE to development, production or high-traffic)".to_string(), |p| p.to_string())
+        cfg.profile.map_or(
+            "none (set DATABASE_PROFILE to development, production or high-traffic)".to_string(),
+            |p| p.to_string()
+        )
     );
     println!();
     let rows = cfg.describe();

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod bench;
 pub mod config;
 
 /// Exit status for invalid input (a bad DATABASE_URL, a bad flag).
@@ -37,6 +38,8 @@ pub struct DatabaseArgs {
 enum Command {
     /// Print the effective database settings and where each came from, without connecting.
     Config(config::ConfigArgs),
+    /// Run one statement through the pool from many callers and report throughput, latency and pool waits.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line, runs the command, and returns its exit status.
@@ -48,5 +51,35 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Config(args) => config::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// The pool configuration from the command line and environment; on
+/// invalid input prints the P1013 error and its hint and returns exit 2.
+pub fn pool_config(db: &DatabaseArgs) -> Result<db_pool::PoolConfig, ExitCode> {
+    let cfg = crate::settings::pool_config(db.database_url.as_deref(), db.profile.as_deref())
+        .map_err(|e| {
+            eprintln!("{e}");
+            eprintln!("hint: {}", e.hint());
+            ExitCode::from(EXIT_INVALID_INPUT)
+        })?;
+    for p in &cfg.ignored_parameters {
+        eprintln!("warning: unknown DATABASE_URL parameter '{p}' is ignored");
+    }
+    Ok(cfg)
+}
+
+/// Runs an async command on a multi-threaded runtime.
+pub fn block_on<F: std::future::Future<Output = ExitCode>>(fut: F) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(fut),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -1,0 +1,374 @@
+//! `integrations bench`: a pgbench for the pool. Runs one statement through
+//! the pool from many concurrent callers and reports throughput, latency,
+//! pool waits and errors, so users can size `connection_limit` on their own
+//! workload (and we can measure ourselves).
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use db_pool::types::Type;
+use db_pool::{Param, Pool, PoolConfig};
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::{DatabaseArgs, EXIT_INVALID_INPUT};
+
+/// Options of `integrations bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+
+    /// The statement to run, e.g. "SELECT id FROM integrations WHERE user_id = 'user' || $1".
+    #[arg(long)]
+    sql: String,
+
+    /// Range for $1, e.g. 1..100000: each call binds a random integer from it,
+    /// as an integer or as text, whichever the server infers for $1.
+    #[arg(long, value_parser = parse_range)]
+    param_range: Option<RangeInclusive<i64>>,
+
+    /// Concurrent callers (tasks), each running the statement in a loop.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    concurrency: u32,
+
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    duration: u64,
+
+    /// Print one JSON object instead of a report.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_range(s: &str) -> Result<RangeInclusive<i64>, String> {
+    let err = || {
+        format!("'{s}' is not a range; accepted: FROM..TO with whole numbers, FROM <= TO (e.g. 1..100000)")
+    };
+    let (a, b) = s.split_once("..").ok_or_else(err)?;
+    let b = b.strip_prefix('=').unwrap_or(b);
+    let (a, b): (i64, i64) = (
+        a.trim().parse().map_err(|_| err())?,
+        b.trim().parse().map_err(|_| err())?,
+    );
+    if a > b {
+        return Err(err());
+    }
+    Ok(a..=b)
+}
+
+/// How `$1` is bound.
+#[derive(Debug, Clone, Copy)]
+enum Binding {
+    None,
+    Int2,
+    Int4,
+    Int8,
+    Text,
+}
+
+/// The report, as printed with `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Statements completed per second (errors not counted).
+    pub ops_per_sec: f64,
+    /// Statements completed.
+    pub ops: u64,
+    /// Checkout plus statement, per call.
+    pub latency_ms: Latency,
+    /// Time to check out a connection, per call.
+    pub pool_wait_ms: Waits,
+    /// The pool's own cost per call, checkout plus return, in microseconds.
+    pub pool_overhead_us: Waits,
+    /// Failed calls by error code (P2024, P1001, ... or the SQLSTATE).
+    pub errors: BTreeMap<String, u64>,
+    /// The most connections checked out at once.
+    pub max_in_use: usize,
+    /// The pool's connection_limit.
+    pub connection_limit: usize,
+    /// Concurrent callers.
+    pub concurrency: u32,
+    /// Seconds the run lasted.
+    pub duration_secs: f64,
+}
+
+/// Percentiles of a latency distribution.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// Percentiles of a wait distribution.
+#[derive(Debug, Serialize)]
+pub struct Waits {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+struct Recorder {
+    latency_ns: Histogram<u64>,
+    wait_ns: Histogram<u64>,
+    overhead_ns: Histogram<u64>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Recorder {
+    #[allow(clippy::expect_used)]
+    fn new() -> Recorder {
+        // Constant, valid bounds: 1 ns to 1 hour at 3 significant figures.
+        let h = || Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid bounds");
+        Recorder {
+            latency_ns: h(),
+            wait_ns: h(),
+            overhead_ns: h(),
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn merge(&mut self, other: Recorder) {
+        let _ = self.latency_ns.add(&other.latency_ns);
+        let _ = self.wait_ns.add(&other.wait_ns);
+        let _ = self.overhead_ns.add(&other.overhead_ns);
+        for (k, v) in other.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Runs the command: 0 after a run (errors during it are counted, not
+/// fatal), 2 on invalid input.
+pub fn run(args: BenchArgs) -> ExitCode {
+    let cfg = match super::pool_config(&args.db) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    super::block_on(async move {
+        match bench(cfg, &args).await {
+            Ok(report) => {
+                print_report(&report, &args);
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("{message}");
+                ExitCode::from(EXIT_INVALID_INPUT)
+            }
+        }
+    })
+}
+
+/// Runs the benchmark and returns its report. Fails only when the
+/// statement cannot be run at all (unreachable server, statement invalid,
+/// $1 of a type the bench cannot bind).
+pub async fn bench(cfg: PoolConfig, args: &BenchArgs) -> Result<Report, String> {
+    let limit = cfg.connection_limit;
+    let pool = Pool::new(cfg).map_err(|e| format!("{e}\nhint: {}", e.hint()))?;
+    let binding = {
+        let mut conn = pool
+            .get()
+            .await
+            .map_err(|e| format!("{e}\nhint: {}", e.hint()))?;
+        let types = conn
+            .param_types(&args.sql)
+            .await
+            .map_err(|e| format!("the statement cannot be prepared: {e}"))?;
+        binding(&types, args.param_range.is_some())?
+    };
+    let range = args.param_range.clone().unwrap_or(1..=1);
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let in_use = Arc::new(AtomicUsize::new(0));
+    let max_in_use = Arc::new(AtomicUsize::new(0));
+    let sql: Arc<str> = Arc::from(args.sql.as_str());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.concurrency)
+        .map(|i| {
+            let (pool, sql, range) = (pool.clone(), sql.clone(), range.clone());
+            let (in_use, max_in_use) = (in_use.clone(), max_in_use.clone());
+            tokio::spawn(async move {
+                let mut rng = SmallRng::seed_from_u64(u64::from(i));
+                let mut rec = Recorder::new();
+                while Instant::now() < deadline {
+                    let value = rng.gen_range(range.clone());
+                    let t0 = Instant::now();
+                    let mut conn = match pool.get().await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            *rec.errors.entry(e.code().to_string()).or_default() += 1;
+                            continue;
+                        }
+                    };
+                    let waited = t0.elapsed();
+                    let now = in_use.fetch_add(1, Ordering::Relaxed) + 1;
+                    max_in_use.fetch_max(now, Ordering::Relaxed);
+                    let result = call(&mut conn, &sql, binding, value).await;
+                    in_use.fetch_sub(1, Ordering::Relaxed);
+                    let t_return = Instant::now();
+                    drop(conn);
+                    let returned = t_return.elapsed();
+                    match result {
+                        Ok(()) => {
+                            let _ = rec.latency_ns.record(nanos(t0.elapsed()));
+                            let _ = rec.wait_ns.record(nanos(waited));
+                            let _ = rec.overhead_ns.record(nanos(waited + returned));
+                        }
+                        Err(e) => {
+                            let key = e
+                                .sqlstate()
+                                .map_or_else(|| e.code().to_string(), str::to_string);
+                            *rec.errors.entry(key).or_default() += 1;
+                        }
+                    }
+                }
+                rec
+            })
+        })
+        .collect();
+    let mut all = Recorder::new();
+    for t in tasks {
+        if let Ok(rec) = t.await {
+            all.merge(rec);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    pool.close(Duration::from_secs(5)).await;
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    let ops = all.latency_ns.len();
+    Ok(Report {
+        ops_per_sec: ops as f64 / elapsed,
+        ops,
+        latency_ms: Latency {
+            p50: ms(&all.latency_ns, 0.5),
+            p99: ms(&all.latency_ns, 0.99),
+            max: all.latency_ns.max() as f64 / 1e6,
+        },
+        pool_wait_ms: Waits {
+            p50: ms(&all.wait_ns, 0.5),
+            p99: ms(&all.wait_ns, 0.99),
+        },
+        pool_overhead_us: Waits {
+            p50: us(&all.overhead_ns, 0.5),
+            p99: us(&all.overhead_ns, 0.99),
+        },
+        errors: all.errors,
+        max_in_use: max_in_use.load(Ordering::Relaxed),
+        connection_limit: limit,
+        concurrency: args.concurrency,
+        duration_secs: elapsed,
+    })
+}
+
+fn binding(types: &[Type], has_range: bool) -> Result<Binding, String> {
+    match (types, has_range) {
+        ([], _) => Ok(Binding::None),
+        (_, false) => Err("the statement has parameters: give --param-range FROM..TO for $1".into()),
+        ([t], true) => match *t {
+            Type::INT2 => Ok(Binding::Int2),
+            Type::INT4 => Ok(Binding::Int4),
+            Type::INT8 => Ok(Binding::Int8),
+            Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => Ok(Binding::Text),
+            ref other => Err(format!(
+                "the server infers {other} for $1; bench binds an integer or text (cast it, e.g. $1::int8)"
+            )),
+        },
+        (more, true) => Err(format!(
+            "the statement has {} parameters; bench binds only $1",
+            more.len()
+        )),
+    }
+}
+
+async fn call(
+    conn: &mut db_pool::Conn,
+    sql: &str,
+    binding: Binding,
+    value: i64,
+) -> Result<(), db_pool::Error> {
+    let (i2, i4, text);
+    let param: Option<Param<'_>> = match binding {
+        Binding::None => None,
+        Binding::Int2 => {
+            i2 = i16::try_from(value).unwrap_or(i16::MAX);
+            Some(&i2)
+        }
+        Binding::Int4 => {
+            i4 = i32::try_from(value).unwrap_or(i32::MAX);
+            Some(&i4)
+        }
+        Binding::Int8 => Some(&value),
+        Binding::Text => {
+            text = value.to_string();
+            Some(&text)
+        }
+    };
+    match param {
+        Some(p) => conn.query(sql, &[p]).await.map(drop),
+        None => conn.query(sql, &[]).await.map(drop),
+    }
+}
+
+fn print_report(r: &Report, args: &BenchArgs) {
+    if args.json {
+        println!("{}", serde_json::to_string(r).unwrap_or_default());
+        return;
+    }
+    let errors = if r.errors.is_empty() {
+        "none".to_string()
+    } else {
+        r.errors
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("statement     {}", args.sql);
+    println!(
+        "load          {} callers for {:.1}s, connection_limit={}",
+        r.concurrency, r.duration_secs, r.connection_limit
+    );
+    println!("throughput    {:.0} ops/s ({} ops)", r.ops_per_sec, r.ops);
+    println!(
+        "latency       p50 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+        r.latency_ms.p50, r.latency_ms.p99, r.latency_ms.max
+    );
+    println!(
+        "pool wait     p50 {:.3} ms   p99 {:.3} ms",
+        r.pool_wait_ms.p50, r.pool_wait_ms.p99
+    );
+    println!(
+        "pool cost     p50 {:.2} us   p99 {:.2} us   (checkout + return)",
+        r.pool_overhead_us.p50, r.pool_overhead_us.p99
+    );
+    println!("errors        {errors}");
+    println!("max in use    {} of {}", r.max_in_use, r.connection_limit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("1..100000"), Ok(1..=100_000));
+        assert_eq!(parse_range("5..=5"), Ok(5..=5));
+        assert!(parse_range("10..1").is_err());
+        assert!(parse_range("a..b").unwrap_err().contains("FROM..TO"));
+    }
+}
