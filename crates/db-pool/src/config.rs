@@ -685,9 +685,11 @@ impl PoolConfig {
                 self.sslaccept = Some(match value {
                     "strict" => SslAccept::Strict,
                     "accept_invalid_certs" => SslAccept::AcceptInvalidCerts,
-                    _ => return Err(invalid(format!(
+                    _ => {
+                        return Err(invalid(format!(
                         "sslaccept='{value}' is not valid; accepted: strict, accept_invalid_certs"
-                    ))),
+                    )))
+                    }
                 });
                 self.mark("sslaccept");
             }

@@ -43,6 +43,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     duration: u64,
 
+    /// Threads driving the callers: 1 (the default) runs them all on one
+    /// thread, like `pgbench -j 1`, which leaves the other cores to the
+    /// server when it runs on the same machine; 0 uses one per core.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    threads: u16,
+
     /// Print one JSON object instead of a report.
     #[arg(long)]
     json: bool,
@@ -97,6 +103,8 @@ pub struct Report {
     pub concurrency: u32,
     /// Seconds the run lasted.
     pub duration_secs: f64,
+    /// Threads driving the callers (0: one per core).
+    pub threads: u16,
 }
 
 /// Percentiles of a latency distribution.
@@ -160,36 +168,63 @@ pub fn run(args: BenchArgs) -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    super::block_on(async move {
+    super::block_on_threads(usize::from(args.threads), async move {
         match bench(cfg, &args).await {
             Ok(report) => {
                 print_report(&report, &args);
                 ExitCode::SUCCESS
             }
-            Err(message) => {
+            Err(Failed {
+                message,
+                invalid_input,
+            }) => {
                 eprintln!("{message}");
-                ExitCode::from(EXIT_INVALID_INPUT)
+                ExitCode::from(if invalid_input { EXIT_INVALID_INPUT } else { 1 })
             }
         }
     })
 }
 
+/// Why the benchmark could not run at all.
+pub struct Failed {
+    /// What went wrong, and the hint.
+    pub message: String,
+    /// The statement or its parameters are at fault (exit 2), rather than
+    /// the server (exit 1).
+    pub invalid_input: bool,
+}
+
+impl Failed {
+    fn server(e: &db_pool::Error) -> Failed {
+        Failed {
+            message: format!("{e}\nhint: {}", e.hint()),
+            invalid_input: matches!(e, db_pool::Error::Config(_)),
+        }
+    }
+
+    fn input(message: String) -> Failed {
+        Failed {
+            message,
+            invalid_input: true,
+        }
+    }
+}
+
 /// Runs the benchmark and returns its report. Fails only when the
 /// statement cannot be run at all (unreachable server, statement invalid,
 /// $1 of a type the bench cannot bind).
-pub async fn bench(cfg: PoolConfig, args: &BenchArgs) -> Result<Report, String> {
+pub async fn bench(cfg: PoolConfig, args: &BenchArgs) -> Result<Report, Failed> {
     let limit = cfg.connection_limit;
-    let pool = Pool::new(cfg).map_err(|e| format!("{e}\nhint: {}", e.hint()))?;
+    let pool = Pool::new(cfg).map_err(|e| Failed::server(&e))?;
     let binding = {
-        let mut conn = pool
-            .get()
-            .await
-            .map_err(|e| format!("{e}\nhint: {}", e.hint()))?;
-        let types = conn
-            .param_types(&args.sql)
-            .await
-            .map_err(|e| format!("the statement cannot be prepared: {e}"))?;
-        binding(&types, args.param_range.is_some())?
+        let mut conn = pool.get().await.map_err(|e| Failed::server(&e))?;
+        let types = conn.param_types(&args.sql).await.map_err(|e| match e {
+            db_pool::Error::Query { .. } => {
+                Failed::input(format!("the statement cannot be prepared: {e}"))
+            }
+            other => Failed::server(&other),
+        })?;
+        binding(&types, args.param_range.is_some()).map_err(Failed::input)?
     };
     let range = args.param_range.clone().unwrap_or(1..=1);
     let deadline = Instant::now() + Duration::from_secs(args.duration);
@@ -272,6 +307,7 @@ pub async fn bench(cfg: PoolConfig, args: &BenchArgs) -> Result<Report, String> 
         connection_limit: limit,
         concurrency: args.concurrency,
         duration_secs: elapsed,
+        threads: args.threads,
     })
 }
 
@@ -340,8 +376,15 @@ fn print_report(r: &Report, args: &BenchArgs) {
     };
     println!("statement     {}", args.sql);
     println!(
-        "load          {} callers for {:.1}s, connection_limit={}",
-        r.concurrency, r.duration_secs, r.connection_limit
+        "load          {} callers on {} for {:.1}s, connection_limit={}",
+        r.concurrency,
+        match r.threads {
+            0 => "every core".to_string(),
+            1 => "one thread".to_string(),
+            n => format!("{n} threads"),
+        },
+        r.duration_secs,
+        r.connection_limit
     );
     println!("throughput    {:.0} ops/s ({} ops)", r.ops_per_sec, r.ops);
     println!(

@@ -70,12 +70,28 @@ pub fn pool_config(db: &DatabaseArgs) -> Result<db_pool::PoolConfig, ExitCode> {
     Ok(cfg)
 }
 
-/// Runs an async command on a multi-threaded runtime.
+/// Runs an async command on a multi-threaded runtime (one worker per core).
 pub fn block_on<F: std::future::Future<Output = ExitCode>>(fut: F) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    block_on_threads(0, fut)
+}
+
+/// Runs an async command on a runtime with `threads` worker threads: 1 is a
+/// single-threaded runtime, 0 one worker per core.
+pub fn block_on_threads<F: std::future::Future<Output = ExitCode>>(
+    threads: usize,
+    fut: F,
+) -> ExitCode {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b
+        }
+    };
+    match builder.enable_all().build() {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

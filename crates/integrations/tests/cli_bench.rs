@@ -1,0 +1,120 @@
+//! `integrations bench` against a real server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output};
+
+use db_pool::testing::TestDatabase;
+
+fn bench(url: &str, args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    Command::new(env!("CARGO_BIN_EXE_integrations"))
+        .current_dir(dir.path())
+        .arg("bench")
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env_remove("DATABASE_PROFILE")
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_lookup_report_has_every_field() {
+    let db = TestDatabase::create().await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE t (user_id text PRIMARY KEY, n int); \
+             INSERT INTO t SELECT 'user' || i, i FROM generate_series(1, 100) i",
+        )
+        .await
+        .unwrap();
+    let url = format!("{}?connection_limit=3", db.url);
+    let v = json(&bench(
+        &url,
+        &[
+            "--sql",
+            "SELECT n FROM t WHERE user_id = 'user' || $1",
+            "--param-range",
+            "1..100",
+            "--concurrency",
+            "8",
+            "--duration",
+            "1",
+            "--json",
+        ],
+    ));
+    assert!(v["ops_per_sec"].as_f64().unwrap() > 0.0);
+    for k in ["p50", "p99", "max"] {
+        assert!(v["latency_ms"][k].as_f64().unwrap() > 0.0, "{k}");
+    }
+    for k in ["p50", "p99"] {
+        assert!(v["pool_wait_ms"][k].as_f64().is_some(), "{k}");
+    }
+    assert_eq!(v["errors"], serde_json::json!({}));
+    assert_eq!(v["connection_limit"], 3);
+    assert_eq!(v["max_in_use"], 3, "8 callers keep all 3 connections busy");
+
+    // An integer parameter is bound as an integer.
+    let v = json(&bench(
+        &url,
+        &[
+            "--sql",
+            "SELECT n FROM t WHERE n = $1",
+            "--param-range",
+            "1..100",
+            "--duration",
+            "1",
+            "--json",
+        ],
+    ));
+    assert_eq!(v["errors"], serde_json::json!({}));
+}
+
+#[tokio::test]
+async fn errors_are_counted_not_fatal() {
+    let db = TestDatabase::create().await;
+    let url = format!("{}?connection_limit=1&pool_timeout=1", db.url);
+    let out = bench(
+        &url,
+        &[
+            "--sql",
+            "SELECT pg_sleep(3)",
+            "--concurrency",
+            "4",
+            "--duration",
+            "2",
+            "--json",
+        ],
+    );
+    let v = json(&out);
+    assert!(v["errors"]["P2024"].as_u64().unwrap() >= 3, "{v}");
+}
+
+#[test]
+fn invalid_arguments_exit_2() {
+    let url = "postgresql://postgres@127.0.0.1:1/db";
+    for args in [
+        vec!["--sql", "SELECT 1", "--param-range", "10..1"],
+        vec!["--sql", "SELECT 1", "--concurrency", "0"],
+        vec!["--sql", "SELECT 1", "--duration", "abc"],
+        vec!["--concurrency", "4"],
+    ] {
+        let out = bench(url, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    let out = bench(
+        "postgresql://u@h/db?connection_limit=x",
+        &["--sql", "SELECT 1"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("P1013"));
+}
