@@ -114,6 +114,8 @@ enum Output {
 pub struct Conn {
     /// Always `Some` until `drop` hands it back (or discards it).
     obj: Option<Object<Manager>>,
+    /// The bookkeeping of this checkout, ended after the connection is back.
+    lease: Option<Lease>,
     shared: Arc<Shared>,
     /// A `Transaction` was dropped without commit or rollback: roll back
     /// before this caller's next statement.
@@ -121,9 +123,10 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(obj: Object<Manager>, shared: Arc<Shared>) -> Conn {
+    pub(crate) fn new(obj: Object<Manager>, shared: Arc<Shared>, lease: Lease) -> Conn {
         Conn {
             obj: Some(obj),
+            lease: Some(lease),
             shared,
             abandoned_transaction: false,
         }
@@ -151,6 +154,8 @@ impl Conn {
                 &mut conn.in_flight,
                 &mut conn.broken,
                 client,
+                conn.pid,
+                "ROLLBACK",
                 fut,
             )
             .await?;
@@ -214,7 +219,16 @@ impl Conn {
         let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let fut = async { client.query_typed(sql, params).await.map_err(query_error) };
-        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+        guard(
+            shared,
+            &mut conn.in_flight,
+            &mut conn.broken,
+            client,
+            conn.pid,
+            sql,
+            fut,
+        )
+        .await
     }
 
     /// The parameter types the server infers for a statement.
@@ -239,7 +253,16 @@ impl Conn {
                     .to_vec())
             }
         };
-        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+        guard(
+            shared,
+            &mut conn.in_flight,
+            &mut conn.broken,
+            client,
+            conn.pid,
+            sql,
+            fut,
+        )
+        .await
     }
 
     /// Runs SQL text with the simple protocol (several statements allowed,
@@ -266,7 +289,16 @@ impl Conn {
         let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let fut = async { client.batch_execute(sql).await.map_err(query_error) };
-        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+        guard(
+            shared,
+            &mut conn.in_flight,
+            &mut conn.broken,
+            client,
+            conn.pid,
+            sql,
+            fut,
+        )
+        .await
     }
 
     async fn run(&mut self, sql: &str, params: &[Param<'_>], want: Want) -> Result<Output, Error> {
@@ -318,22 +350,37 @@ impl Conn {
             }
             .map_err(query_error)
         };
-        guard(shared, &mut conn.in_flight, &mut conn.broken, client, fut).await
+        guard(
+            shared,
+            &mut conn.in_flight,
+            &mut conn.broken,
+            client,
+            conn.pid,
+            sql,
+            fut,
+        )
+        .await
     }
 }
 
 /// Runs one statement's future under `socket_timeout`, keeping the
 /// connection's state honest: `in_flight` stays set if the caller's future
 /// is dropped mid-statement; a timeout sends a real cancel request and marks
-/// the connection broken; a closed connection is marked broken.
+/// the connection broken; a closed connection is marked broken. Records the
+/// statement's duration and logs it when slower than `slow_query_threshold`
+/// (the SQL text only: parameter values may be tokens).
+#[allow(clippy::too_many_arguments)]
 async fn guard<T>(
     shared: &Shared,
     in_flight: &mut bool,
     broken: &mut bool,
     client: &Client,
+    backend_pid: i32,
+    sql: &str,
     fut: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     *in_flight = true;
+    let started = Instant::now();
     let result = match shared.config.socket_timeout {
         Some(limit) => match tokio::time::timeout(limit, fut).await {
             Ok(result) => result,
@@ -347,6 +394,24 @@ async fn guard<T>(
         None => fut.await,
     };
     *in_flight = false;
+    let took = started.elapsed();
+    shared.observer.query_time.record(took);
+    if let Some(threshold) = shared.config.slow_query_threshold {
+        if took >= threshold {
+            shared
+                .observer
+                .slow_queries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                pool = %shared.observer.name,
+                duration_ms = took.as_secs_f64() * 1000.0,
+                backend_pid,
+                statement = sql,
+                slow_query_threshold_ms = threshold.as_millis() as u64,
+                "slow query (run EXPLAIN ANALYZE on it)"
+            );
+        }
+    }
     if matches!(result, Err(Error::ConnectionClosed)) {
         *broken = true;
     }
@@ -383,7 +448,7 @@ impl Drop for Conn {
     /// transaction is rolled back first, so it never waits in the pool
     /// "idle in transaction" holding locks.
     fn drop(&mut self) {
-        let Some(mut obj) = self.obj.take() else {
+        let (Some(mut obj), lease) = (self.obj.take(), self.lease.take()) else {
             return;
         };
         obj.returned = Instant::now();
@@ -394,9 +459,13 @@ impl Drop for Conn {
             }
             let conn = Object::take(obj);
             conn.closing(CloseReason::Broken);
+            drop(conn);
+            drop(lease);
             return;
         }
         if !(obj.needs_rollback || self.abandoned_transaction) {
+            drop(obj);
+            drop(lease);
             return;
         }
         match tokio::runtime::Handle::try_current() {
@@ -407,9 +476,41 @@ impl Drop for Conn {
                         Err(_) => obj.broken = true,
                     }
                     obj.returned = Instant::now();
+                    drop(obj);
+                    drop(lease);
                 });
             }
             Err(_) => Object::take(obj).closing(CloseReason::Broken),
+        }
+    }
+}
+
+/// One checkout's bookkeeping: counted in use until dropped, which happens
+/// only once the connection is back in the pool (or discarded).
+pub(crate) struct Lease {
+    shared: Arc<Shared>,
+    at: Instant,
+    leak_watch: Option<u64>,
+}
+
+impl Lease {
+    pub(crate) fn new(shared: Arc<Shared>, leak_watch: Option<u64>) -> Lease {
+        shared.observer.in_use.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            shared,
+            at: Instant::now(),
+            leak_watch,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let observer = &self.shared.observer;
+        observer.in_use.fetch_sub(1, Ordering::Relaxed);
+        observer.hold_time.record(self.at.elapsed());
+        if let Some(id) = self.leak_watch {
+            observer.returned(id);
         }
     }
 }

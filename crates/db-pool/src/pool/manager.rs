@@ -17,6 +17,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::conn::ClientConn;
+use super::observe::Observer;
 use super::stats::{CloseReason, Counters};
 use super::tls;
 use crate::config::{Host, PoolConfig};
@@ -37,6 +38,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) struct Shared {
     pub config: PoolConfig,
     pub counters: Counters,
+    pub observer: Observer,
     pub tls: MakeRustlsConnect,
     pg: tokio_postgres::Config,
     backoff: Mutex<Option<Backoff>>,
@@ -62,9 +64,11 @@ impl Shared {
     pub fn new(config: PoolConfig) -> Result<Shared, Error> {
         let tls = tls::connector(&config)?;
         let pg = pg_config(&config);
+        let observer = Observer::new(&config.application_name, config.leak_detection_threshold);
         Ok(Shared {
             config,
             counters: Counters::default(),
+            observer,
             tls,
             pg,
             backoff: Mutex::new(None),
@@ -120,6 +124,7 @@ impl Shared {
             return Err(Error::TooManyConnections(message));
         }
         Counters::inc(&self.counters.connect_attempts);
+        let started = Instant::now();
         let attempt = async {
             let (client, connection) = self
                 .pg
@@ -167,9 +172,11 @@ impl Shared {
             Ok(_) => {
                 self.connected();
                 Counters::inc(&self.counters.connections_opened);
+                self.observer.connect_time.record(started.elapsed());
             }
             Err(e) => {
                 Counters::inc(&self.counters.connect_failures);
+                self.observer.connect_failed(e.code());
                 if let Error::TooManyConnections(message) = e {
                     Counters::inc(&self.counters.too_many_connections);
                     self.refused(message);

@@ -3,6 +3,7 @@
 
 mod conn;
 mod manager;
+mod observe;
 mod params;
 mod stats;
 mod tls;
@@ -64,6 +65,7 @@ impl Pool {
         .map_err(|e| Error::Parameter(format!("cannot build the pool: {e}")))?;
         let inner = Arc::new(Inner { pool, shared });
         spawn_reaper(Arc::downgrade(&inner));
+        spawn_observer(Arc::downgrade(&inner));
         Ok(Pool { inner })
     }
 
@@ -74,9 +76,21 @@ impl Pool {
 
     /// Checks out a connection, opening one if none is free and the limit
     /// allows. Waits at most `pool_timeout`, measured from this call, then
-    /// fails with `P2024`.
-    pub async fn get(&self) -> Result<Conn, Error> {
+    /// fails with `P2024`. With `leak_detection_threshold` set, the caller's
+    /// file and line and tracing span are remembered for the leak report.
+    #[track_caller]
+    pub fn get(&self) -> impl std::future::Future<Output = Result<Conn, Error>> + Send + '_ {
+        let location = std::panic::Location::caller();
+        self.checkout(location)
+    }
+
+    async fn checkout(
+        &self,
+        location: &'static std::panic::Location<'static>,
+    ) -> Result<Conn, Error> {
         let shared = &self.inner.shared;
+        let waiting = shared.observer.waiting();
+        let started = Instant::now();
         let checkout = self.inner.pool.get();
         let result = match shared.config.pool_timeout {
             Some(limit) => match tokio::time::timeout(limit, checkout).await {
@@ -85,10 +99,14 @@ impl Pool {
             },
             None => checkout.await,
         };
+        drop(waiting);
         match result {
             Ok(obj) => {
                 stats::Counters::inc(&shared.counters.checkouts);
-                Ok(Conn::new(obj, shared.clone()))
+                shared.observer.checkout_wait.record(started.elapsed());
+                let watch = shared.observer.watch(location, obj.pid);
+                let lease = conn::Lease::new(shared.clone(), watch);
+                Ok(Conn::new(obj, shared.clone(), lease))
             }
             Err(PoolError::Backend(e)) => Err(e),
             Err(PoolError::Closed) => Err(Error::PoolClosed),
@@ -106,24 +124,50 @@ impl Pool {
             timeout_secs: limit.as_secs(),
             connection_limit: self.config().connection_limit,
             in_use: s.in_use,
-            // This caller has stopped waiting but was one of them.
-            waiting: s.waiting + 1,
+            // Counted while the caller was still registered as waiting.
+            waiting: s.waiting,
         }
     }
 
-    /// A snapshot of the pool's gauges and counters.
+    /// A snapshot of the pool's gauges and counters. `in_use + idle` always
+    /// equals `open`, and none of them goes negative.
     pub fn stats(&self) -> PoolStats {
-        let status = self.inner.pool.status();
+        let shared = &self.inner.shared;
+        let open = self.inner.pool.status().size;
+        let in_use = shared
+            .observer
+            .in_use
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .min(open);
+        let (waiting, oldest) = shared.observer.waiters();
         let mut s = PoolStats {
             max: self.config().connection_limit,
-            open: status.size,
-            idle: status.available,
-            in_use: status.size.saturating_sub(status.available),
-            waiting: status.waiting,
+            open,
+            in_use,
+            idle: open - in_use,
+            waiting,
+            oldest_wait_secs: oldest.as_secs_f64(),
+            leaks_detected: shared
+                .observer
+                .leaks
+                .load(std::sync::atomic::Ordering::Relaxed),
+            slow_queries: shared
+                .observer
+                .slow_queries
+                .load(std::sync::atomic::Ordering::Relaxed),
+            connect_failures_by_code: shared.observer.failures_by_code(),
             ..PoolStats::default()
         };
-        self.inner.shared.counters.fill(&mut s);
+        shared.counters.fill(&mut s);
         s
+    }
+
+    /// Copies the current gauges and counters into the `metrics` recorder
+    /// (names `db_pool_*`, label `pool` = application_name). Also done every
+    /// second in the background; call it right before rendering a scrape
+    /// for exact figures.
+    pub fn export_metrics(&self) {
+        self.inner.shared.observer.export(&self.stats());
     }
 
     /// Closes the pool: new checkouts fail at once (`P2024`, pool closed),
@@ -200,6 +244,41 @@ fn spawn_reaper(inner: Weak<Inner>) {
                     closed = removed.removed.len(),
                     "closed expired idle connections"
                 );
+            }
+        }
+    });
+}
+
+/// Exports metrics every second and, with leak detection on, looks for
+/// connections held past the threshold (a quarter of it between scans, so a
+/// leak is reported at most 25% late).
+fn spawn_observer(inner: Weak<Inner>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let leak_period = inner
+        .upgrade()
+        .and_then(|i| i.shared.observer.leak_detection())
+        .map(|t| (t / 4).clamp(Duration::from_millis(25), Duration::from_secs(1)));
+    let period = leak_period.unwrap_or(Duration::from_secs(1));
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_export = Instant::now();
+        loop {
+            tick.tick().await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let pool = Pool { inner };
+            pool.inner.shared.observer.scan_for_leaks();
+            if last_export.elapsed() >= Duration::from_secs(1) {
+                pool.export_metrics();
+                last_export = Instant::now();
+            }
+            if pool.is_closed() {
+                pool.export_metrics();
+                return;
             }
         }
     });

@@ -72,7 +72,7 @@ impl Counters {
 }
 
 /// A snapshot of the pool: gauges and counters since the pool was created.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct PoolStats {
     /// The configured `connection_limit`.
     pub max: usize,
@@ -84,6 +84,9 @@ pub struct PoolStats {
     pub idle: usize,
     /// Callers waiting for a connection.
     pub waiting: usize,
+    /// How long the longest-waiting caller has waited, in seconds
+    /// (PgBouncer's `maxwait`); 0 when nobody waits.
+    pub oldest_wait_secs: f64,
     /// Successful checkouts.
     pub checkouts: u64,
     /// Checkouts that gave up with P2024.
@@ -112,6 +115,12 @@ pub struct PoolStats {
     pub statement_cache_evictions: u64,
     /// Queries cancelled at `socket_timeout`.
     pub socket_timeouts: u64,
+    /// Checkouts held longer than `leak_detection_threshold`.
+    pub leaks_detected: u64,
+    /// Statements slower than `slow_query_threshold`.
+    pub slow_queries: u64,
+    /// Failed connection attempts by error code (P1001, P2037, ...).
+    pub connect_failures_by_code: std::collections::BTreeMap<String, u64>,
 }
 
 impl Counters {

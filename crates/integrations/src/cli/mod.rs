@@ -4,8 +4,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+pub mod activity;
 pub mod bench;
 pub mod config;
+pub mod doctor;
 
 /// Exit status for invalid input (a bad DATABASE_URL, a bad flag).
 pub const EXIT_INVALID_INPUT: u8 = 2;
@@ -40,6 +42,10 @@ enum Command {
     Config(config::ConfigArgs),
     /// Run one statement through the pool from many callers and report throughput, latency and pool waits.
     Bench(bench::BenchArgs),
+    /// Show what the database's connections are doing (pg_stat_activity), in total and per application.
+    Activity(activity::ActivityArgs),
+    /// Check whether this configuration is safe for the server it points at, with what to do about each problem.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Parses the command line, runs the command, and returns its exit status.
@@ -52,6 +58,8 @@ pub fn run() -> ExitCode {
     match cli.command {
         Command::Config(args) => config::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Activity(args) => activity::run(args),
+        Command::Doctor(args) => doctor::run(args),
     }
 }
 

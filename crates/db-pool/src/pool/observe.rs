@@ -1,0 +1,224 @@
+//! What the pool tells about itself: waiters, checked-out connections,
+//! leak reports and the `metrics` facade export.
+//!
+//! The hot path touches only atomics, one short mutex section per checkout
+//! (the waiter registry, which gives PgBouncer's `maxwait`) and histogram
+//! handles; gauges and counters are copied into the `metrics` recorder by
+//! [`Observer::export`], on a timer and on demand, so the export costs
+//! nothing per checkout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::Location;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use metrics::Histogram;
+
+use super::stats::{CloseReason, PoolStats};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single insert/remove/read: consistent
+    // even after a panic elsewhere.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A checkout watched for leaks.
+struct Held {
+    at: Instant,
+    location: &'static Location<'static>,
+    span: tracing::Span,
+    backend_pid: i32,
+    reported: bool,
+}
+
+pub(crate) struct Observer {
+    pub name: String,
+    waiters: Mutex<BTreeMap<u64, Instant>>,
+    next_waiter: AtomicU64,
+    pub in_use: AtomicUsize,
+    leak_threshold: Option<Duration>,
+    held: Mutex<HashMap<u64, Held>>,
+    next_checkout: AtomicU64,
+    pub leaks: AtomicU64,
+    pub slow_queries: AtomicU64,
+    pub connect_failures_by_code: Mutex<BTreeMap<&'static str, u64>>,
+    pub checkout_wait: Histogram,
+    pub hold_time: Histogram,
+    pub connect_time: Histogram,
+    pub query_time: Histogram,
+}
+
+/// Removes a caller from the waiter registry when its checkout ends, however
+/// it ends (success, error, timeout, or the caller's future dropped).
+pub(crate) struct Waiting<'a> {
+    observer: &'a Observer,
+    id: u64,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        lock(&self.observer.waiters).remove(&self.id);
+    }
+}
+
+impl Observer {
+    pub fn new(name: &str, leak_threshold: Option<Duration>) -> Observer {
+        let label = [("pool", name.to_string())];
+        Observer {
+            name: name.to_string(),
+            waiters: Mutex::new(BTreeMap::new()),
+            next_waiter: AtomicU64::new(0),
+            in_use: AtomicUsize::new(0),
+            leak_threshold,
+            held: Mutex::new(HashMap::new()),
+            next_checkout: AtomicU64::new(1),
+            leaks: AtomicU64::new(0),
+            slow_queries: AtomicU64::new(0),
+            connect_failures_by_code: Mutex::new(BTreeMap::new()),
+            checkout_wait: metrics::histogram!("db_pool_checkout_wait_seconds", &label),
+            hold_time: metrics::histogram!("db_pool_connection_hold_seconds", &label),
+            connect_time: metrics::histogram!("db_pool_connect_seconds", &label),
+            query_time: metrics::histogram!("db_pool_query_seconds", &label),
+        }
+    }
+
+    pub fn waiting(&self) -> Waiting<'_> {
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        lock(&self.waiters).insert(id, Instant::now());
+        Waiting { observer: self, id }
+    }
+
+    /// (callers waiting, how long the oldest has waited)
+    pub fn waiters(&self) -> (usize, Duration) {
+        let waiters = lock(&self.waiters);
+        let oldest = waiters
+            .values()
+            .next()
+            .map_or(Duration::ZERO, Instant::elapsed);
+        (waiters.len(), oldest)
+    }
+
+    pub fn connect_failed(&self, code: &'static str) {
+        *lock(&self.connect_failures_by_code)
+            .entry(code)
+            .or_default() += 1;
+    }
+
+    pub fn failures_by_code(&self) -> BTreeMap<String, u64> {
+        lock(&self.connect_failures_by_code)
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect()
+    }
+
+    pub fn leak_detection(&self) -> Option<Duration> {
+        self.leak_threshold
+    }
+
+    /// Registers a checkout for leak detection (only when it is on).
+    pub fn watch(&self, location: &'static Location<'static>, backend_pid: i32) -> Option<u64> {
+        self.leak_threshold?;
+        let id = self.next_checkout.fetch_add(1, Ordering::Relaxed);
+        lock(&self.held).insert(
+            id,
+            Held {
+                at: Instant::now(),
+                location,
+                span: tracing::Span::current(),
+                backend_pid,
+                reported: false,
+            },
+        );
+        Some(id)
+    }
+
+    /// A watched connection came back.
+    pub fn returned(&self, id: u64) {
+        let Some(held) = lock(&self.held).remove(&id) else {
+            return;
+        };
+        if held.reported {
+            held.span.in_scope(|| {
+                tracing::info!(
+                    pool = %self.name,
+                    checked_out_at = %held.location,
+                    held_secs = held.at.elapsed().as_secs_f64(),
+                    backend_pid = held.backend_pid,
+                    "connection reported as a possible leak was returned"
+                );
+            });
+        }
+    }
+
+    /// Reports every checkout held longer than the threshold, once.
+    pub fn scan_for_leaks(&self) {
+        let Some(threshold) = self.leak_threshold else {
+            return;
+        };
+        let mut held = lock(&self.held);
+        for h in held.values_mut() {
+            let age = h.at.elapsed();
+            if h.reported || age < threshold {
+                continue;
+            }
+            h.reported = true;
+            self.leaks.fetch_add(1, Ordering::Relaxed);
+            h.span.in_scope(|| {
+                tracing::warn!(
+                    pool = %self.name,
+                    checked_out_at = %h.location,
+                    held_secs = age.as_secs_f64(),
+                    backend_pid = h.backend_pid,
+                    leak_detection_threshold_secs = threshold.as_secs(),
+                    "connection held longer than leak_detection_threshold: possible leak (held across slow work, or never returned)"
+                );
+            });
+        }
+    }
+
+    /// Copies a stats snapshot into the `metrics` recorder.
+    pub fn export(&self, s: &PoolStats) {
+        let pool = self.name.clone();
+        let gauge =
+            |name: &'static str, v: f64| metrics::gauge!(name, "pool" => pool.clone()).set(v);
+        gauge("db_pool_connections_open", s.open as f64);
+        gauge("db_pool_connections_in_use", s.in_use as f64);
+        gauge("db_pool_connections_idle", s.idle as f64);
+        gauge("db_pool_connections_max", s.max as f64);
+        gauge("db_pool_waiting", s.waiting as f64);
+        gauge("db_pool_oldest_wait_seconds", s.oldest_wait_secs);
+        let counter = |name: &'static str, v: u64| {
+            metrics::counter!(name, "pool" => pool.clone()).absolute(v);
+        };
+        counter("db_pool_checkouts_total", s.checkouts);
+        counter("db_pool_checkout_timeouts_total", s.checkout_timeouts);
+        counter("db_pool_connections_opened_total", s.connections_opened);
+        counter("db_pool_statement_cache_hits_total", s.statement_cache_hits);
+        counter(
+            "db_pool_statement_cache_misses_total",
+            s.statement_cache_misses,
+        );
+        counter(
+            "db_pool_statement_cache_evictions_total",
+            s.statement_cache_evictions,
+        );
+        counter("db_pool_leaks_detected_total", s.leaks_detected);
+        counter("db_pool_slow_queries_total", s.slow_queries);
+        counter("db_pool_socket_timeouts_total", s.socket_timeouts);
+        for (reason, v) in [
+            (CloseReason::Broken.as_str(), s.closed_broken),
+            (CloseReason::MaxLifetime.as_str(), s.closed_max_lifetime),
+            (CloseReason::IdleLifetime.as_str(), s.closed_idle_lifetime),
+            ("too_many_connections", s.too_many_connections),
+            (CloseReason::Shutdown.as_str(), s.closed_shutdown),
+        ] {
+            metrics::counter!("db_pool_connections_closed_total", "pool" => pool.clone(), "reason" => reason)
+                .absolute(v);
+        }
+        for (code, v) in &s.connect_failures_by_code {
+            metrics::counter!("db_pool_connect_failures_total", "pool" => pool.clone(), "code" => code.clone())
+                .absolute(*v);
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The pool's numbers: stats and Prometheus export under concurrency and
+//! failure, leak detection and slow-query logs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use db_pool::cluster::{ClusterOptions, LocalCluster};
+use db_pool::testing::TestDatabase;
+use db_pool::{Pool, PoolConfig};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| PrometheusBuilder::new().install_recorder().unwrap())
+}
+
+fn app() -> String {
+    format!("m_{:08x}", rand::random::<u32>())
+}
+
+fn pool(url: &str, params: &str) -> (Pool, String) {
+    prometheus();
+    let app = app();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let cfg = PoolConfig::parse(&format!("{url}{sep}application_name={app}&{params}")).unwrap();
+    (Pool::new(cfg).unwrap(), app)
+}
+
+/// The value of one sample line, e.g. `db_pool_waiting{pool="x"} 2`.
+fn sample(name_and_labels: &str) -> Option<f64> {
+    prometheus()
+        .render()
+        .lines()
+        .find(|l| l.starts_with(name_and_labels))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn wait_until(mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_callers_on_two_connections_show_two_waiting_then_none() {
+    let db = TestDatabase::create().await;
+    let (pool, app) = pool(&db.url, "connection_limit=2&pool_timeout=0");
+    let holders: Vec<_> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut conn = pool.get().await.unwrap();
+                conn.query("SELECT pg_sleep(0.5)", &[]).await.unwrap();
+            })
+        })
+        .collect();
+    wait_until(|| pool.stats().waiting == 2).await;
+    let s = pool.stats();
+    assert_eq!((s.open, s.in_use, s.idle, s.max), (2, 2, 0, 2));
+    assert!(s.oldest_wait_secs > 0.0);
+    pool.export_metrics();
+    assert_eq!(
+        sample(&format!("db_pool_waiting{{pool=\"{app}\"}}")),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&format!("db_pool_connections_in_use{{pool=\"{app}\"}}")),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&format!("db_pool_connections_max{{pool=\"{app}\"}}")),
+        Some(2.0)
+    );
+    for h in holders {
+        h.await.unwrap();
+    }
+    let s = pool.stats();
+    assert_eq!((s.waiting, s.in_use, s.idle, s.open), (0, 0, 2, 2));
+    assert_eq!(s.oldest_wait_secs, 0.0);
+    assert_eq!(s.checkouts, 4);
+    pool.export_metrics();
+    assert_eq!(
+        sample(&format!("db_pool_waiting{{pool=\"{app}\"}}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&format!("db_pool_checkouts_total{{pool=\"{app}\"}}")),
+        Some(4.0)
+    );
+    let text = prometheus().render();
+    for name in [
+        "db_pool_connections_open",
+        "db_pool_connections_idle",
+        "db_pool_oldest_wait_seconds",
+        "db_pool_checkout_timeouts_total",
+        "db_pool_connections_opened_total",
+        "db_pool_connections_closed_total",
+        "db_pool_statement_cache_hits_total",
+        "db_pool_statement_cache_misses_total",
+        "db_pool_statement_cache_evictions_total",
+        "db_pool_leaks_detected_total",
+        "db_pool_slow_queries_total",
+        "db_pool_checkout_wait_seconds",
+        "db_pool_connection_hold_seconds",
+        "db_pool_connect_seconds",
+        "db_pool_query_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("{name}{{pool=\"{app}\"")),
+            "{name} missing from\n{text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gauges_stay_consistent_through_a_server_restart() {
+    let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
+        .await
+        .unwrap();
+    let url = format!(
+        "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
+        cluster.port()
+    );
+    let (pool, app) = pool(&url, "connection_limit=4&pool_timeout=1&connect_timeout=1");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(mut c) = pool.get().await {
+                        let _ = c.query("SELECT pg_sleep(0.001)", &[]).await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let sampler = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut samples = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = pool.stats();
+                assert_eq!(s.in_use + s.idle, s.open, "{s:?}");
+                assert!(s.open <= 4 && s.in_use <= 4, "{s:?}");
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            samples
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.start().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert!(sampler.await.unwrap() > 50);
+    let s = pool.stats();
+    assert_eq!((s.in_use, s.waiting), (0, 0), "{s:?}");
+    assert_eq!(s.idle, s.open);
+    assert!(s.closed_broken >= 1, "the restart broke connections: {s:?}");
+    pool.export_metrics();
+    for gauge in [
+        "db_pool_connections_in_use",
+        "db_pool_connections_idle",
+        "db_pool_connections_open",
+        "db_pool_waiting",
+    ] {
+        let v = sample(&format!("{gauge}{{pool=\"{app}\"}}")).unwrap();
+        assert!(v >= 0.0, "{gauge} = {v}");
+    }
+    let broken = sample(&format!(
+        "db_pool_connections_closed_total{{pool=\"{app}\",reason=\"broken\"}}"
+    ))
+    .unwrap();
+    assert!(broken >= 1.0);
+}
+
+/// Log lines captured from a tracing subscriber.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).to_string()
+    }
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+}
+
+// Single-threaded runtime: the pool's background tasks log on this thread,
+// into this test's subscriber.
+#[tokio::test]
+async fn a_leak_is_reported_once_with_where_and_in_which_request() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let db = TestDatabase::create().await;
+    let (pool, _) = pool(&db.url, "connection_limit=2&leak_detection_threshold=1");
+    let span = tracing::info_span!("request", request_id = "req-4711");
+    let conn = {
+        let _entered = span.enter();
+        pool.get().await.unwrap()
+    };
+    let line = line!() - 2;
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    assert_eq!(
+        pool.stats().leaks_detected,
+        1,
+        "reported once, not every scan"
+    );
+    let text = logs.text();
+    let warnings: Vec<_> = text
+        .lines()
+        .filter(|l| l.contains("possible leak"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    let w = warnings[0];
+    assert!(w.contains("WARN"), "{w}");
+    assert!(
+        w.contains(&format!("tests/metrics.rs:{line}")),
+        "checkout location missing: {w}"
+    );
+    assert!(w.contains("req-4711"), "request span missing: {w}");
+    assert!(w.contains("held_secs"), "{w}");
+    drop(conn);
+    assert!(logs
+        .text()
+        .contains("connection reported as a possible leak was returned"));
+    // A connection returned in time is never reported.
+    let c = pool.get().await.unwrap();
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(pool.stats().leaks_detected, 1);
+}
+
+#[tokio::test]
+async fn slow_statements_are_logged_without_their_parameters() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    let db = TestDatabase::create().await;
+    let (pool, _) = pool(&db.url, "slow_query_threshold=150");
+    let mut conn = pool.get().await.unwrap();
+    let pid = conn.backend_pid();
+    conn.query(
+        "SELECT $1::text WHERE pg_sleep(0.3) IS NOT NULL",
+        &[&"token-s3cr3t"],
+    )
+    .await
+    .unwrap();
+    conn.query("SELECT $1::text", &[&"fast"]).await.unwrap();
+    let text = logs.text();
+    let slow: Vec<_> = text.lines().filter(|l| l.contains("slow query")).collect();
+    assert_eq!(slow.len(), 1, "{text}");
+    assert!(
+        slow[0].contains("pg_sleep(0.3)"),
+        "statement text missing: {}",
+        slow[0]
+    );
+    assert!(
+        slow[0].contains(&format!("backend_pid={pid}")),
+        "{}",
+        slow[0]
+    );
+    assert!(slow[0].contains("duration_ms="), "{}", slow[0]);
+    assert!(
+        !text.contains("token-s3cr3t"),
+        "a parameter value was logged"
+    );
+    assert_eq!(pool.stats().slow_queries, 1);
+}
