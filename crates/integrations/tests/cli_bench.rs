@@ -80,6 +80,46 @@ async fn point_lookup_report_has_every_field() {
 }
 
 #[tokio::test]
+async fn sweep_runs_once_per_size_and_plots() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("sweep.svg");
+    let out = bench(
+        &db.url,
+        &[
+            "--sql",
+            "SELECT 1",
+            "--concurrency",
+            "4",
+            "--duration",
+            "1",
+            "--sweep",
+            "1,3",
+            "--plot",
+            svg.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let v = json(&out);
+    let runs = v.as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["connection_limit"], 1);
+    assert_eq!(runs[1]["connection_limit"], 3);
+    assert_eq!(runs[0]["max_in_use"], 1);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("connection_limit"));
+
+    // The table form.
+    let out = bench(
+        &db.url,
+        &["--sql", "SELECT 1", "--duration", "1", "--sweep", "2"],
+    );
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("p99 pool wait ms"), "{text}");
+}
+
+#[tokio::test]
 async fn errors_are_counted_not_fatal() {
     let db = TestDatabase::create().await;
     let url = format!("{}?connection_limit=1&pool_timeout=1", db.url);

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -49,7 +50,18 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=1024))]
     threads: u16,
 
-    /// Print one JSON object instead of a report.
+    /// Run once per connection_limit in this list (e.g. 2,5,10,20,50) and
+    /// print a table of throughput, p99 latency and p99 pool wait per size.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    sweep: Vec<u32>,
+
+    /// With --sweep: write an SVG chart of throughput and p99 latency
+    /// against pool size to this file.
+    #[arg(long, requires = "sweep")]
+    plot: Option<PathBuf>,
+
+    /// Print one JSON object instead of a report (with --sweep, an array
+    /// of them, one per size).
     #[arg(long)]
     json: bool,
 }
@@ -168,6 +180,9 @@ pub fn run(args: BenchArgs) -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
+    if !args.sweep.is_empty() {
+        return super::block_on_threads(usize::from(args.threads), sweep(cfg, args));
+    }
     super::block_on_threads(usize::from(args.threads), async move {
         match bench(cfg, &args).await {
             Ok(report) => {
@@ -183,6 +198,123 @@ pub fn run(args: BenchArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// `--sweep`: one run per pool size, a table, and optionally a chart.
+async fn sweep(cfg: PoolConfig, args: BenchArgs) -> ExitCode {
+    let mut reports = Vec::new();
+    for &size in &args.sweep {
+        let mut cfg = cfg.clone();
+        cfg.connection_limit = size as usize;
+        eprintln!("connection_limit={size}: running {}s...", args.duration);
+        match bench(cfg, &args).await {
+            Ok(r) => reports.push(r),
+            Err(Failed {
+                message,
+                invalid_input,
+            }) => {
+                eprintln!("{message}");
+                return ExitCode::from(if invalid_input { EXIT_INVALID_INPUT } else { 1 });
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&reports).unwrap_or_default());
+    } else {
+        println!("statement  {}", args.sql);
+        println!(
+            "callers    {} for {}s per size",
+            args.concurrency, args.duration
+        );
+        println!();
+        println!(
+            "{:>16}  {:>12}  {:>14}  {:>18}  {:>7}",
+            "connection_limit", "ops/s", "p99 latency ms", "p99 pool wait ms", "errors"
+        );
+        for r in &reports {
+            println!(
+                "{:>16}  {:>12.0}  {:>14.3}  {:>18.3}  {:>7}",
+                r.connection_limit,
+                r.ops_per_sec,
+                r.latency_ms.p99,
+                r.pool_wait_ms.p99,
+                r.errors.values().sum::<u64>()
+            );
+        }
+    }
+    if let Some(path) = &args.plot {
+        if let Err(e) = plot(&reports, &args.sql, path) {
+            eprintln!("error: cannot write the chart to {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+        eprintln!("chart written to {}", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// Throughput (left axis) and p99 latency (right axis) against pool size.
+fn plot(
+    reports: &[Report],
+    sql: &str,
+    path: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+
+    let max_size = reports
+        .iter()
+        .map(|r| r.connection_limit)
+        .max()
+        .unwrap_or(1) as f64;
+    let max_ops = reports.iter().map(|r| r.ops_per_sec).fold(1.0, f64::max);
+    let max_p99 = reports.iter().map(|r| r.latency_ms.p99).fold(0.1, f64::max);
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title: String = sql.chars().take(90).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("Pool size sweep: {title}"), ("sans-serif", 18))
+        .margin(20)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .right_y_label_area_size(70)
+        .build_cartesian_2d(0f64..max_size * 1.05, 0f64..max_ops * 1.15)?
+        .set_secondary_coord(0f64..max_size * 1.05, 0f64..max_p99 * 1.15);
+    chart
+        .configure_mesh()
+        .x_desc("connection_limit")
+        .y_desc("throughput (ops/s)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .draw()?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("p99 latency (ms)")
+        .draw()?;
+    let ops: Vec<(f64, f64)> = reports
+        .iter()
+        .map(|r| (r.connection_limit as f64, r.ops_per_sec))
+        .collect();
+    let p99: Vec<(f64, f64)> = reports
+        .iter()
+        .map(|r| (r.connection_limit as f64, r.latency_ms.p99))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(ops.clone(), BLUE.stroke_width(2)))?
+        .label("throughput (ops/s)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart.draw_series(ops.iter().map(|p| Circle::new(*p, 4, BLUE.filled())))?;
+    chart
+        .draw_secondary_series(LineSeries::new(p99.clone(), RED.stroke_width(2)))?
+        .label("p99 latency (ms)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart.draw_secondary_series(p99.iter().map(|p| Circle::new(*p, 4, RED.filled())))?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
 
 /// Why the benchmark could not run at all.
