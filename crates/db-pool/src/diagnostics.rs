@@ -493,10 +493,7 @@ async fn server_cpuinfo_cores(conn: &mut Conn) -> Option<u32> {
         .await
         .ok()?;
     let text: String = row.try_get(0).ok()?;
-    let n = text
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
+    let n = text.lines().filter(|l| l.starts_with("processor")).count();
     u32::try_from(n).ok().filter(|n| *n > 0)
 }
 
@@ -582,3 +579,704 @@ enum Pooling {
 ///   give up before a connection could ever open).
 /// * `idle_in_transaction_session_timeout`: the value this role and database
 ///   get; warns when 0 (a leaked transaction then holds its locks forever).
+pub async fn doctor(cfg: &PoolConfig, opts: &DoctorOptions) -> DoctorReport {
+    let instances = opts.instances.max(1);
+    let reached = reach(cfg).await;
+
+    let cores = match (opts.server_cores, &reached) {
+        (Some(n), _) => Some((n, CoreSource::Option)),
+        (None, Reached::Yes { cores: Some(n), .. }) => Some((*n, CoreSource::ServerCpuinfo)),
+        _ if is_local(&cfg.host) => std::thread::available_parallelism()
+            .ok()
+            .and_then(|n| u32::try_from(n.get()).ok())
+            .map(|n| (n, CoreSource::LocalMachine)),
+        _ => None,
+    };
+    let recommended = cores.map(|(n, _)| {
+        n.saturating_mul(2)
+            .saturating_add(opts.spindles)
+            .div_ceil(instances)
+            .max(1)
+    });
+
+    let mut checks = vec![url_check(cfg)];
+    let facts = match reached {
+        Reached::No(failed) => {
+            checks.push(failed);
+            checks.push(connection_limit_check(cfg, opts, cores, recommended));
+            None
+        }
+        Reached::Yes {
+            elapsed,
+            facts,
+            pooling,
+            ..
+        } => {
+            let version = facts.as_ref().map_or("version unknown".to_string(), |f| {
+                format!("PostgreSQL {}", f.version)
+            });
+            checks.push(Check::ok(
+                "connect",
+                format!(
+                    "connected to {} as {} (database {}) in {} ms, {version}",
+                    cfg.address(),
+                    cfg.user,
+                    cfg.database,
+                    elapsed.as_millis()
+                ),
+            ));
+            checks.push(max_connections_check(cfg, instances, &facts, &pooling));
+            checks.push(connection_limit_check(cfg, opts, cores, recommended));
+            let server_port = facts.as_ref().ok().and_then(|f| f.server_port);
+            checks.push(pgbouncer_check(cfg, &pooling, server_port));
+            Some(facts)
+        }
+    };
+    checks.push(statement_cache_check(cfg));
+    checks.push(pool_timeout_check(cfg));
+    if let Some(facts) = facts {
+        checks.push(idle_in_transaction_check(cfg, &facts));
+    }
+    DoctorReport {
+        checks,
+        recommended_connection_limit: recommended,
+    }
+}
+
+/// Whether the doctor got a connection, and what it learnt through it.
+enum Reached {
+    /// The failed `connect` check.
+    No(Check),
+    Yes {
+        elapsed: Duration,
+        facts: Result<ServerFacts, Error>,
+        cores: Option<u32>,
+        pooling: Pooling,
+    },
+}
+
+/// Connects as the pool would and reads everything the server-side checks
+/// need; closes its connections before returning.
+async fn reach(cfg: &PoolConfig) -> Reached {
+    let mut probe_cfg = diagnostic_config(cfg);
+    // A second connection for the pooler probe, opened only for it.
+    probe_cfg.connection_limit = 2;
+    let started = Instant::now();
+    let pool = match Pool::new(probe_cfg) {
+        Ok(pool) => pool,
+        Err(e) => return Reached::No(connect_failed(cfg, &e)),
+    };
+    let reached =
+        match pool.get().await {
+            Err(e) => Reached::No(connect_failed(cfg, &e)),
+            Ok(mut conn) => {
+                let elapsed = started.elapsed();
+                let facts = server_facts(&mut conn).await;
+                let cores = server_cpuinfo_cores(&mut conn).await;
+                let pooling =
+                    match tokio::time::timeout(POOLER_PROBE_LIMIT, probe_pooler(&pool, &mut conn))
+                        .await
+                    {
+                        Ok(pooling) => pooling,
+                        Err(_) => Pooling::Unknown(format!(
+                            "the probe did not finish within {}s",
+                            POOLER_PROBE_LIMIT.as_secs()
+                        )),
+                    };
+                Reached::Yes {
+                    elapsed,
+                    facts,
+                    cores,
+                    pooling,
+                }
+            }
+        };
+    pool.close(Duration::from_secs(1)).await;
+    reached
+}
+
+fn connect_failed(cfg: &PoolConfig, e: &Error) -> Check {
+    let mut detail = e.to_string();
+    if cfg.connect_timeout.is_none() && matches!(e, Error::Unreachable { .. }) {
+        detail.push_str(&format!(
+            " (connect_timeout is unlimited; the doctor gave up after {}s)",
+            UNLIMITED_CONNECT_CAP.as_secs()
+        ));
+    }
+    detail.push_str(
+        "; skipped the checks that need the server: max_connections, pgbouncer, idle_in_transaction_session_timeout",
+    );
+    Check::fail("connect", detail, e.hint())
+}
+
+/// Runs `SELECT pg_backend_pid()` on two client connections in an order
+/// that exposes a transaction pooler whether it hands out server
+/// connections last-in first-out (PgBouncer's default) or round robin:
+/// a lone client's consecutive statements usually land on the same server
+/// connection under LIFO, so watching one client is not enough.
+async fn probe_pooler(pool: &Pool, c: &mut Conn) -> Pooling {
+    let mut h = match pool.get().await {
+        Ok(h) => h,
+        Err(e) => {
+            return Pooling::Unknown(format!("a second connection could not be opened ({e})"))
+        }
+    };
+    match pooler_rounds(c, &mut h).await {
+        Ok(pooling) => pooling,
+        Err(e) => Pooling::Unknown(format!("the probe failed ({e})")),
+    }
+}
+
+async fn pid(conn: &mut Conn) -> Result<i32, Error> {
+    conn.query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .try_get(0)
+        .map_err(Error::Client)
+}
+
+async fn pid_in(tx: &mut Transaction<'_>) -> Result<i32, Error> {
+    tx.query_one("SELECT pg_backend_pid()", &[])
+        .await?
+        .try_get(0)
+        .map_err(Error::Client)
+}
+
+async fn pooler_rounds(c: &mut Conn, h: &mut Conn) -> Result<Pooling, Error> {
+    let mut c_pids = vec![c.backend_pid()];
+    let mut h_pids = vec![h.backend_pid()];
+    let mut queued = false;
+    for round in 0..3 {
+        if round % 2 == 0 {
+            // c first, then h takes a server connection (under LIFO the
+            // one c just gave back) ...
+            c_pids.push(pid(c).await?);
+        }
+        let mut tx = h.transaction().await?;
+        h_pids.push(pid_in(&mut tx).await?);
+        // ... and c again while h holds it.
+        let query = pid(c);
+        tokio::pin!(query);
+        match tokio::time::timeout(POOLER_QUEUE_WAIT, &mut query).await {
+            Ok(p) => {
+                c_pids.push(p?);
+                tx.commit().await?;
+            }
+            Err(_) => {
+                // Queued behind h's transaction: only a pooler does that.
+                queued = true;
+                tx.commit().await?;
+                c_pids.push(query.await?);
+            }
+        }
+    }
+    Ok(pooling_verdict(&c_pids, &h_pids, queued))
+}
+
+fn pooling_verdict(c_pids: &[i32], h_pids: &[i32], queued: bool) -> Pooling {
+    let distinct: BTreeSet<i32> = c_pids.iter().copied().collect();
+    if queued {
+        return Pooling::Transaction(
+            "a statement waited while the doctor's other connection held a transaction open"
+                .to_string(),
+        );
+    }
+    if distinct.len() > 1 {
+        let pids: Vec<String> = distinct.iter().map(i32::to_string).collect();
+        return Pooling::Transaction(format!(
+            "one client connection ran on server processes {}",
+            pids.join(", ")
+        ));
+    }
+    if let Some(p) = h_pids.iter().find(|p| distinct.contains(p)) {
+        return Pooling::Transaction(format!(
+            "two client connections both ran on server process {p}"
+        ));
+    }
+    Pooling::None
+}
+
+/// The redacted URL, with the values of unknown parameters hidden too (a
+/// misspelt or libpq-only parameter such as `password=` may hold a secret).
+fn shown_url(cfg: &PoolConfig) -> String {
+    let redacted = cfg.redacted_url();
+    if cfg.ignored_parameters.is_empty() {
+        return redacted;
+    }
+    let Ok(mut url) = url::Url::parse(&redacted) else {
+        return redacted;
+    };
+    let pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if cfg.ignored_parameters.iter().any(|p| *p == k) {
+                "****".to_string()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    url.query_pairs_mut().clear().extend_pairs(pairs);
+    url.to_string()
+}
+
+fn url_check(cfg: &PoolConfig) -> Check {
+    let url = shown_url(cfg);
+    if cfg.ignored_parameters.is_empty() {
+        return Check::ok("url", url);
+    }
+    let names: Vec<String> = cfg
+        .ignored_parameters
+        .iter()
+        .map(|p| format!("'{p}'"))
+        .collect();
+    let (noun, verb) = if names.len() == 1 {
+        ("parameter", "is")
+    } else {
+        ("parameters", "are")
+    };
+    Check::warn(
+        "url",
+        format!("{url}: unknown {noun} {} {verb} ignored", names.join(", ")),
+        "Remove or correct them (see the README's parameter table): a misspelt parameter silently keeps its default.",
+    )
+}
+
+fn plural(n: impl Into<u64>, word: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("{n} {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+fn max_connections_check(
+    cfg: &PoolConfig,
+    instances: u32,
+    facts: &Result<ServerFacts, Error>,
+    pooling: &Pooling,
+) -> Check {
+    const NAME: &str = "max_connections";
+    let f = match facts {
+        Ok(f) => f,
+        Err(e) => {
+            return Check::fail(
+                NAME,
+                format!("could not read the server's connection limits: {e}"),
+                e.hint(),
+            )
+        }
+    };
+    let limit = i64::try_from(cfg.connection_limit).unwrap_or(i64::MAX);
+    let need = limit.saturating_mul(i64::from(instances));
+    let reserved = f.superuser_reserved + f.reserved.unwrap_or(0);
+    let available = (f.max_connections - reserved - f.in_use).max(0);
+    let reserved_text = match f.reserved {
+        Some(r) => format!(
+            "{reserved} reserved (superuser_reserved_connections {}, reserved_connections {r})",
+            f.superuser_reserved
+        ),
+        None => format!("{reserved} reserved (superuser_reserved_connections)"),
+    };
+    let detail = format!(
+        "need {need} (connection_limit {limit} x {}), available {available} (max_connections {} - {reserved_text} - {} in use now)",
+        plural(instances, "instance"),
+        f.max_connections,
+        f.in_use
+    );
+    if let Pooling::Transaction(_) = pooling {
+        return Check::ok(
+            NAME,
+            format!(
+                "{detail}; but a transaction pooler is in front: the service's connections go to the pooler, which opens at most its own pool size on the server (check its max_client_conn and default_pool_size)"
+            ),
+        );
+    }
+    let per_instance = |budget: i64| (budget / i64::from(instances)).max(0);
+    if need > available {
+        return Check::fail(
+            NAME,
+            format!("{detail}: the server will refuse connections with \"too many connections\" (P2037)"),
+            format!(
+                "Too many connections: lower connection_limit to {} or less per instance, raise max_connections on the server (takes a restart), or put PgBouncer in front and set pgbouncer=true. Connections in use now include running instances of this service.",
+                per_instance(available)
+            ),
+        );
+    }
+    if need.saturating_mul(10) > available.saturating_mul(8) {
+        return Check::warn(
+            NAME,
+            format!("{detail}: more than 80% of what is left"),
+            format!(
+                "Little headroom for other clients, deploys and migrations: keep connection_limit at {} or less per instance, raise max_connections, or put PgBouncer in front (pgbouncer=true).",
+                per_instance(available * 8 / 10)
+            ),
+        );
+    }
+    Check::ok(NAME, detail)
+}
+
+fn connection_limit_check(
+    cfg: &PoolConfig,
+    opts: &DoctorOptions,
+    cores: Option<(u32, CoreSource)>,
+    recommended: Option<u32>,
+) -> Check {
+    const NAME: &str = "connection_limit";
+    let limit = cfg.connection_limit;
+    let (Some((cores, source)), Some(rec)) = (cores, recommended) else {
+        return Check::warn(
+            NAME,
+            format!(
+                "configured {limit}; the server's CPU cores are unknown (it is not on this machine and pg_read_file('/proc/cpuinfo') is not permitted), so the seed's formula (cores * 2) + effective_spindle_count cannot be applied"
+            ),
+            "Pass the server's CPU core count with --server-cores N.",
+        );
+    };
+    let instances = opts.instances.max(1);
+    let total = cores.saturating_mul(2).saturating_add(opts.spindles);
+    let formula = format!(
+        "({} * 2) + {}",
+        plural(cores, "core"),
+        plural(opts.spindles, "spindle")
+    );
+    let detail = if instances > 1 {
+        format!("configured {limit} per instance, recommended {rec} per instance: {formula} = {total} for {instances} instances")
+    } else {
+        format!("configured {limit}, recommended {rec} = {formula}")
+    };
+    let cores_from = format!("cores {}", source.describe());
+    let rec = usize::try_from(rec).unwrap_or(usize::MAX);
+    if limit > rec.saturating_mul(2) {
+        return Check::warn(
+            NAME,
+            format!("{detail}: more connections than the server can run at once, the extra ones only queue inside it ({cores_from})"),
+            format!(
+                "Lower connection_limit toward {rec}; raise it only if callers wait for connections (P2024) while the server still has idle CPU."
+            ),
+        );
+    }
+    if limit.saturating_mul(2) < rec {
+        return Check::ok(
+            NAME,
+            format!("{detail}: fewer than the formula, which is fine unless callers wait for connections (P2024) ({cores_from})"),
+        );
+    }
+    Check::ok(NAME, format!("{detail} ({cores_from})"))
+}
+
+fn pgbouncer_check(cfg: &PoolConfig, pooling: &Pooling, server_port: Option<i32>) -> Check {
+    const NAME: &str = "pgbouncer";
+    let proxy = match (&cfg.host, server_port) {
+        (Host::Tcp(_), Some(p)) if p != i32::from(cfg.port) => format!(
+            "; the server listens on port {p} but the URL names {}: a proxy or port mapping is in between",
+            cfg.port
+        ),
+        _ => String::new(),
+    };
+    match pooling {
+        Pooling::Transaction(evidence) if cfg.pgbouncer => Check::ok(
+            NAME,
+            format!("a transaction pooler is in front ({evidence}){proxy}; pgbouncer=true, so statements travel unnamed"),
+        ),
+        Pooling::Transaction(evidence) => Check::fail(
+            NAME,
+            format!(
+                "a transaction pooler (PgBouncer) is in front ({evidence}){proxy}, but pgbouncer=false: named prepared statements will fail with 'prepared statement does not exist'"
+            ),
+            "Add pgbouncer=true to DATABASE_URL.",
+        ),
+        Pooling::None if cfg.pgbouncer => Check::warn(
+            NAME,
+            format!(
+                "pgbouncer=true, but no transaction pooler answers here{proxy}: the statement cache is disabled needlessly and every statement is planned anew"
+            ),
+            "Remove pgbouncer=true unless PgBouncer runs in transaction mode in front of this server.",
+        ),
+        Pooling::None => Check::ok(NAME, format!("no transaction pooler in front{proxy}")),
+        Pooling::Unknown(why) => Check::warn(
+            NAME,
+            format!("could not tell whether a transaction pooler is in front: {why}{proxy}"),
+            if cfg.pgbouncer {
+                "Keep pgbouncer=true only if PgBouncer runs in transaction mode in front of this server."
+            } else {
+                "If PgBouncer runs in transaction mode in front of this server, add pgbouncer=true."
+            },
+        ),
+    }
+}
+
+fn statement_cache_check(cfg: &PoolConfig) -> Check {
+    const NAME: &str = "statement_cache_size";
+    let n = cfg.statement_cache_size;
+    if cfg.pgbouncer {
+        return Check::ok(
+            NAME,
+            format!(
+                "0 in effect: pgbouncer=true turns named prepared statements off (configured {n})"
+            ),
+        );
+    }
+    let (profile, (lo, hi)) = match cfg.profile {
+        Some(p) => (format!("the {p} profile"), p.recommended_statement_cache()),
+        None => (
+            "production, as no profile is set".to_string(),
+            Profile::Production.recommended_statement_cache(),
+        ),
+    };
+    let range = format!("recommended {lo}-{hi} for {profile}");
+    if (lo..=hi).contains(&n) {
+        return Check::ok(NAME, format!("{n} ({range})"));
+    }
+    let why = if n == 0 {
+        "every statement is parsed and planned again on each call"
+    } else if n < lo {
+        "a service with more distinct statements than this re-prepares them over and over"
+    } else {
+        "every cached statement holds memory in each server process"
+    };
+    Check::warn(
+        NAME,
+        format!("{n} ({range}): {why}"),
+        format!("Set statement_cache_size between {lo} and {hi}."),
+    )
+}
+
+fn pool_timeout_check(cfg: &PoolConfig) -> Check {
+    const NAME: &str = "pool_timeout";
+    match (cfg.pool_timeout, cfg.connect_timeout) {
+        (None, _) => Check::warn(
+            NAME,
+            "0 (unlimited): when the pool is exhausted callers wait forever instead of failing with P2024",
+            "Set pool_timeout, e.g. 30 (the seed's production value).",
+        ),
+        (Some(p), Some(c)) if p < c => Check::warn(
+            NAME,
+            format!(
+                "{}s is shorter than connect_timeout {}s: a caller may give up before a connection could ever open",
+                p.as_secs(),
+                c.as_secs()
+            ),
+            format!(
+                "Raise pool_timeout to at least {}s, or lower connect_timeout.",
+                c.as_secs()
+            ),
+        ),
+        (Some(p), Some(c)) => Check::ok(
+            NAME,
+            format!("{}s (connect_timeout {}s)", p.as_secs(), c.as_secs()),
+        ),
+        (Some(p), None) => Check::ok(
+            NAME,
+            format!("{}s (connect_timeout unlimited)", p.as_secs()),
+        ),
+    }
+}
+
+/// Quotes an SQL identifier for the hints.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn idle_in_transaction_check(cfg: &PoolConfig, facts: &Result<ServerFacts, Error>) -> Check {
+    const NAME: &str = "idle_in_transaction_session_timeout";
+    let f = match facts {
+        Ok(f) => f,
+        Err(e) => return Check::fail(NAME, format!("could not read it: {e}"), e.hint()),
+    };
+    let value = &f.idle_in_transaction_timeout;
+    if value == "0" {
+        return Check::warn(
+            NAME,
+            "0 (off): a leaked transaction then holds its locks forever",
+            format!(
+                "Set it, e.g. ALTER DATABASE {} SET idle_in_transaction_session_timeout = '60s' (new sessions get it).",
+                quote_ident(&cfg.database)
+            ),
+        );
+    }
+    Check::ok(
+        NAME,
+        format!("{value}: the server ends sessions left idle in a transaction longer than that"),
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str) -> PoolConfig {
+        PoolConfig::parse(url).unwrap()
+    }
+
+    fn backend(pid: i32, app: &str, state: &str) -> Backend {
+        Backend {
+            pid,
+            application_name: app.to_string(),
+            state: Some(state.to_string()),
+            ..Backend::default()
+        }
+    }
+
+    #[test]
+    fn activity_counts_states_per_application_and_picks_the_longest() {
+        let mut tx = backend(10, "api", "idle in transaction");
+        tx.xact_secs = Some(12.34567);
+        tx.query_secs = Some(12.0);
+        let mut running = backend(11, "api", "active");
+        running.xact_secs = Some(3.0);
+        running.query_secs = Some(3.0);
+        let mut waiting = backend(12, "worker", "active");
+        waiting.xact_secs = Some(1.0);
+        waiting.query_secs = Some(1.0);
+        waiting.wait_event_type = Some("Lock".into());
+        waiting.blocked_by = Some(vec![10]);
+        let aborted = backend(13, "worker", "idle in transaction (aborted)");
+        let idle = backend(14, "", "idle");
+        let a = summarize("db", "t".into(), &[tx, running, waiting, aborted, idle]);
+        assert_eq!(
+            a.connections,
+            Counts {
+                total: 5,
+                active: 2,
+                idle: 1,
+                idle_in_transaction: 1,
+                idle_in_transaction_aborted: 1
+            }
+        );
+        let names: Vec<&str> = a
+            .applications
+            .iter()
+            .map(|x| x.application_name.as_str())
+            .collect();
+        assert_eq!(names, ["api", "worker", ""]);
+        assert_eq!(a.applications[0].connections.total, 2);
+        let t = a.longest_transaction.unwrap();
+        assert_eq!((t.pid, t.duration_secs), (10, 12.346));
+        assert_eq!(a.longest_query.unwrap().pid, 11, "only active statements");
+        assert_eq!(a.lock_waits.len(), 1);
+        assert_eq!(a.lock_waits[0].blocked_by, vec![10]);
+    }
+
+    #[test]
+    fn activity_json_has_the_counts_at_the_top() {
+        let a = summarize("db", "t".into(), &[backend(1, "x", "idle")]);
+        let v = serde_json::to_value(&a).unwrap();
+        assert_eq!(v["total"], 1);
+        assert_eq!(v["idle"], 1);
+        assert_eq!(v["idle_in_transaction"], 0);
+        assert_eq!(v["applications"][0]["application_name"], "x");
+        assert_eq!(v["applications"][0]["idle"], 1);
+        assert_eq!(v["longest_transaction"], serde_json::Value::Null);
+        let back: Activity = serde_json::from_value(v).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn a_pooler_is_recognised_by_moving_or_shared_backends() {
+        assert!(matches!(
+            pooling_verdict(&[1, 1, 1], &[2, 2], false),
+            Pooling::None
+        ));
+        assert!(matches!(
+            pooling_verdict(&[1, 2, 1], &[3, 3], false),
+            Pooling::Transaction(_)
+        ));
+        assert!(matches!(
+            pooling_verdict(&[1, 1], &[2, 1], false),
+            Pooling::Transaction(_)
+        ));
+        assert!(matches!(
+            pooling_verdict(&[1, 1], &[2, 2], true),
+            Pooling::Transaction(_)
+        ));
+    }
+
+    #[test]
+    fn diagnostic_config_keeps_the_server_and_drops_the_pool_behaviour() {
+        let c = cfg("postgresql://u:pw@h:6543/db?connection_limit=40&pool_timeout=3&connect_timeout=0&socket_timeout=2&application_name=svc");
+        let d = diagnostic_config(&c);
+        assert_eq!((d.address(), d.user.as_str()), (c.address(), "u"));
+        assert_eq!(d.password(), Some("pw"));
+        assert_eq!(d.application_name, "svc");
+        assert_eq!(d.connection_limit, 1);
+        assert_eq!(d.pool_timeout, None);
+        assert_eq!(d.connect_timeout, Some(UNLIMITED_CONNECT_CAP));
+        assert_eq!(d.socket_timeout, None);
+        assert!(d.pgbouncer);
+    }
+
+    #[test]
+    fn configuration_only_checks() {
+        let status = |c: Check| c.status;
+        assert_eq!(
+            status(statement_cache_check(&cfg("postgresql://h/db"))),
+            Status::Ok
+        );
+        assert_eq!(
+            status(statement_cache_check(&cfg(
+                "postgresql://h/db?statement_cache_size=0"
+            ))),
+            Status::Warn
+        );
+        assert_eq!(
+            status(statement_cache_check(&cfg(
+                "postgresql://h/db?statement_cache_size=0&pgbouncer=true"
+            ))),
+            Status::Ok
+        );
+        assert_eq!(
+            status(statement_cache_check(&cfg(
+                "postgresql://h/db?statement_cache_size=900"
+            ))),
+            Status::Warn
+        );
+        assert_eq!(
+            status(pool_timeout_check(&cfg("postgresql://h/db"))),
+            Status::Ok
+        );
+        assert_eq!(
+            status(pool_timeout_check(&cfg(
+                "postgresql://h/db?pool_timeout=2&connect_timeout=10"
+            ))),
+            Status::Warn
+        );
+        assert_eq!(
+            status(pool_timeout_check(&cfg("postgresql://h/db?pool_timeout=0"))),
+            Status::Warn
+        );
+    }
+
+    #[test]
+    fn unknown_parameter_values_are_hidden_too() {
+        let c = cfg("postgresql://u:hunter2@h/db?password=hunter3&connection_limit=3");
+        let check = url_check(&c);
+        assert_eq!(check.status, Status::Warn);
+        assert!(check.detail.contains("'password'"), "{}", check.detail);
+        assert!(
+            !check.detail.contains("hunter2") && !check.detail.contains("hunter3"),
+            "{}",
+            check.detail
+        );
+        assert!(check.detail.contains("connection_limit=3"));
+    }
+
+    #[test]
+    fn exit_code_is_1_only_on_failure() {
+        let report = |statuses: &[Status]| DoctorReport {
+            checks: statuses.iter().map(|s| Check::new("x", *s, "")).collect(),
+            recommended_connection_limit: None,
+        };
+        assert_eq!(report(&[]).exit_code(), 0);
+        assert_eq!(report(&[Status::Ok, Status::Warn]).exit_code(), 0);
+        assert_eq!(
+            report(&[Status::Ok, Status::Fail, Status::Warn]).exit_code(),
+            1
+        );
+        let v = serde_json::to_value(report(&[Status::Warn])).unwrap();
+        assert_eq!(v["checks"][0]["status"], "warn");
+        assert_eq!(v["checks"][0]["hint"], serde_json::Value::Null);
+    }
+}

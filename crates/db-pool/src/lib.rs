@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod diagnostics;
 pub mod error;
 pub mod pool;
 #[cfg(feature = "testing")]
