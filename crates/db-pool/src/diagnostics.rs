@@ -261,7 +261,7 @@ fn summarize(database: &str, sampled_at: String, backends: &[Backend]) -> Activi
         .collect();
     // Most connections first; names break ties (the map gave name order and
     // the sort is stable).
-    applications.sort_by(|a, b| b.connections.total.cmp(&a.connections.total));
+    applications.sort_by_key(|a| std::cmp::Reverse(a.connections.total));
 
     let session = |b: &Backend, duration: f64| Session {
         pid: b.pid,
@@ -453,7 +453,7 @@ struct ServerFacts {
     version: String,
     max_connections: i64,
     superuser_reserved: i64,
-    /// `reserved_connections` (PostgreSQL 16+), 0 before.
+    /// `reserved_connections` (PostgreSQL 16+; `None` before).
     reserved: Option<i64>,
     /// Client connections on the whole server, the doctor's own excluded.
     in_use: i64,
@@ -502,7 +502,11 @@ async fn server_cpuinfo_cores(conn: &mut Conn) -> Option<u32> {
 fn is_local(host: &Host) -> bool {
     match host {
         Host::Unix(_) => true,
-        Host::Tcp(h) => h == "localhost" || h == "::1" || h.starts_with("127."),
+        Host::Tcp(h) => {
+            h == "localhost"
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
     }
 }
 
@@ -830,15 +834,15 @@ fn url_check(cfg: &PoolConfig) -> Check {
         .iter()
         .map(|p| format!("'{p}'"))
         .collect();
-    let (noun, verb) = if names.len() == 1 {
-        ("parameter", "is")
+    let (noun, verb, them) = if names.len() == 1 {
+        ("parameter", "is", "it")
     } else {
-        ("parameters", "are")
+        ("parameters", "are", "them")
     };
     Check::warn(
         "url",
         format!("{url}: unknown {noun} {} {verb} ignored", names.join(", ")),
-        "Remove or correct them (see the README's parameter table): a misspelt parameter silently keeps its default.",
+        format!("Remove or correct {them} (see the README's parameter table): a misspelt parameter silently keeps its default."),
     )
 }
 
@@ -1261,6 +1265,17 @@ mod tests {
             check.detail
         );
         assert!(check.detail.contains("connection_limit=3"));
+    }
+
+    #[test]
+    fn local_servers_are_recognised() {
+        for h in ["localhost", "127.0.0.1", "127.0.1.1", "::1"] {
+            assert!(is_local(&Host::Tcp(h.into())), "{h}");
+        }
+        assert!(is_local(&Host::Unix("/var/run/postgresql".into())));
+        for h in ["db.internal", "10.0.0.5", "127.example.com"] {
+            assert!(!is_local(&Host::Tcp(h.into())), "{h}");
+        }
     }
 
     #[test]

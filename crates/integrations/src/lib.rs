@@ -3,4 +3,9 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod crypto;
+pub mod domain;
+pub mod oauth;
+pub mod service;
 pub mod settings;
+pub mod store;

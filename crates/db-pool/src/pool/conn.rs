@@ -165,6 +165,20 @@ impl Conn {
         Ok((&self.shared, conn))
     }
 
+    /// The underlying tokio-postgres client, for tools that need one (a
+    /// migration runner, `COPY`). What runs through it bypasses the statement
+    /// cache and `socket_timeout`; the connection is rolled back before it is
+    /// reused.
+    #[allow(clippy::expect_used)]
+    pub fn raw_client(&mut self) -> &mut Client {
+        let conn = self
+            .obj
+            .as_mut()
+            .expect("Conn holds its connection until dropped");
+        conn.needs_rollback = true;
+        &mut conn.client
+    }
+
     /// The server process serving this connection (`pg_backend_pid()`).
     pub fn backend_pid(&self) -> i32 {
         self.client_conn().pid

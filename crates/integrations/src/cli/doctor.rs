@@ -85,7 +85,7 @@ fn print_report(report: &DoctorReport, cfg: &PoolConfig) {
             check.detail
         );
         if let Some(hint) = &check.hint {
-            println!("     {:<width$}  -> {hint}", "");
+            println!("     -> {hint}");
         }
     }
     println!();

@@ -1,0 +1,250 @@
+//! The operations: what the HTTP API and the CLI call. The seed's
+//! `IntegrationsService`, done properly.
+//!
+//! Rules every operation keeps: no pooled connection is held while waiting
+//! on a provider; every write invalidates the user's cached status; tokens
+//! are decrypted only where they are used and never logged.
+
+mod batch;
+mod connect;
+mod keys;
+mod refresh;
+mod refresher;
+mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use db_pool::Pool;
+use secrecy::SecretString;
+
+pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
+pub use connect::StartedConnect;
+pub use keys::RotationReport;
+pub use refresher::Refresher;
+
+use crate::crypto::{CryptoError, Keyring};
+use crate::domain::{InvalidInput, Status};
+use crate::oauth::{OAuthError, ProviderRegistry, TokenClient, UnknownProvider};
+
+/// Tunables, with the seed's figures as defaults.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// How long a user's status list is served from the cache (seed: 5 minutes).
+    pub status_cache_ttl: Duration,
+    /// Most users whose status is cached.
+    pub status_cache_capacity: u64,
+    /// Refresh an access token when it expires within this margin.
+    pub refresh_margin: Duration,
+    /// How long a refresh lease holds a row; longer than a provider call.
+    pub lease: Duration,
+    /// Consecutive transient failures that mark an integration `error`.
+    pub max_failures: i32,
+    /// First backoff after a transient failure (doubles, up to 1 hour).
+    pub failure_backoff: Duration,
+    /// This instance's name in leases (unique per process by default).
+    pub instance_id: String,
+    /// Where providers send users back after authorising
+    /// (`.../v1/oauth/callback`), for the connect flow.
+    pub callback_url: Option<String>,
+    /// How long a connect-flow state stays valid (10 minutes).
+    pub state_ttl: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            status_cache_ttl: Duration::from_secs(300),
+            status_cache_capacity: 100_000,
+            refresh_margin: Duration::from_secs(300),
+            lease: Duration::from_secs(60),
+            max_failures: 5,
+            failure_backoff: Duration::from_secs(30),
+            instance_id: format!(
+                "{}-{}-{:08x}",
+                hostname(),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            callback_url: None,
+            state_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".to_string())
+}
+
+/// Everything an operation can fail with. Messages never contain tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A parameter failed validation.
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// The provider is not in the registry.
+    #[error(transparent)]
+    UnknownProvider(#[from] UnknownProvider),
+    /// No such integration.
+    #[error("no integration for provider '{provider}' and account '{account_id}'")]
+    NotFound {
+        /// Provider.
+        provider: String,
+        /// Account.
+        account_id: String,
+    },
+    /// The account is connected to another user.
+    #[error("account '{account_id}' on '{provider}' is already connected to another user")]
+    Conflict {
+        /// Provider.
+        provider: String,
+        /// Account.
+        account_id: String,
+    },
+    /// The integration cannot give a token: revoked, or expired without a
+    /// refresh token. The user must reconnect.
+    #[error("the integration is {status}: the user must reconnect {provider}")]
+    NeedsReconnect {
+        /// Provider.
+        provider: String,
+        /// `revoked` or `expired`.
+        status: &'static str,
+    },
+    /// The refresh failed; the stored tokens are unchanged.
+    #[error("refreshing the token failed: {message}")]
+    RefreshFailed {
+        /// What the provider or the network said (never a token).
+        message: String,
+        /// Worth retrying later.
+        transient: bool,
+    },
+    /// The connect flow's state is unknown, used or expired.
+    #[error("the OAuth state is {0}; start the connection again")]
+    InvalidState(&'static str),
+    /// The provider refused an OAuth request.
+    #[error(transparent)]
+    OAuth(#[from] OAuthError),
+    /// Keys or ciphertexts.
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// The database (pool errors keep their Prisma codes). Shared because
+    /// one failed cache load answers every caller that waited for it.
+    #[error(transparent)]
+    Db(Arc<db_pool::Error>),
+}
+
+impl From<db_pool::Error> for ServiceError {
+    fn from(e: db_pool::Error) -> Self {
+        ServiceError::Db(Arc::new(e))
+    }
+}
+
+/// A usable access token.
+#[derive(Clone)]
+pub struct AccessToken {
+    /// The token.
+    pub token: SecretString,
+    /// When it expires (`None`: never).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// `Bearer`, usually.
+    pub token_type: String,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("token", &"[REDACTED]")
+            .field("expires_at", &self.expires_at)
+            .field("token_type", &self.token_type)
+            .finish()
+    }
+}
+
+/// The service. Cheap to share behind an `Arc`.
+pub struct IntegrationsService {
+    pool: Pool,
+    keys: Arc<Keyring>,
+    providers: Arc<ProviderRegistry>,
+    tokens: TokenClient,
+    cache: status::StatusCache,
+    flights: Mutex<HashMap<(String, String), Weak<tokio::sync::Mutex<()>>>>,
+    config: ServiceConfig,
+}
+
+impl std::fmt::Debug for IntegrationsService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntegrationsService")
+            .field("pool", &self.pool)
+            .field("keys", &self.keys)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IntegrationsService {
+    /// Builds the service over a pool (migrations already applied).
+    pub fn new(
+        pool: Pool,
+        keys: Keyring,
+        providers: ProviderRegistry,
+        tokens: TokenClient,
+        config: ServiceConfig,
+    ) -> IntegrationsService {
+        IntegrationsService {
+            cache: status::StatusCache::new(config.status_cache_ttl, config.status_cache_capacity),
+            pool,
+            keys: Arc::new(keys),
+            providers: Arc::new(providers),
+            tokens,
+            flights: Mutex::new(HashMap::new()),
+            config,
+        }
+    }
+
+    /// The pool the service runs on.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The provider registry.
+    pub fn providers(&self) -> &ProviderRegistry {
+        &self.providers
+    }
+
+    /// The tunables.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// The in-process single-flight lock of one integration: every task of
+    /// this process that refreshes it takes this first.
+    fn flight(&self, provider: &str, account_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = (provider.to_string(), account_id.to_string());
+        if let Some(lock) = flights.get(&key).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if flights.len() > 1024 {
+            flights.retain(|_, w| w.strong_count() > 0);
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        flights.insert(key, Arc::downgrade(&lock));
+        lock
+    }
+
+    fn aad(provider: &str, account_id: &str, field: &str) -> String {
+        format!("integration:{provider}:{account_id}:{field}")
+    }
+}
+
+/// The status name for errors that need reconnecting.
+fn reconnect_status(status: Status) -> &'static str {
+    match status {
+        Status::Revoked => "revoked",
+        _ => "expired",
+    }
+}

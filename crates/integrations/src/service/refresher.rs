@@ -1,0 +1,109 @@
+//! The background refresher: claims integrations expiring soon, a page at a
+//! time, with the same leases as every other refresh (two instances never
+//! refresh the same row), and refreshes them through the batch path.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::batch::{Job, RefreshRequest};
+use super::IntegrationsService;
+use crate::domain::{AccountId, ProviderName};
+use crate::store::integrations as rows;
+
+/// How the refresher runs.
+#[derive(Debug, Clone)]
+pub struct Refresher {
+    /// Pause between scans.
+    pub interval: Duration,
+    /// Refresh tokens expiring within this margin.
+    pub margin: Duration,
+    /// Rows claimed per page.
+    pub page: i64,
+    /// Refreshes in flight.
+    pub concurrency: usize,
+}
+
+impl Default for Refresher {
+    fn default() -> Self {
+        Refresher {
+            interval: Duration::from_secs(30),
+            margin: Duration::from_secs(600),
+            page: 500,
+            concurrency: super::DEFAULT_BATCH_CONCURRENCY,
+        }
+    }
+}
+
+/// What one scan did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanReport {
+    /// Integrations claimed and refreshed.
+    pub attempted: usize,
+    /// Of which refreshed successfully.
+    pub refreshed: usize,
+}
+
+impl IntegrationsService {
+    /// One scan: claims due integrations page by page and refreshes them,
+    /// until none is left or `cancel` fires (checked between pages, so a
+    /// page in progress finishes).
+    pub async fn refresh_due(&self, cfg: &Refresher, cancel: &CancellationToken) -> Result<ScanReport, db_pool::Error> {
+        let mut report = ScanReport::default();
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(report);
+            }
+            let claimed = {
+                let mut conn = self.pool.get().await?;
+                rows::claim_due(
+                    &mut conn,
+                    cfg.margin.as_secs_f64(),
+                    cfg.page,
+                    self.config.lease.as_secs_f64(),
+                    &self.config.instance_id,
+                )
+                .await?
+            };
+            let n = claimed.len();
+            let jobs: Vec<_> = claimed
+                .into_iter()
+                .filter_map(|((p, a), c)| {
+                    let request = RefreshRequest {
+                        provider: ProviderName::parse(&p).ok()?,
+                        account_id: AccountId::parse(&a).ok()?,
+                    };
+                    let generation = c.generation;
+                    Some((request, Job::Claimed(c, generation)))
+                })
+                .collect();
+            let results = self.run_claimed(jobs, cfg.concurrency).await;
+            report.attempted += n;
+            report.refreshed += results.iter().filter(|r| r.is_ok()).count();
+            if (n as i64) < cfg.page {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Runs scans every `interval` until `cancel` fires; the scan in
+    /// progress finishes its current page first.
+    pub async fn run_refresher(self: Arc<Self>, cfg: Refresher, cancel: CancellationToken) {
+        tracing::info!(interval_secs = cfg.interval.as_secs(), margin_secs = cfg.margin.as_secs(), "background refresher started");
+        loop {
+            match self.refresh_due(&cfg, &cancel).await {
+                Ok(r) if r.attempted > 0 => {
+                    tracing::info!(attempted = r.attempted, refreshed = r.refreshed, "background refresh scan")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, hint = e.hint(), "background refresh scan failed"),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(cfg.interval) => {}
+            }
+        }
+        tracing::info!("background refresher stopped");
+    }
+}

@@ -1,0 +1,104 @@
+//! `status(user_id)`: the user's integrations without tokens, from a cache
+//! with the seed's 5-minute TTL.
+//!
+//! Built on moka: bounded, and concurrent misses for one user run one load
+//! (`try_get_with`). Every write for a user invalidates that user's entry.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+
+use super::{IntegrationsService, ServiceError};
+use crate::domain::{IntegrationStatus, UserId};
+use crate::store;
+
+pub(super) struct StatusCache {
+    cache: Cache<String, Arc<Vec<IntegrationStatus>>>,
+    hits: AtomicU64,
+    loads: AtomicU64,
+}
+
+impl StatusCache {
+    pub fn new(ttl: Duration, capacity: u64) -> StatusCache {
+        StatusCache {
+            cache: Cache::builder()
+                .time_to_live(ttl)
+                .max_capacity(capacity)
+                .build(),
+            hits: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Cache counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    /// Reads answered from the cache.
+    pub hits: u64,
+    /// Reads that loaded from the database (concurrent misses count once).
+    pub misses: u64,
+    /// Users cached now (approximate).
+    pub entries: u64,
+}
+
+impl IntegrationsService {
+    /// The user's integrations, without tokens. Cached for
+    /// `status_cache_ttl` (5 minutes by default).
+    #[tracing::instrument(skip_all, fields(user_id = %user_id))]
+    pub async fn status(&self, user_id: &UserId) -> Result<Arc<Vec<IntegrationStatus>>, ServiceError> {
+        let cache = &self.cache;
+        if let Some(hit) = cache.cache.get(user_id.as_str()).await {
+            cache.hits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("integrations_status_cache_hits_total").increment(1);
+            return Ok(hit);
+        }
+        let pool = self.pool.clone();
+        let user = user_id.as_str().to_string();
+        cache
+            .cache
+            .try_get_with(user.clone(), async move {
+                cache.loads.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("integrations_status_cache_misses_total").increment(1);
+                let mut conn = pool.get().await?;
+                let rows = store::integrations::list_for_user(&mut conn, &user).await?;
+                Ok::<_, db_pool::Error>(Arc::new(rows))
+            })
+            .await
+            .map_err(ServiceError::Db)
+    }
+
+    /// The status of one integration (not cached).
+    pub async fn integration(
+        &self,
+        provider: &str,
+        account_id: &str,
+    ) -> Result<IntegrationStatus, ServiceError> {
+        let mut conn = self.pool.get().await?;
+        store::integrations::get_status(&mut conn, provider, account_id)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound {
+                provider: provider.to_string(),
+                account_id: account_id.to_string(),
+            })
+    }
+
+    /// Forgets a user's cached status (after every write for that user).
+    pub async fn invalidate(&self, user_id: &str) {
+        self.cache.cache.invalidate(user_id).await;
+    }
+
+    /// Hits, misses and entries of the status cache; also exported as
+    /// `integrations_status_cache_*` metrics.
+    pub fn cache_stats(&self) -> CacheStats {
+        let entries = self.cache.cache.entry_count();
+        metrics::gauge!("integrations_status_cache_entries").set(entries as f64);
+        CacheStats {
+            hits: self.cache.hits.load(Ordering::Relaxed),
+            misses: self.cache.loads.load(Ordering::Relaxed),
+            entries,
+        }
+    }
+}

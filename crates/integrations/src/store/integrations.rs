@@ -1,0 +1,521 @@
+//! The `integrations` table.
+
+use chrono::{DateTime, Utc};
+use db_pool::{Conn, Error, Row};
+
+use crate::domain::{IntegrationStatus, Status};
+
+/// Columns of an [`IntegrationStatus`], in [`status_from_row`]'s order.
+macro_rules! status_columns {
+    () => {
+        "provider, account_id, status, scopes, expires_at, last_refresh_at, \
+         refresh_failures, last_error, metadata, created_at, updated_at"
+    };
+}
+
+fn status_from_row(row: &Row) -> IntegrationStatus {
+    IntegrationStatus {
+        provider: row.get(0),
+        account_id: row.get(1),
+        status: Status::from_db(row.get(2)),
+        scopes: row.get(3),
+        expires_at: row.get(4),
+        last_refresh_at: row.get(5),
+        refresh_failures: row.get(6),
+        last_error: row.get(7),
+        metadata: row.get(8),
+        created_at: row.get(9),
+        updated_at: row.get(10),
+    }
+}
+
+/// A token response to store, already encrypted.
+pub struct NewTokens<'a> {
+    /// Owner.
+    pub user_id: &'a str,
+    /// Provider.
+    pub provider: &'a str,
+    /// Account on the provider.
+    pub account_id: &'a str,
+    /// Granted scopes.
+    pub scopes: &'a [String],
+    /// `Bearer`, usually.
+    pub token_type: &'a str,
+    /// Encrypted access token.
+    pub access_token: &'a [u8],
+    /// Encrypted refresh token (`None` keeps the stored one).
+    pub refresh_token: Option<&'a [u8]>,
+    /// Key both are encrypted with.
+    pub key_id: &'a str,
+    /// Expiry (`None`: never).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Application data (`None` keeps the stored one).
+    pub metadata: Option<&'a serde_json::Value>,
+}
+
+const UPSERT: &str = concat!(
+    "INSERT INTO integrations AS i (user_id, provider, account_id, scopes, token_type, access_token, \
+     refresh_token, key_id, expires_at, metadata, last_refresh_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, COALESCE($10, '{}'::jsonb), now()) \
+     ON CONFLICT (provider, account_id) DO UPDATE SET \
+       scopes = EXCLUDED.scopes, token_type = EXCLUDED.token_type, \
+       access_token = EXCLUDED.access_token, \
+       refresh_token = COALESCE(EXCLUDED.refresh_token, i.refresh_token), \
+       key_id = EXCLUDED.key_id, expires_at = EXCLUDED.expires_at, \
+       metadata = COALESCE($10, i.metadata), status = 'connected', refresh_failures = 0, \
+       last_error = NULL, next_refresh_at = NULL, last_refresh_at = now(), updated_at = now(), \
+       refresh_generation = i.refresh_generation + 1 \
+     WHERE i.user_id = EXCLUDED.user_id AND (EXCLUDED.refresh_token IS NOT NULL OR i.key_id = EXCLUDED.key_id) \
+     RETURNING ",
+    status_columns!()
+);
+
+/// Stores tokens for an integration, creating or replacing it. `None` when
+/// the account is connected to another user (or, when no new refresh token
+/// is given, the stored one is under another key: re-encrypt first).
+pub async fn upsert(conn: &mut Conn, t: &NewTokens<'_>) -> Result<Option<IntegrationStatus>, Error> {
+    let row = conn
+        .query_opt(
+            UPSERT,
+            &[
+                &t.user_id,
+                &t.provider,
+                &t.account_id,
+                &t.scopes,
+                &t.token_type,
+                &t.access_token,
+                &t.refresh_token,
+                &t.key_id,
+                &t.expires_at,
+                &t.metadata,
+            ],
+        )
+        .await?;
+    Ok(row.as_ref().map(status_from_row))
+}
+
+const OWNER: &str = "SELECT user_id FROM integrations WHERE provider = $1 AND account_id = $2";
+
+/// Who owns an integration, if it exists.
+pub async fn owner(conn: &mut Conn, provider: &str, account_id: &str) -> Result<Option<String>, Error> {
+    Ok(conn
+        .query_opt(OWNER, &[&provider, &account_id])
+        .await?
+        .map(|r| r.get(0)))
+}
+
+const STORED_REFRESH: &str = "SELECT refresh_token, key_id FROM integrations WHERE provider = $1 AND account_id = $2";
+
+/// The stored (encrypted) refresh token and its key.
+pub async fn stored_refresh_token(
+    conn: &mut Conn,
+    provider: &str,
+    account_id: &str,
+) -> Result<Option<(Option<Vec<u8>>, String)>, Error> {
+    Ok(conn
+        .query_opt(STORED_REFRESH, &[&provider, &account_id])
+        .await?
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+const LIST_FOR_USER: &str = concat!(
+    "SELECT ",
+    status_columns!(),
+    " FROM integrations WHERE user_id = $1 ORDER BY provider, account_id"
+);
+
+/// A user's integrations (the seed's `(user_id, provider)` index).
+pub async fn list_for_user(conn: &mut Conn, user_id: &str) -> Result<Vec<IntegrationStatus>, Error> {
+    Ok(conn
+        .query(LIST_FOR_USER, &[&user_id])
+        .await?
+        .iter()
+        .map(status_from_row)
+        .collect())
+}
+
+const GET_STATUS: &str = concat!(
+    "SELECT ",
+    status_columns!(),
+    " FROM integrations WHERE provider = $1 AND account_id = $2"
+);
+
+/// One integration's status.
+pub async fn get_status(
+    conn: &mut Conn,
+    provider: &str,
+    account_id: &str,
+) -> Result<Option<IntegrationStatus>, Error> {
+    Ok(conn
+        .query_opt(GET_STATUS, &[&provider, &account_id])
+        .await?
+        .as_ref()
+        .map(status_from_row))
+}
+
+/// The encrypted tokens of a deleted integration, for revocation.
+pub struct DeletedTokens {
+    /// Encrypted access token.
+    pub access_token: Vec<u8>,
+    /// Encrypted refresh token.
+    pub refresh_token: Option<Vec<u8>>,
+    /// Their key.
+    pub key_id: String,
+}
+
+const DELETE: &str = "DELETE FROM integrations WHERE user_id = $1 AND provider = $2 AND account_id = $3 \
+                      RETURNING access_token, refresh_token, key_id";
+
+/// Deletes a user's integration; `None` when there was none.
+pub async fn delete(
+    conn: &mut Conn,
+    user_id: &str,
+    provider: &str,
+    account_id: &str,
+) -> Result<Option<DeletedTokens>, Error> {
+    Ok(conn
+        .query_opt(DELETE, &[&user_id, &provider, &account_id])
+        .await?
+        .map(|r| DeletedTokens {
+            access_token: r.get(0),
+            refresh_token: r.get(1),
+            key_id: r.get(2),
+        }))
+}
+
+/// What `access_token` needs of a row.
+pub struct TokenRow {
+    /// Owner (for cache invalidation).
+    pub user_id: String,
+    /// Status.
+    pub status: Status,
+    /// Encrypted access token.
+    pub access_token: Vec<u8>,
+    /// Whether a refresh token is stored.
+    pub refreshable: bool,
+    /// Key id.
+    pub key_id: String,
+    /// `Bearer`, usually.
+    pub token_type: String,
+    /// Expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Completed refresh attempts so far.
+    pub generation: i64,
+    /// Last refresh error.
+    pub last_error: Option<String>,
+    /// Consecutive failures.
+    pub refresh_failures: i32,
+}
+
+const TOKEN_ROW: &str = "SELECT user_id, status, access_token, refresh_token IS NOT NULL, key_id, token_type, \
+                         expires_at, refresh_generation, last_error, refresh_failures \
+                         FROM integrations WHERE provider = $1 AND account_id = $2";
+
+/// The access token and what decides whether it must be refreshed.
+pub async fn token_row(conn: &mut Conn, provider: &str, account_id: &str) -> Result<Option<TokenRow>, Error> {
+    Ok(conn
+        .query_opt(TOKEN_ROW, &[&provider, &account_id])
+        .await?
+        .map(|r| TokenRow {
+            user_id: r.get(0),
+            status: Status::from_db(r.get(1)),
+            access_token: r.get(2),
+            refreshable: r.get(3),
+            key_id: r.get(4),
+            token_type: r.get(5),
+            expires_at: r.get(6),
+            generation: r.get(7),
+            last_error: r.get(8),
+            refresh_failures: r.get(9),
+        }))
+}
+
+/// A row whose refresh lease this instance holds.
+pub struct Claimed {
+    /// Row id.
+    pub id: i64,
+    /// Owner.
+    pub user_id: String,
+    /// Encrypted refresh token.
+    pub refresh_token: Option<Vec<u8>>,
+    /// Its key.
+    pub key_id: String,
+    /// The refresh generation when claimed.
+    pub generation: i64,
+}
+
+fn claimed(r: &Row) -> Claimed {
+    Claimed {
+        id: r.get(0),
+        user_id: r.get(1),
+        refresh_token: r.get(2),
+        key_id: r.get(3),
+        generation: r.get(4),
+    }
+}
+
+const CLAIM: &str = "UPDATE integrations SET refresh_lease_until = now() + make_interval(secs => $3), \
+                     refresh_lease_owner = $4 \
+                     WHERE provider = $1 AND account_id = $2 \
+                       AND (refresh_lease_until IS NULL OR refresh_lease_until < now() \
+                            OR refresh_lease_owner = $4) \
+                     RETURNING id, user_id, refresh_token, key_id, refresh_generation";
+
+/// Claims the refresh lease of one row with one conditional UPDATE. `None`
+/// when another instance's lease is still running (or the row is gone). This
+/// instance may re-claim its own lease: within a process the single-flight
+/// lock decides who refreshes.
+pub async fn claim(
+    conn: &mut Conn,
+    provider: &str,
+    account_id: &str,
+    lease_secs: f64,
+    owner: &str,
+) -> Result<Option<Claimed>, Error> {
+    Ok(conn
+        .query_opt(CLAIM, &[&provider, &account_id, &lease_secs, &owner])
+        .await?
+        .as_ref()
+        .map(claimed))
+}
+
+const CLAIM_MANY: &str = "WITH want AS (SELECT * FROM unnest($1::text[], $2::text[]) AS w(provider, account_id)), \
+                          claimed AS ( \
+                            UPDATE integrations i SET refresh_lease_until = now() + make_interval(secs => $3), \
+                                   refresh_lease_owner = $4 \
+                            FROM want \
+                            WHERE i.provider = want.provider AND i.account_id = want.account_id \
+                              AND (i.refresh_lease_until IS NULL OR i.refresh_lease_until < now() \
+                                   OR i.refresh_lease_owner = $4) \
+                            RETURNING i.id) \
+                          SELECT i.provider, i.account_id, i.id, i.user_id, i.refresh_token, i.key_id, \
+                                 i.refresh_generation, c.id IS NOT NULL \
+                          FROM integrations i \
+                          JOIN (SELECT DISTINCT provider, account_id FROM want) w \
+                            ON i.provider = w.provider AND i.account_id = w.account_id \
+                          LEFT JOIN claimed c ON c.id = i.id";
+
+/// Claims the leases of many rows in one statement. Returns every requested
+/// row that exists, keyed by (provider, account_id), with its refresh
+/// generation at that moment and whether this instance now holds its lease
+/// (when not, another instance is refreshing it).
+pub async fn claim_many(
+    conn: &mut Conn,
+    keys: &[(String, String)],
+    lease_secs: f64,
+    owner: &str,
+) -> Result<Vec<((String, String), Claimed, bool)>, Error> {
+    let (providers, accounts): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(p, a)| (p.as_str(), a.as_str())).unzip();
+    Ok(conn
+        .query(CLAIM_MANY, &[&providers, &accounts, &lease_secs, &owner])
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), claimed_at(r, 2), r.get(7)))
+        .collect())
+}
+
+const CLAIM_DUE: &str = "UPDATE integrations i SET refresh_lease_until = now() + make_interval(secs => $3), \
+                         refresh_lease_owner = $4 \
+                         FROM (SELECT id FROM integrations \
+                               WHERE status = 'connected' AND refresh_token IS NOT NULL \
+                                 AND expires_at < now() + make_interval(secs => $1) \
+                                 AND (next_refresh_at IS NULL OR next_refresh_at <= now()) \
+                                 AND (refresh_lease_until IS NULL OR refresh_lease_until < now()) \
+                               ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) due \
+                         WHERE i.id = due.id \
+                         RETURNING i.provider, i.account_id, i.id, i.user_id, i.refresh_token, i.key_id, \
+                                   i.refresh_generation";
+
+/// Claims up to `page` integrations that expire within `margin_secs`, for
+/// the background refresher. Two instances never claim the same row.
+pub async fn claim_due(
+    conn: &mut Conn,
+    margin_secs: f64,
+    page: i64,
+    lease_secs: f64,
+    owner: &str,
+) -> Result<Vec<((String, String), Claimed)>, Error> {
+    Ok(conn
+        .query(CLAIM_DUE, &[&margin_secs, &page, &lease_secs, &owner])
+        .await?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), claimed_at(r, 2)))
+        .collect())
+}
+
+fn claimed_at(r: &Row, at: usize) -> Claimed {
+    Claimed {
+        id: r.get(at),
+        user_id: r.get(at + 1),
+        refresh_token: r.get(at + 2),
+        key_id: r.get(at + 3),
+        generation: r.get(at + 4),
+    }
+}
+
+/// A successful refresh, encrypted.
+pub struct Refreshed<'a> {
+    /// Encrypted access token.
+    pub access_token: &'a [u8],
+    /// Encrypted new refresh token (`None`: keep the stored one).
+    pub refresh_token: Option<&'a [u8]>,
+    /// Key of both.
+    pub key_id: &'a str,
+    /// New expiry.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// New scopes, when the response named them.
+    pub scopes: Option<&'a [String]>,
+    /// Token type.
+    pub token_type: &'a str,
+}
+
+const STORE_REFRESHED: &str = "UPDATE integrations SET access_token = $3, \
+                               refresh_token = COALESCE($4, refresh_token), key_id = $5, expires_at = $6, \
+                               scopes = COALESCE($7, scopes), token_type = $8, status = 'connected', \
+                               refresh_failures = 0, last_error = NULL, next_refresh_at = NULL, \
+                               last_refresh_at = now(), updated_at = now(), \
+                               refresh_generation = refresh_generation + 1, \
+                               refresh_lease_until = NULL, refresh_lease_owner = NULL \
+                               WHERE id = $1 AND refresh_lease_owner = $2";
+
+/// Stores a refresh's result and releases the lease. False when the lease
+/// was lost (expired and taken by another instance): the result is dropped.
+pub async fn store_refreshed(conn: &mut Conn, id: i64, owner: &str, r: &Refreshed<'_>) -> Result<bool, Error> {
+    // Keeping the old refresh token needs it under the same key: the
+    // service re-encrypts the stored one when keys differ, so this holds.
+    let n = conn
+        .execute(
+            STORE_REFRESHED,
+            &[&id, &owner, &r.access_token, &r.refresh_token, &r.key_id, &r.expires_at, &r.scopes, &r.token_type],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// How a refresh failed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Failure {
+    /// `invalid_grant`: the user must reconnect.
+    Revoked,
+    /// Network, timeout, 5xx: retry after a backoff (`backoff_secs`
+    /// doubling per failure in a row, at most an hour); `error` status after
+    /// `max_failures` in a row.
+    Transient {
+        /// Seconds until the next attempt after the first failure.
+        backoff_secs: f64,
+        /// Consecutive failures that mark the integration `error`.
+        max_failures: i32,
+    },
+    /// The provider rejected the request (e.g. `invalid_client`): a
+    /// configuration problem; `error` at once.
+    Rejected,
+}
+
+const STORE_FAILURE: &str = "UPDATE integrations SET \
+       refresh_failures = refresh_failures + 1, last_error = $3, \
+       status = CASE WHEN $4 = 'revoked' THEN 'revoked' \
+                     WHEN $4 = 'rejected' OR refresh_failures + 1 >= $5 THEN 'error' \
+                     ELSE status END, \
+       next_refresh_at = now() + make_interval(secs => LEAST(3600, $6 * power(2, refresh_failures))), \
+       updated_at = now(), \
+       refresh_generation = refresh_generation + 1, \
+       refresh_lease_until = NULL, refresh_lease_owner = NULL \
+     WHERE id = $1 AND refresh_lease_owner = $2 \
+     RETURNING status";
+
+/// Records a failed refresh (the stored tokens stay) and releases the lease.
+/// Returns the new status.
+pub async fn store_failure(
+    conn: &mut Conn,
+    id: i64,
+    owner: &str,
+    failure: Failure,
+    error: &str,
+) -> Result<Option<Status>, Error> {
+    let (kind, backoff, max) = match failure {
+        Failure::Revoked => ("revoked", 0.0, 1),
+        Failure::Rejected => ("rejected", 0.0, 1),
+        Failure::Transient {
+            backoff_secs,
+            max_failures,
+        } => ("transient", backoff_secs, max_failures),
+    };
+    Ok(conn
+        .query_opt(STORE_FAILURE, &[&id, &owner, &error, &kind, &max, &backoff])
+        .await?
+        .map(|r| Status::from_db(r.get(0))))
+}
+
+const RELEASE: &str = "UPDATE integrations SET refresh_lease_until = NULL, refresh_lease_owner = NULL \
+                       WHERE id = $1 AND refresh_lease_owner = $2";
+
+/// Gives a lease back without a result (the refresh was not needed).
+pub async fn release(conn: &mut Conn, id: i64, owner: &str) -> Result<(), Error> {
+    conn.execute(RELEASE, &[&id, &owner]).await.map(drop)
+}
+
+const LEASE_STATE: &str = "SELECT refresh_generation, \
+                           refresh_lease_until > now() AND refresh_lease_owner <> $3 \
+                           FROM integrations WHERE provider = $1 AND account_id = $2";
+
+/// (generation, whether another instance's lease is running), to wait for
+/// another holder.
+pub async fn lease_state(
+    conn: &mut Conn,
+    provider: &str,
+    account_id: &str,
+    owner: &str,
+) -> Result<Option<(i64, bool)>, Error> {
+    Ok(conn
+        .query_opt(LEASE_STATE, &[&provider, &account_id, &owner])
+        .await?
+        .map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false))))
+}
+
+/// A row still encrypted under an old key.
+pub struct Encrypted {
+    /// Row id.
+    pub id: i64,
+    /// Provider (part of the associated data).
+    pub provider: String,
+    /// Account (part of the associated data).
+    pub account_id: String,
+    /// Encrypted access token.
+    pub access_token: Vec<u8>,
+    /// Encrypted refresh token.
+    pub refresh_token: Option<Vec<u8>>,
+    /// The old key.
+    pub key_id: String,
+}
+
+const UNDER_OTHER_KEY: &str = "SELECT id, provider, account_id, access_token, refresh_token, key_id \
+                               FROM integrations WHERE key_id <> $1 AND id > $2 ORDER BY id LIMIT $3";
+
+/// The next `limit` rows (by id, after `after`) not under `current_key`.
+pub async fn under_other_key(
+    conn: &mut Conn,
+    current_key: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Encrypted>, Error> {
+    Ok(conn
+        .query(UNDER_OTHER_KEY, &[&current_key, &after, &limit])
+        .await?
+        .iter()
+        .map(|r| Encrypted {
+            id: r.get(0),
+            provider: r.get(1),
+            account_id: r.get(2),
+            access_token: r.get(3),
+            refresh_token: r.get(4),
+            key_id: r.get(5),
+        })
+        .collect())
+}
+
+/// Replaces a row's ciphertexts if it is still under the old key ($2): a
+/// refresh in between already re-encrypted it. Parameters: id, old key,
+/// access token, refresh token, new key.
+pub const REENCRYPT: &str = "UPDATE integrations SET access_token = $3, refresh_token = $4, key_id = $5 \
+                             WHERE id = $1 AND key_id = $2";

@@ -1,0 +1,37 @@
+//! Schema migrations: numbered SQL files in `migrations/`, embedded in the
+//! binary and applied with refinery.
+
+use db_pool::Pool;
+
+#[allow(missing_docs)]
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// What applying the migrations did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Names of the migrations applied now (empty when up to date).
+    pub applied: Vec<String>,
+}
+
+/// Applies every migration not yet applied, through a pooled connection.
+/// Concurrent starts are serialised by an advisory lock.
+pub async fn run(pool: &Pool) -> anyhow::Result<Applied> {
+    let mut conn = pool.get().await?;
+    // One instance migrates at a time; the others wait, then find nothing to do.
+    conn.batch_execute("SELECT pg_advisory_lock(7366432001)").await?;
+    let report = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(conn.raw_client())
+        .await;
+    conn.batch_execute("SELECT pg_advisory_unlock(7366432001)").await?;
+    let report = report?;
+    Ok(Applied {
+        applied: report
+            .applied_migrations()
+            .iter()
+            .map(|m| m.to_string())
+            .collect(),
+    })
+}
