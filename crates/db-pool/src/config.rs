@@ -528,12 +528,11 @@ impl PoolConfig {
             }
             seen.push(key.clone());
             self.apply_param(&key, &value)?;
-            // Kept for `redacted_url` only, so it is stored redacted.
-            let shown = if key == "sslpassword" {
-                "****".to_string()
-            } else {
-                value
-            };
+            // Kept for `redacted_url` only, so it is stored redacted: secrets
+            // and every parameter we do not know (it may be a secret too).
+            let secret = matches!(key.as_str(), "sslpassword" | "password")
+                || self.ignored_parameters.last() == Some(&key);
+            let shown = if secret { "****".to_string() } else { value };
             self.raw_params.push((key, shown));
         }
         Ok(())
@@ -681,6 +680,12 @@ impl PoolConfig {
                 self.sslpassword = Some(SecretString::from(value.to_string()));
                 self.mark("sslpassword");
             }
+            // libpq's spelling of credentials in the query string.
+            "user" if !value.is_empty() => {
+                self.user = value.to_string();
+                self.mark("user");
+            }
+            "password" => self.password = Some(SecretString::from(value.to_string())),
             "sslaccept" => {
                 self.sslaccept = Some(match value {
                     "strict" => SslAccept::Strict,
@@ -1132,6 +1137,24 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn query_string_credentials_and_unknown_values_are_never_shown() {
+        let c =
+            parse("postgresql://h/db?user=app&password=hunter2&apikey=hunter3&connection_limit=2");
+        assert_eq!(c.user, "app");
+        assert_eq!(c.password(), Some("hunter2"));
+        assert_eq!(c.ignored_parameters, vec!["apikey"]);
+        let url = c.redacted_url();
+        assert!(
+            !url.contains("hunter2") && !url.contains("hunter3"),
+            "{url}"
+        );
+        assert!(
+            url.contains("apikey=****") && url.contains("connection_limit=2"),
+            "{url}"
+        );
     }
 
     #[test]

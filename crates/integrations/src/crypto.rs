@@ -78,16 +78,18 @@ impl Keyring {
             })?;
             if id.is_empty()
                 || id.len() > 32
-                || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
                 return Err(CryptoError::InvalidKeys(format!(
                     "key id '{}' is not valid; accepted: 1 to 32 letters, digits, '-' or '_'",
                     id.chars().take(40).collect::<String>()
                 )));
             }
-            let bytes = STANDARD.decode(key.trim()).map_err(|_| {
-                CryptoError::InvalidKeys(format!("key '{id}' is not valid base64"))
-            })?;
+            let bytes = STANDARD
+                .decode(key.trim())
+                .map_err(|_| CryptoError::InvalidKeys(format!("key '{id}' is not valid base64")))?;
             let cipher = Aes256Gcm::new_from_slice(&bytes).map_err(|_| {
                 CryptoError::InvalidKeys(format!(
                     "key '{id}' is {} bytes; accepted: 32 bytes (AES-256), e.g. openssl rand -base64 32",
@@ -95,12 +97,16 @@ impl Keyring {
                 ))
             })?;
             if keys.insert(id.to_string(), cipher).is_some() {
-                return Err(CryptoError::InvalidKeys(format!("key id '{id}' appears twice")));
+                return Err(CryptoError::InvalidKeys(format!(
+                    "key id '{id}' appears twice"
+                )));
             }
             current.get_or_insert_with(|| id.to_string());
         }
         let current = current.ok_or_else(|| {
-            CryptoError::InvalidKeys("no key given; set it to id:base64key (32 random bytes)".into())
+            CryptoError::InvalidKeys(
+                "no key given; set it to id:base64key (32 random bytes)".into(),
+            )
         })?;
         Ok(Keyring { current, keys })
     }
@@ -239,7 +245,10 @@ mod tests {
         assert_eq!(after.current_id(), "new");
         assert_eq!(after.decrypt("old", &value, "x").unwrap(), b"tok");
         let only_new = ring(&new);
-        assert!(matches!(only_new.decrypt("old", &value, "x"), Err(CryptoError::UnknownKey(_))));
+        assert!(matches!(
+            only_new.decrypt("old", &value, "x"),
+            Err(CryptoError::UnknownKey(_))
+        ));
     }
 
     #[test]
@@ -257,7 +266,10 @@ mod tests {
             assert!(!e.contains(&key));
         }
         let dup = Keyring::generate_spec("k1");
-        assert!(Keyring::parse(&format!("{dup},{dup}")).unwrap_err().to_string().contains("twice"));
+        assert!(Keyring::parse(&format!("{dup},{dup}"))
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
     }
 
     #[test]

@@ -31,7 +31,10 @@ fn check(
     accepted: &str,
 ) -> Result<String, InvalidInput> {
     if value.is_empty() {
-        return Err(InvalidInput::new(field, format!("it is empty; accepted: {accepted}")));
+        return Err(InvalidInput::new(
+            field,
+            format!("it is empty; accepted: {accepted}"),
+        ));
     }
     if value.len() > max {
         return Err(InvalidInput::new(
@@ -124,9 +127,15 @@ mod tests {
         let e = UserId::parse(&"x".repeat(129)).unwrap_err().to_string();
         assert!(e.contains("129 bytes") && e.contains("at most 128"), "{e}");
         let e = AccountId::parse("a/b").unwrap_err().to_string();
-        assert!(e.starts_with("account_id is invalid") && e.contains("'/'"), "{e}");
+        assert!(
+            e.starts_with("account_id is invalid") && e.contains("'/'"),
+            "{e}"
+        );
         let e = ProviderName::parse("GitHub").unwrap_err().to_string();
-        assert!(e.starts_with("provider is invalid") && e.contains("lowercase"), "{e}");
+        assert!(
+            e.starts_with("provider is invalid") && e.contains("lowercase"),
+            "{e}"
+        );
         assert!(AccountId::parse("bad space").is_err());
         assert!(AccountId::parse("1234567890").is_ok());
     }

@@ -635,8 +635,8 @@ mod tests {
     #[test]
     fn pkce_matches_the_rfc_7636_example() {
         assert_eq!(
-            pkce_challenge("dBjftJeZ4CVP-1B5gp1sNv1wQPX8zN4vNgLEzV4qvz0"),
-            "E9Melhoa2OwvRrBsbfI9FGCWjdI5G6WbwH8mFpHSnW8"
+            pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
         let (v, c) = pkce_pair();
         assert_eq!(v.len(), 43);

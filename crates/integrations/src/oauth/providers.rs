@@ -289,9 +289,14 @@ impl ProviderRegistry {
                     "the name must be lowercase letters, digits, '_' or '-'".into(),
                 ));
             }
-            let entry: Entry = value
-                .try_into()
-                .map_err(|e: toml::de::Error| fail(e.message().trim_end().to_string()))?;
+            let entry: Entry = serde_path_to_error::deserialize(value).map_err(|e| {
+                let message = e.inner().message().trim_end().to_string();
+                fail(match e.path().to_string().as_str() {
+                    // Unknown fields: serde's message already names them.
+                    "." => message,
+                    path => format!("field '{path}': {message}"),
+                })
+            })?;
             let provider = entry.into_provider(&name, env).map_err(fail)?;
             providers.insert(name, provider);
         }
@@ -579,7 +584,12 @@ client_auth = "basic"
                 "unknown field `authorise_url`",
             ),
             ("client_auth2 = \"post\"", "unknown field `client_auth2`"),
-            ("pkce = \"yes\"", "pkce"),
+            ("pkce = \"yes\"", "field 'pkce': invalid type"),
+            (
+                "account_id = { from = \"body\", pointer = \"/a\" }",
+                "field 'account_id.from'",
+            ),
+            ("authorize_params = { n = 1 }", "field 'authorize_params.n'"),
             ("revoke_url = \"ftp://example.com/r\"", "field 'revoke_url'"),
             ("userinfo_url = \"not a url\"", "field 'userinfo_url'"),
             ("client_id_env = \"CID\"", "not both"),

@@ -86,7 +86,13 @@ impl IntegrationsService {
         keys: &[(String, String)],
     ) -> Result<Vec<((String, String), Claimed, bool)>, db_pool::Error> {
         let mut conn = self.pool.get().await?;
-        rows::claim_many(&mut conn, keys, self.config.lease.as_secs_f64(), &self.config.instance_id).await
+        rows::claim_many(
+            &mut conn,
+            keys,
+            self.config.lease.as_secs_f64(),
+            &self.config.instance_id,
+        )
+        .await
     }
 
     /// Runs a batch whose leases are (partly) claimed: a sliding window of
@@ -103,7 +109,11 @@ impl IntegrationsService {
             .await
     }
 
-    async fn refresh_one(&self, request: RefreshRequest, job: Job) -> Result<IntegrationStatus, ServiceError> {
+    async fn refresh_one(
+        &self,
+        request: RefreshRequest,
+        job: Job,
+    ) -> Result<IntegrationStatus, ServiceError> {
         let (p, a) = (request.provider.as_str(), request.account_id.as_str());
         self.providers.get(p)?;
         match job {

@@ -52,13 +52,14 @@ impl IntegrationsService {
             }
         }
         let key = self.keys.current_id().to_string();
-        let access = self
-            .keys
-            .encrypt(tokens.access_token.expose_secret().as_bytes(), &Self::aad(p, a, "access"));
-        let mut refresh = tokens
-            .refresh_token
-            .as_ref()
-            .map(|t| self.keys.encrypt(t.expose_secret().as_bytes(), &Self::aad(p, a, "refresh")));
+        let access = self.keys.encrypt(
+            tokens.access_token.expose_secret().as_bytes(),
+            &Self::aad(p, a, "access"),
+        );
+        let mut refresh = tokens.refresh_token.as_ref().map(|t| {
+            self.keys
+                .encrypt(t.expose_secret().as_bytes(), &Self::aad(p, a, "refresh"))
+        });
         let mut conn = self.pool.get().await?;
         // Retried once: without a new refresh token, a stored one under an
         // older key is re-encrypted first.
@@ -132,7 +133,10 @@ impl IntegrationsService {
             Some(r) => (r, "refresh", "refresh_token"),
             None => (&deleted.access_token, "access", "access_token"),
         };
-        match self.keys.decrypt(&deleted.key_id, value, &Self::aad(p, a, aad_field)) {
+        match self
+            .keys
+            .decrypt(&deleted.key_id, value, &Self::aad(p, a, aad_field))
+        {
             Ok(plain) => {
                 let token = SecretString::from(String::from_utf8_lossy(&plain).into_owned());
                 if let Err(e) = self.tokens.revoke(registered, &token, hint).await {
@@ -225,7 +229,10 @@ impl IntegrationsService {
             };
         }
         let result = self.exchange(stored, code, &hash).await;
-        FinishedConnect { redirect_uri, result }
+        FinishedConnect {
+            redirect_uri,
+            result,
+        }
     }
 
     async fn exchange(
@@ -239,7 +246,10 @@ impl IntegrationsService {
         let p = self.providers.get(provider.as_str())?;
         let callback = self.config.callback_url.clone().unwrap_or_default();
         let verifier = match &stored.code_verifier {
-            Some(v) => Some(String::from_utf8_lossy(&self.keys.decrypt(&stored.key_id, v, &state_aad(hash))?).into_owned()),
+            Some(v) => Some(
+                String::from_utf8_lossy(&self.keys.decrypt(&stored.key_id, v, &state_aad(hash))?)
+                    .into_owned(),
+            ),
             None => None,
         };
         let tokens = self
@@ -247,7 +257,8 @@ impl IntegrationsService {
             .exchange_code(p, code, &callback, verifier.as_deref())
             .await?;
         let account = AccountId::parse(&self.tokens.account_id(p, &tokens).await?)?;
-        self.connect(&user_id, &provider, &account, &tokens, None).await
+        self.connect(&user_id, &provider, &account, &tokens, None)
+            .await
     }
 
     /// Deletes expired connect-flow states.

@@ -34,19 +34,33 @@ impl IntegrationsService {
             let mut done = 0;
             for row in &page {
                 let (p, a) = (&row.provider, &row.account_id);
-                let mut access = self.keys.decrypt(&row.key_id, &row.access_token, &Self::aad(p, a, "access"))?;
+                let mut access = self.keys.decrypt(
+                    &row.key_id,
+                    &row.access_token,
+                    &Self::aad(p, a, "access"),
+                )?;
                 let new_access = self.keys.encrypt(&access, &Self::aad(p, a, "access"));
                 access.zeroize();
                 let new_refresh = match &row.refresh_token {
                     Some(v) => {
-                        let mut plain = self.keys.decrypt(&row.key_id, v, &Self::aad(p, a, "refresh"))?;
+                        let mut plain =
+                            self.keys
+                                .decrypt(&row.key_id, v, &Self::aad(p, a, "refresh"))?;
                         let enc = self.keys.encrypt(&plain, &Self::aad(p, a, "refresh"));
                         plain.zeroize();
                         Some(enc)
                     }
                     None => None,
                 };
-                let sql_ok = tx_reencrypt(&mut tx, row.id, &row.key_id, &new_access, new_refresh.as_deref(), &current).await?;
+                let sql_ok = tx_reencrypt(
+                    &mut tx,
+                    row.id,
+                    &row.key_id,
+                    &new_access,
+                    new_refresh.as_deref(),
+                    &current,
+                )
+                .await?;
                 if sql_ok {
                     done += 1;
                 }
@@ -68,7 +82,10 @@ async fn tx_reencrypt(
     new_key: &str,
 ) -> Result<bool, db_pool::Error> {
     Ok(tx
-        .execute(rows::REENCRYPT, &[&id, &old_key, &access, &refresh, &new_key])
+        .execute(
+            rows::REENCRYPT,
+            &[&id, &old_key, &access, &refresh, &new_key],
+        )
         .await?
         == 1)
 }

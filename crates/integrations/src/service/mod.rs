@@ -171,9 +171,13 @@ pub struct IntegrationsService {
     providers: Arc<ProviderRegistry>,
     tokens: TokenClient,
     cache: status::StatusCache,
-    flights: Mutex<HashMap<(String, String), Weak<tokio::sync::Mutex<()>>>>,
+    flights: Mutex<Flights>,
     config: ServiceConfig,
 }
+
+/// The single-flight locks, by (provider, account_id); entries die with
+/// their last user.
+type Flights = HashMap<(String, String), Weak<tokio::sync::Mutex<()>>>;
 
 impl std::fmt::Debug for IntegrationsService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -40,12 +40,13 @@ impl IntegrationsService {
         }
         self.refresh_after(p, a, row.generation).await?;
         let row = self.token_row(p, a).await?;
-        self.usable(p, a, &row)?.ok_or_else(|| ServiceError::RefreshFailed {
-            message: row
-                .last_error
-                .unwrap_or_else(|| "the refreshed token expires within the margin".into()),
-            transient: true,
-        })
+        self.usable(p, a, &row)?
+            .ok_or_else(|| ServiceError::RefreshFailed {
+                message: row
+                    .last_error
+                    .unwrap_or_else(|| "the refreshed token expires within the margin".into()),
+                transient: true,
+            })
     }
 
     /// Refreshes the token now (the refresh_token grant) and returns the
@@ -72,7 +73,12 @@ impl IntegrationsService {
 
     /// The stored token when it can be used as is; `None` when it must be
     /// refreshed first.
-    fn usable(&self, p: &str, a: &str, row: &TokenRow) -> Result<Option<AccessToken>, ServiceError> {
+    fn usable(
+        &self,
+        p: &str,
+        a: &str,
+        row: &TokenRow,
+    ) -> Result<Option<AccessToken>, ServiceError> {
         if row.status == Status::Revoked {
             return Err(ServiceError::NeedsReconnect {
                 provider: p.to_string(),
@@ -92,9 +98,9 @@ impl IntegrationsService {
                 status: "expired",
             });
         }
-        let plain = self
-            .keys
-            .decrypt(&row.key_id, &row.access_token, &Self::aad(p, a, "access"))?;
+        let plain =
+            self.keys
+                .decrypt(&row.key_id, &row.access_token, &Self::aad(p, a, "access"))?;
         Ok(Some(AccessToken {
             token: secret(plain),
             expires_at: row.expires_at,
@@ -104,7 +110,12 @@ impl IntegrationsService {
 
     /// Makes sure a refresh completed after generation `seen`: runs it, or
     /// waits for whoever is running it, and returns its outcome.
-    pub(super) async fn refresh_after(&self, p: &str, a: &str, seen: i64) -> Result<(), ServiceError> {
+    pub(super) async fn refresh_after(
+        &self,
+        p: &str,
+        a: &str,
+        seen: i64,
+    ) -> Result<(), ServiceError> {
         let flight = self.flight(p, a);
         let _turn = flight.lock().await;
         let deadline = tokio::time::Instant::now() + self.config.lease + Duration::from_secs(5);
@@ -118,7 +129,14 @@ impl IntegrationsService {
                 return self.outcome(p, a).await;
             }
             if !leased {
-                let claimed = rows::claim(&mut conn, p, a, self.config.lease.as_secs_f64(), &self.config.instance_id).await?;
+                let claimed = rows::claim(
+                    &mut conn,
+                    p,
+                    a,
+                    self.config.lease.as_secs_f64(),
+                    &self.config.instance_id,
+                )
+                .await?;
                 drop(conn);
                 if let Some(claimed) = claimed {
                     if claimed.generation > seen {
@@ -165,7 +183,12 @@ impl IntegrationsService {
 
     /// Refreshes a row whose lease this instance holds, stores the outcome
     /// and releases the lease. The caller holds the single-flight lock.
-    pub(super) async fn refresh_claimed(&self, p: &str, a: &str, claimed: Claimed) -> Result<(), ServiceError> {
+    pub(super) async fn refresh_claimed(
+        &self,
+        p: &str,
+        a: &str,
+        claimed: Claimed,
+    ) -> Result<(), ServiceError> {
         let provider = self.providers.get(p)?;
         let Some(stored) = &claimed.refresh_token else {
             self.release(&claimed).await;

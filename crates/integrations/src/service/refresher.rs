@@ -49,7 +49,11 @@ impl IntegrationsService {
     /// One scan: claims due integrations page by page and refreshes them,
     /// until none is left or `cancel` fires (checked between pages, so a
     /// page in progress finishes).
-    pub async fn refresh_due(&self, cfg: &Refresher, cancel: &CancellationToken) -> Result<ScanReport, db_pool::Error> {
+    pub async fn refresh_due(
+        &self,
+        cfg: &Refresher,
+        cancel: &CancellationToken,
+    ) -> Result<ScanReport, db_pool::Error> {
         let mut report = ScanReport::default();
         loop {
             if cancel.is_cancelled() {
@@ -90,14 +94,24 @@ impl IntegrationsService {
     /// Runs scans every `interval` until `cancel` fires; the scan in
     /// progress finishes its current page first.
     pub async fn run_refresher(self: Arc<Self>, cfg: Refresher, cancel: CancellationToken) {
-        tracing::info!(interval_secs = cfg.interval.as_secs(), margin_secs = cfg.margin.as_secs(), "background refresher started");
+        tracing::info!(
+            interval_secs = cfg.interval.as_secs(),
+            margin_secs = cfg.margin.as_secs(),
+            "background refresher started"
+        );
         loop {
             match self.refresh_due(&cfg, &cancel).await {
                 Ok(r) if r.attempted > 0 => {
-                    tracing::info!(attempted = r.attempted, refreshed = r.refreshed, "background refresh scan")
+                    tracing::info!(
+                        attempted = r.attempted,
+                        refreshed = r.refreshed,
+                        "background refresh scan"
+                    )
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, hint = e.hint(), "background refresh scan failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, hint = e.hint(), "background refresh scan failed")
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => break,

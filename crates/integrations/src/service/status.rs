@@ -48,7 +48,10 @@ impl IntegrationsService {
     /// The user's integrations, without tokens. Cached for
     /// `status_cache_ttl` (5 minutes by default).
     #[tracing::instrument(skip_all, fields(user_id = %user_id))]
-    pub async fn status(&self, user_id: &UserId) -> Result<Arc<Vec<IntegrationStatus>>, ServiceError> {
+    pub async fn status(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Arc<Vec<IntegrationStatus>>, ServiceError> {
         let cache = &self.cache;
         if let Some(hit) = cache.cache.get(user_id.as_str()).await {
             cache.hits.fetch_add(1, Ordering::Relaxed);

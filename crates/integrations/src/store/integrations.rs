@@ -73,7 +73,10 @@ const UPSERT: &str = concat!(
 /// Stores tokens for an integration, creating or replacing it. `None` when
 /// the account is connected to another user (or, when no new refresh token
 /// is given, the stored one is under another key: re-encrypt first).
-pub async fn upsert(conn: &mut Conn, t: &NewTokens<'_>) -> Result<Option<IntegrationStatus>, Error> {
+pub async fn upsert(
+    conn: &mut Conn,
+    t: &NewTokens<'_>,
+) -> Result<Option<IntegrationStatus>, Error> {
     let row = conn
         .query_opt(
             UPSERT,
@@ -97,14 +100,19 @@ pub async fn upsert(conn: &mut Conn, t: &NewTokens<'_>) -> Result<Option<Integra
 const OWNER: &str = "SELECT user_id FROM integrations WHERE provider = $1 AND account_id = $2";
 
 /// Who owns an integration, if it exists.
-pub async fn owner(conn: &mut Conn, provider: &str, account_id: &str) -> Result<Option<String>, Error> {
+pub async fn owner(
+    conn: &mut Conn,
+    provider: &str,
+    account_id: &str,
+) -> Result<Option<String>, Error> {
     Ok(conn
         .query_opt(OWNER, &[&provider, &account_id])
         .await?
         .map(|r| r.get(0)))
 }
 
-const STORED_REFRESH: &str = "SELECT refresh_token, key_id FROM integrations WHERE provider = $1 AND account_id = $2";
+const STORED_REFRESH: &str =
+    "SELECT refresh_token, key_id FROM integrations WHERE provider = $1 AND account_id = $2";
 
 /// The stored (encrypted) refresh token and its key.
 pub async fn stored_refresh_token(
@@ -125,7 +133,10 @@ const LIST_FOR_USER: &str = concat!(
 );
 
 /// A user's integrations (the seed's `(user_id, provider)` index).
-pub async fn list_for_user(conn: &mut Conn, user_id: &str) -> Result<Vec<IntegrationStatus>, Error> {
+pub async fn list_for_user(
+    conn: &mut Conn,
+    user_id: &str,
+) -> Result<Vec<IntegrationStatus>, Error> {
     Ok(conn
         .query(LIST_FOR_USER, &[&user_id])
         .await?
@@ -163,7 +174,8 @@ pub struct DeletedTokens {
     pub key_id: String,
 }
 
-const DELETE: &str = "DELETE FROM integrations WHERE user_id = $1 AND provider = $2 AND account_id = $3 \
+const DELETE: &str =
+    "DELETE FROM integrations WHERE user_id = $1 AND provider = $2 AND account_id = $3 \
                       RETURNING access_token, refresh_token, key_id";
 
 /// Deletes a user's integration; `None` when there was none.
@@ -207,12 +219,17 @@ pub struct TokenRow {
     pub refresh_failures: i32,
 }
 
-const TOKEN_ROW: &str = "SELECT user_id, status, access_token, refresh_token IS NOT NULL, key_id, token_type, \
+const TOKEN_ROW: &str =
+    "SELECT user_id, status, access_token, refresh_token IS NOT NULL, key_id, token_type, \
                          expires_at, refresh_generation, last_error, refresh_failures \
                          FROM integrations WHERE provider = $1 AND account_id = $2";
 
 /// The access token and what decides whether it must be refreshed.
-pub async fn token_row(conn: &mut Conn, provider: &str, account_id: &str) -> Result<Option<TokenRow>, Error> {
+pub async fn token_row(
+    conn: &mut Conn,
+    provider: &str,
+    account_id: &str,
+) -> Result<Option<TokenRow>, Error> {
     Ok(conn
         .query_opt(TOKEN_ROW, &[&provider, &account_id])
         .await?
@@ -254,7 +271,8 @@ fn claimed(r: &Row) -> Claimed {
     }
 }
 
-const CLAIM: &str = "UPDATE integrations SET refresh_lease_until = now() + make_interval(secs => $3), \
+const CLAIM: &str =
+    "UPDATE integrations SET refresh_lease_until = now() + make_interval(secs => $3), \
                      refresh_lease_owner = $4 \
                      WHERE provider = $1 AND account_id = $2 \
                        AND (refresh_lease_until IS NULL OR refresh_lease_until < now() \
@@ -381,13 +399,27 @@ const STORE_REFRESHED: &str = "UPDATE integrations SET access_token = $3, \
 
 /// Stores a refresh's result and releases the lease. False when the lease
 /// was lost (expired and taken by another instance): the result is dropped.
-pub async fn store_refreshed(conn: &mut Conn, id: i64, owner: &str, r: &Refreshed<'_>) -> Result<bool, Error> {
+pub async fn store_refreshed(
+    conn: &mut Conn,
+    id: i64,
+    owner: &str,
+    r: &Refreshed<'_>,
+) -> Result<bool, Error> {
     // Keeping the old refresh token needs it under the same key: the
     // service re-encrypts the stored one when keys differ, so this holds.
     let n = conn
         .execute(
             STORE_REFRESHED,
-            &[&id, &owner, &r.access_token, &r.refresh_token, &r.key_id, &r.expires_at, &r.scopes, &r.token_type],
+            &[
+                &id,
+                &owner,
+                &r.access_token,
+                &r.refresh_token,
+                &r.key_id,
+                &r.expires_at,
+                &r.scopes,
+                &r.token_type,
+            ],
         )
         .await?;
     Ok(n == 1)
@@ -447,7 +479,8 @@ pub async fn store_failure(
         .map(|r| Status::from_db(r.get(0))))
 }
 
-const RELEASE: &str = "UPDATE integrations SET refresh_lease_until = NULL, refresh_lease_owner = NULL \
+const RELEASE: &str =
+    "UPDATE integrations SET refresh_lease_until = NULL, refresh_lease_owner = NULL \
                        WHERE id = $1 AND refresh_lease_owner = $2";
 
 /// Gives a lease back without a result (the refresh was not needed).
@@ -517,5 +550,6 @@ pub async fn under_other_key(
 /// Replaces a row's ciphertexts if it is still under the old key ($2): a
 /// refresh in between already re-encrypted it. Parameters: id, old key,
 /// access token, refresh token, new key.
-pub const REENCRYPT: &str = "UPDATE integrations SET access_token = $3, refresh_token = $4, key_id = $5 \
+pub const REENCRYPT: &str =
+    "UPDATE integrations SET access_token = $3, refresh_token = $4, key_id = $5 \
                              WHERE id = $1 AND key_id = $2";

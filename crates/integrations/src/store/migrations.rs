@@ -20,12 +20,14 @@ pub struct Applied {
 pub async fn run(pool: &Pool) -> anyhow::Result<Applied> {
     let mut conn = pool.get().await?;
     // One instance migrates at a time; the others wait, then find nothing to do.
-    conn.batch_execute("SELECT pg_advisory_lock(7366432001)").await?;
+    conn.batch_execute("SELECT pg_advisory_lock(7366432001)")
+        .await?;
     let report = embedded::migrations::runner()
         .set_abort_divergent(true)
         .run_async(conn.raw_client())
         .await;
-    conn.batch_execute("SELECT pg_advisory_unlock(7366432001)").await?;
+    conn.batch_execute("SELECT pg_advisory_unlock(7366432001)")
+        .await?;
     let report = report?;
     Ok(Applied {
         applied: report

@@ -36,7 +36,15 @@ pub async fn insert(
 ) -> Result<(), Error> {
     conn.execute(
         INSERT,
-        &[&state_hash, &user_id, &provider, &redirect_uri, &code_verifier, &key_id, &ttl_secs],
+        &[
+            &state_hash,
+            &user_id,
+            &provider,
+            &redirect_uri,
+            &code_verifier,
+            &key_id,
+            &ttl_secs,
+        ],
     )
     .await
     .map(drop)

@@ -90,21 +90,37 @@ impl FakeProvider {
     }
 
     pub fn set_mode(&self, provider: &str, mode: Mode) {
-        self.state.lock().unwrap().mode.insert(provider.into(), mode);
+        self.state
+            .lock()
+            .unwrap()
+            .mode
+            .insert(provider.into(), mode);
     }
 
     pub fn set_delay(&self, provider: &str, delay: Duration) {
-        self.state.lock().unwrap().delay.insert(provider.into(), delay);
+        self.state
+            .lock()
+            .unwrap()
+            .delay
+            .insert(provider.into(), delay);
     }
 
     /// Registers a refresh token the provider accepts.
     pub fn accept_refresh(&self, token: &str) {
-        self.state.lock().unwrap().valid_refresh.insert(token.into());
+        self.state
+            .lock()
+            .unwrap()
+            .valid_refresh
+            .insert(token.into());
     }
 
     /// Registers an authorization code.
     pub fn accept_code(&self, code: &str, account: &str) {
-        self.state.lock().unwrap().codes.insert(code.into(), account.into());
+        self.state
+            .lock()
+            .unwrap()
+            .codes
+            .insert(code.into(), account.into());
     }
 
     pub fn registry_toml(&self, names: &[&str]) -> String {
@@ -144,10 +160,15 @@ async fn token(
         Some("refresh_token") => {
             fake.refreshes.fetch_add(1, Ordering::SeqCst);
             let presented = form.get("refresh_token").cloned().unwrap_or_default();
-            fake.seen_refresh_tokens.lock().unwrap().push(presented.clone());
+            fake.seen_refresh_tokens
+                .lock()
+                .unwrap()
+                .push(presented.clone());
             match mode {
                 Mode::InvalidGrant => return invalid_grant(),
-                Mode::ServerError => return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
+                Mode::ServerError => {
+                    return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()
+                }
                 _ => {}
             }
             let mut s = fake.state.lock().unwrap();
@@ -161,11 +182,14 @@ async fn token(
                 s.valid_refresh.remove(&presented);
                 let next = format!("rt-{name}-{n}");
                 s.valid_refresh.insert(next.clone());
-                Json(json!({"access_token": format!("at-{name}-{n}"), "refresh_token": next,
-                            "expires_in": 3600, "token_type": "Bearer", "scope": "read write"}))
+                Json(
+                    json!({"access_token": format!("at-{name}-{n}"), "refresh_token": next,
+                            "expires_in": 3600, "token_type": "Bearer", "scope": "read write"}),
+                )
                 .into_response()
             } else {
-                Json(json!({"access_token": format!("at-{name}-{n}"), "token_type": "bearer"})).into_response()
+                Json(json!({"access_token": format!("at-{name}-{n}"), "token_type": "bearer"}))
+                    .into_response()
             }
         }
         Some("authorization_code") => {
@@ -176,7 +200,11 @@ async fn token(
                 return invalid_grant();
             };
             if form.get("code_verifier").is_none_or(|v| v.len() < 43) {
-                return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_request"}))).into_response();
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": "invalid_request"})),
+                )
+                    .into_response();
             }
             s.issued += 1;
             let rt = format!("rt-{name}-code-{}", s.issued);
@@ -184,7 +212,11 @@ async fn token(
             Json(json!({"access_token": format!("at-{account}"), "refresh_token": rt, "expires_in": 3600}))
                 .into_response()
         }
-        _ => (StatusCode::BAD_REQUEST, Json(json!({"error": "unsupported_grant_type"}))).into_response(),
+        _ => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "unsupported_grant_type"})),
+        )
+            .into_response(),
     }
 }
 
@@ -207,7 +239,10 @@ async fn userinfo(headers: axum::http::HeaderMap) -> Response {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let account = auth.trim_start_matches("Bearer ").trim_start_matches("at-").to_string();
+    let account = auth
+        .trim_start_matches("Bearer ")
+        .trim_start_matches("at-")
+        .to_string();
     Json(json!({"id": account})).into_response()
 }
 
@@ -231,7 +266,9 @@ impl TestService {
         let fake = FakeProvider::start().await;
         let keys = Keyring::generate_spec("k1");
         let service = build(&db, &fake, &keys, params, config).await;
-        integrations::store::migrations::run(service.pool()).await.unwrap();
+        integrations::store::migrations::run(service.pool())
+            .await
+            .unwrap();
         TestService {
             service,
             db,
@@ -242,7 +279,14 @@ impl TestService {
 
     /// A second instance (its own pool and instance id) on the same database.
     pub async fn another_instance(&self, params: &str) -> Arc<IntegrationsService> {
-        build(&self.db, &self.fake, &self.keys, params, ServiceConfig::default()).await
+        build(
+            &self.db,
+            &self.fake,
+            &self.keys,
+            params,
+            ServiceConfig::default(),
+        )
+        .await
     }
 
     /// Stores an integration whose token expires in `expires_in` seconds.
@@ -256,7 +300,13 @@ impl TestService {
         )
         .unwrap();
         self.service
-            .connect(&user_id(user), &provider_name(provider), &account_id(account), &tokens, None)
+            .connect(
+                &user_id(user),
+                &provider_name(provider),
+                &account_id(account),
+                &tokens,
+                None,
+            )
             .await
             .unwrap();
         refresh
@@ -273,7 +323,9 @@ async fn build(
     let sep = if db.url.contains('?') { '&' } else { '?' };
     let pool = Pool::new(PoolConfig::parse(&format!("{}{sep}{params}", db.url)).unwrap()).unwrap();
     let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
-    let registry = ProviderRegistry::from_toml(&fake.registry_toml(PROVIDERS), "test providers", &env).unwrap();
+    let registry =
+        ProviderRegistry::from_toml(&fake.registry_toml(PROVIDERS), "test providers", &env)
+            .unwrap();
     let tokens = TokenClient::new(&TokenClientConfig::default()).unwrap();
     Arc::new(IntegrationsService::new(
         pool,

@@ -16,9 +16,15 @@ async fn hundred_concurrent_access_token_calls_cause_one_refresh() {
     t.seed("u1", "good", "acct1", 60).await; // within the 5-minute margin
     let (p, a) = (provider_name("good"), account_id("acct1"));
     let results = join_all((0..100).map(|_| t.service.access_token(&p, &a))).await;
-    let tokens: Vec<String> = results.into_iter().map(|r| secret_text(&r.unwrap().token)).collect();
+    let tokens: Vec<String> = results
+        .into_iter()
+        .map(|r| secret_text(&r.unwrap().token))
+        .collect();
     assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 1);
-    assert!(tokens.iter().all(|tok| tok == &tokens[0]), "everyone gets the winner's token");
+    assert!(
+        tokens.iter().all(|tok| tok == &tokens[0]),
+        "everyone gets the winner's token"
+    );
     assert_eq!(tokens[0], "at-good-1");
 }
 
@@ -30,12 +36,28 @@ async fn two_instances_refresh_a_token_once() {
     let (p, a) = (provider_name("good"), account_id("acct1"));
     t.fake.set_delay("good", Duration::from_millis(300));
     let calls = (0..100).map(|i| {
-        let svc = if i % 2 == 0 { t.service.clone() } else { other.clone() };
+        let svc = if i % 2 == 0 {
+            t.service.clone()
+        } else {
+            other.clone()
+        };
         let (p, a) = (p.clone(), a.clone());
-        tokio::spawn(async move { svc.access_token(&p, &a).await.map(|t| secret_text(&t.token)) })
+        tokio::spawn(async move {
+            svc.access_token(&p, &a)
+                .await
+                .map(|t| secret_text(&t.token))
+        })
     });
-    let tokens: Vec<String> = join_all(calls).await.into_iter().map(|r| r.unwrap().unwrap()).collect();
-    assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 1, "one refresh across both instances");
+    let tokens: Vec<String> = join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap())
+        .collect();
+    assert_eq!(
+        t.fake.refreshes.load(Ordering::SeqCst),
+        1,
+        "one refresh across both instances"
+    );
     assert!(tokens.iter().all(|tok| tok == "at-good-1"), "{tokens:?}");
 }
 
@@ -43,7 +65,11 @@ async fn two_instances_refresh_a_token_once() {
 async fn a_fresh_token_is_served_without_asking_the_provider() {
     let t = TestService::start().await;
     t.seed("u1", "good", "acct1", 3600).await;
-    let tok = t.service.access_token(&provider_name("good"), &account_id("acct1")).await.unwrap();
+    let tok = t
+        .service
+        .access_token(&provider_name("good"), &account_id("acct1"))
+        .await
+        .unwrap();
     assert_eq!(secret_text(&tok.token), "at-seed-acct1");
     assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 0);
 }
@@ -84,7 +110,16 @@ async fn invalid_grant_marks_the_integration_revoked() {
     t.fake.set_mode("good", Mode::InvalidGrant);
     let (p, a) = (provider_name("good"), account_id("gone"));
     let err = t.service.access_token(&p, &a).await.unwrap_err();
-    assert!(matches!(err, ServiceError::NeedsReconnect { status: "revoked", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            ServiceError::NeedsReconnect {
+                status: "revoked",
+                ..
+            }
+        ),
+        "{err}"
+    );
     let status = t.service.integration("good", "gone").await.unwrap();
     assert_eq!(status.status, Status::Revoked);
     assert!(status.last_error.unwrap().contains("invalid_grant"));
@@ -95,9 +130,11 @@ async fn invalid_grant_marks_the_integration_revoked() {
 
 #[tokio::test]
 async fn server_errors_keep_the_old_token_and_end_in_error_status() {
-    let mut config = integrations::service::ServiceConfig::default();
-    config.max_failures = 3;
-    config.failure_backoff = Duration::from_millis(1);
+    let config = integrations::service::ServiceConfig {
+        max_failures: 3,
+        failure_backoff: Duration::from_millis(1),
+        ..Default::default()
+    };
     let t = TestService::start_with("connection_limit=5", config).await;
     t.seed("u1", "bad", "flaky", 3600).await;
     t.fake.set_mode("bad", Mode::ServerError);
@@ -107,7 +144,14 @@ async fn server_errors_keep_the_old_token_and_end_in_error_status() {
         assert!(matches!(err, ServiceError::RefreshFailed { .. }), "{err}");
         let s = t.service.integration("bad", "flaky").await.unwrap();
         assert_eq!(s.refresh_failures, i);
-        assert_eq!(s.status, if i < 3 { Status::Connected } else { Status::Error });
+        assert_eq!(
+            s.status,
+            if i < 3 {
+                Status::Connected
+            } else {
+                Status::Error
+            }
+        );
     }
     // The old tokens are intact: the provider recovers, the stored refresh token still works.
     t.fake.set_mode("bad", Mode::Rotate);
@@ -128,7 +172,10 @@ async fn a_slow_provider_never_exhausts_the_pool() {
     let refreshes: Vec<_> = (0..20)
         .map(|i| {
             let svc = t.service.clone();
-            tokio::spawn(async move { svc.refresh(&provider_name("slow"), &account_id(&format!("s{i}"))).await })
+            tokio::spawn(async move {
+                svc.refresh(&provider_name("slow"), &account_id(&format!("s{i}")))
+                    .await
+            })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -136,7 +183,11 @@ async fn a_slow_provider_never_exhausts_the_pool() {
     // connection within pool_timeout=1s, every time.
     for _ in 0..10 {
         t.service.invalidate("u2").await;
-        let list = t.service.status(&user_id("u2")).await.unwrap_or_else(|e| panic!("status failed: {e}"));
+        let list = t
+            .service
+            .status(&user_id("u2"))
+            .await
+            .unwrap_or_else(|e| panic!("status failed: {e}"));
         assert_eq!(list.len(), 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -156,7 +207,14 @@ async fn unknown_provider_and_integration_are_clear_errors() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("'myspace'") && err.contains("bad, good, slow"), "{err}");
-    let err = t.service.refresh(&provider_name("good"), &account_id("nobody")).await.unwrap_err();
+    assert!(
+        err.contains("'myspace'") && err.contains("bad, good, slow"),
+        "{err}"
+    );
+    let err = t
+        .service
+        .refresh(&provider_name("good"), &account_id("nobody"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, ServiceError::NotFound { .. }), "{err}");
 }

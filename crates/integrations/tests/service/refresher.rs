@@ -1,1 +1,87 @@
-//! (tests follow)
+//! The background refresher: claims what expires soon; two instances never
+//! refresh the same row.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use integrations::service::Refresher;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::TestService;
+
+fn scan() -> Refresher {
+    Refresher {
+        interval: Duration::from_millis(100),
+        margin: Duration::from_secs(600),
+        page: 7,
+        concurrency: 5,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_tokens_are_refreshed_and_others_left_alone() {
+    let t = TestService::start().await;
+    for i in 0..20 {
+        t.seed("u1", "good", &format!("due{i}"), 120).await;
+    }
+    for i in 0..5 {
+        t.seed("u1", "good", &format!("fresh{i}"), 7200).await;
+    }
+    let report = t
+        .service
+        .refresh_due(&scan(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((report.attempted, report.refreshed), (20, 20));
+    assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 20);
+    // Nothing due any more.
+    let report = t
+        .service
+        .refresh_due(&scan(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.attempted, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_refreshers_never_refresh_the_same_row() {
+    let t = TestService::start().await;
+    for i in 0..60 {
+        t.seed("u1", "good", &format!("d{i}"), 60).await;
+    }
+    t.fake.set_delay("good", Duration::from_millis(20));
+    let other = t.another_instance("connection_limit=5").await;
+    let cancel = CancellationToken::new();
+    let cfg = scan();
+    let (a, b) = tokio::join!(
+        t.service.refresh_due(&cfg, &cancel),
+        other.refresh_due(&cfg, &cancel)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.attempted + b.attempted, 60, "{a:?} {b:?}");
+    assert_eq!(
+        t.fake.refreshes.load(Ordering::SeqCst),
+        60,
+        "each row refreshed exactly once"
+    );
+    // A rotating provider rejects a reused refresh token: no failures means no double refresh.
+    assert_eq!(a.refreshed + b.refreshed, 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_refresher_stops_on_cancel() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "soon", 60).await;
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(t.service.clone().run_refresher(scan(), cancel.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while t.fake.refreshes.load(Ordering::SeqCst) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 1);
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+}

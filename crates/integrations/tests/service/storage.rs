@@ -1,1 +1,200 @@
-//! (tests follow)
+//! What is in the table: ciphertext only; indexed lookups; key rotation.
+
+use db_pool::types::Type;
+use integrations::crypto::Keyring;
+use integrations::domain::Status;
+use integrations::oauth::{ProviderRegistry, TokenClient, TokenClientConfig};
+use integrations::service::{IntegrationsService, ServiceConfig};
+
+use crate::common::{account_id, provider_name, secret_text, user_id, TestService, PROVIDERS};
+
+#[tokio::test]
+async fn the_table_holds_no_clear_text_token() {
+    let t = TestService::start().await;
+    let refresh = t.seed("u1", "good", "secret-acct", 3600).await;
+    let client = t.db.connect().await;
+    let rows = client
+        .query(
+            "SELECT encode(access_token, 'escape') LIKE '%at-seed%', \
+                    position(convert_to($1, 'UTF8') in refresh_token) > 0, \
+                    position('at-seed'::bytea in access_token) > 0, key_id \
+             FROM integrations",
+            &[&refresh],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert!(!rows[0].get::<_, bool>(0) && !rows[0].get::<_, bool>(1) && !rows[0].get::<_, bool>(2));
+    assert_eq!(rows[0].get::<_, String>(3), "k1");
+    // A dump of the whole table, as text, has no token in it.
+    let dump: String = client
+        .query_one("SELECT string_agg(i::text, ' ') FROM integrations i", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !dump.contains("at-seed") && !dump.contains(&refresh),
+        "{dump}"
+    );
+}
+
+#[tokio::test]
+async fn hot_queries_use_their_indexes() {
+    let t = TestService::start().await;
+    let client = t.db.connect().await;
+    // Enough rows that a sequential scan would not be chosen on merit.
+    client
+        .batch_execute(
+            "INSERT INTO integrations (user_id, provider, account_id, access_token, refresh_token, key_id, expires_at) \
+             SELECT 'user' || i, 'good', 'acct' || i, '\\x00', '\\x00', 'k1', now() + (i || ' seconds')::interval \
+             FROM generate_series(1, 20000) i; ANALYZE integrations",
+        )
+        .await
+        .unwrap();
+    let plan = |sql: &'static str, types: &'static [Type]| {
+        let client = &client;
+        async move {
+            let stmt = client
+                .prepare_typed(&format!("EXPLAIN {sql}"), types)
+                .await
+                .unwrap();
+            let params: Vec<Box<dyn db_pool::types::ToSql + Sync>> = types
+                .iter()
+                .map(|t| -> Box<dyn db_pool::types::ToSql + Sync> {
+                    match *t {
+                        Type::TEXT => Box::new("user42".to_string()),
+                        Type::FLOAT8 => Box::new(300.0f64),
+                        _ => Box::new(100i64),
+                    }
+                })
+                .collect();
+            let refs: Vec<&(dyn db_pool::types::ToSql + Sync)> =
+                params.iter().map(|b| b.as_ref()).collect();
+            let rows = client.query(&stmt, &refs).await.unwrap();
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let status = plan(
+        "SELECT provider FROM integrations WHERE user_id = $1 ORDER BY provider, account_id",
+        &[Type::TEXT],
+    )
+    .await;
+    assert!(status.contains("integrations_user_provider"), "{status}");
+    let token = plan(
+        "SELECT key_id FROM integrations WHERE provider = $1 AND account_id = $2",
+        &[Type::TEXT, Type::TEXT],
+    )
+    .await;
+    assert!(
+        token.contains("integrations_provider_account_key"),
+        "{token}"
+    );
+    let due = plan(
+        "SELECT id FROM integrations WHERE status = 'connected' AND refresh_token IS NOT NULL \
+         AND expires_at < now() + make_interval(secs => $1) ORDER BY expires_at LIMIT $2",
+        &[Type::FLOAT8, Type::INT8],
+    )
+    .await;
+    assert!(due.contains("integrations_refresh_due"), "{due}");
+}
+
+#[tokio::test]
+async fn rotate_keys_reencrypts_every_row_and_is_resumable() {
+    let t = TestService::start().await;
+    for i in 0..25 {
+        t.seed(&format!("u{i}"), "good", &format!("a{i}"), 3600)
+            .await;
+    }
+    // New key first, old key kept for reading.
+    let new_spec = format!("{},{}", Keyring::generate_spec("k2"), t.keys);
+    let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
+    let rotated = IntegrationsService::new(
+        t.service.pool().clone(),
+        Keyring::parse(&new_spec).unwrap(),
+        ProviderRegistry::from_toml(&t.fake.registry_toml(PROVIDERS), "test", &env).unwrap(),
+        TokenClient::new(&TokenClientConfig::default()).unwrap(),
+        ServiceConfig::default(),
+    );
+    let report = rotated.rotate_keys(10).await.unwrap();
+    assert_eq!((report.reencrypted, report.batches), (25, 3));
+    assert_eq!(
+        rotated.rotate_keys(10).await.unwrap().reencrypted,
+        0,
+        "nothing left: resumable"
+    );
+    let client = t.db.connect().await;
+    let keys: i64 = client
+        .query_one(
+            "SELECT count(*) FROM integrations WHERE key_id <> 'k2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(keys, 0);
+    // Readable with only the new key.
+    let only_new = IntegrationsService::new(
+        t.service.pool().clone(),
+        Keyring::parse(new_spec.split(',').next().unwrap()).unwrap(),
+        ProviderRegistry::from_toml(&t.fake.registry_toml(PROVIDERS), "test", &env).unwrap(),
+        TokenClient::new(&TokenClientConfig::default()).unwrap(),
+        ServiceConfig::default(),
+    );
+    let tok = only_new
+        .access_token(&provider_name("good"), &account_id("a7"))
+        .await
+        .unwrap();
+    assert_eq!(secret_text(&tok.token), "at-seed-a7");
+    // And the refresh token too.
+    let s = only_new
+        .refresh(&provider_name("good"), &account_id("a7"))
+        .await
+        .unwrap();
+    assert_eq!(s.status, Status::Connected);
+}
+
+#[tokio::test]
+async fn an_account_belongs_to_one_user() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "shared", 3600).await;
+    let tokens = integrations::oauth::TokenSet::from_response(
+        &serde_json::json!({"access_token": "x"}),
+        chrono::Utc::now(),
+        integrations::oauth::Expiry::Never,
+    )
+    .unwrap();
+    let err = t
+        .service
+        .connect(
+            &user_id("u2"),
+            &provider_name("good"),
+            &account_id("shared"),
+            &tokens,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("already connected to another user"),
+        "{err}"
+    );
+    // The owner can reconnect; without a refresh token in the response the stored one is kept.
+    t.service
+        .connect(
+            &user_id("u1"),
+            &provider_name("good"),
+            &account_id("shared"),
+            &tokens,
+            None,
+        )
+        .await
+        .unwrap();
+    t.service
+        .refresh(&provider_name("good"), &account_id("shared"))
+        .await
+        .unwrap();
+}
