@@ -32,3 +32,113 @@ pub fn pool_config(url: Option<&str>, profile: Option<&str>) -> Result<PoolConfi
         },
     )
 }
+
+/// The service's own settings (beyond the pool), from the environment.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// `INTEGRATIONS_ENCRYPTION_KEYS` (`id:base64key,...`), kept secret.
+    pub encryption_keys: Option<secrecy::SecretString>,
+    /// `INTEGRATIONS_PROVIDERS`: a provider registry file replacing the
+    /// built-in one.
+    pub providers_file: Option<std::path::PathBuf>,
+    /// The operations' tunables.
+    pub service: crate::service::ServiceConfig,
+    /// The background refresher.
+    pub refresher: crate::service::Refresher,
+}
+
+/// A service setting that does not parse: names the variable and what is
+/// accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}='{value}' is not valid; accepted: {accepted}")]
+pub struct SettingError {
+    /// The variable.
+    pub var: &'static str,
+    /// Its value (never a secret: secret variables are not parsed here).
+    pub value: String,
+    /// What is accepted.
+    pub accepted: &'static str,
+}
+
+impl ServiceSettings {
+    /// Reads the `INTEGRATIONS_*` variables through `env` (the process
+    /// environment in production, a map in tests).
+    pub fn from_env(env: &dyn Fn(&str) -> Option<String>) -> Result<ServiceSettings, SettingError> {
+        let secs = |var: &'static str,
+                    default: std::time::Duration|
+         -> Result<std::time::Duration, SettingError> {
+            match env(var).filter(|v| !v.trim().is_empty()) {
+                None => Ok(default),
+                Some(v) => v
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .map(std::time::Duration::from_secs)
+                    .ok_or(SettingError {
+                        var,
+                        value: v,
+                        accepted: "a whole number of seconds >= 1",
+                    }),
+            }
+        };
+        let mut service = crate::service::ServiceConfig::default();
+        service.status_cache_ttl = secs("INTEGRATIONS_STATUS_CACHE_TTL", service.status_cache_ttl)?;
+        service.refresh_margin = secs("INTEGRATIONS_REFRESH_MARGIN", service.refresh_margin)?;
+        if let Some(url) = env("INTEGRATIONS_CALLBACK_URL").filter(|v| !v.trim().is_empty()) {
+            match url::Url::parse(url.trim()) {
+                Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {
+                    service.callback_url = Some(u.to_string())
+                }
+                _ => {
+                    return Err(SettingError {
+                        var: "INTEGRATIONS_CALLBACK_URL",
+                        value: url,
+                        accepted: "this service's absolute http(s) URL of /v1/oauth/callback",
+                    })
+                }
+            }
+        }
+        let mut refresher = crate::service::Refresher::default();
+        refresher.interval = secs("INTEGRATIONS_REFRESH_INTERVAL", refresher.interval)?;
+        refresher.margin = secs(
+            "INTEGRATIONS_REFRESHER_MARGIN",
+            refresher.margin.max(service.refresh_margin),
+        )?;
+        Ok(ServiceSettings {
+            encryption_keys: env(crate::crypto::KEYS_ENV)
+                .filter(|v| !v.trim().is_empty())
+                .map(secrecy::SecretString::from),
+            providers_file: env("INTEGRATIONS_PROVIDERS")
+                .filter(|v| !v.trim().is_empty())
+                .map(std::path::PathBuf::from),
+            service,
+            refresher,
+        })
+    }
+
+    /// The keyring; refusing to go on without one.
+    pub fn keyring(&self) -> Result<crate::crypto::Keyring, crate::crypto::CryptoError> {
+        use secrecy::ExposeSecret;
+        match &self.encryption_keys {
+            Some(spec) => crate::crypto::Keyring::parse(spec.expose_secret()),
+            None => Err(crate::crypto::CryptoError::InvalidKeys(format!(
+                "it is not set; tokens are encrypted at rest, so the service needs a key: \
+                 {}=k1:$(openssl rand -base64 32) (or `integrations generate-key`)",
+                crate::crypto::KEYS_ENV
+            ))),
+        }
+    }
+
+    /// The provider registry: the file in `INTEGRATIONS_PROVIDERS`, or the
+    /// built-in one. Client ids and secrets come from the environment.
+    pub fn providers(&self) -> Result<crate::oauth::ProviderRegistry, crate::oauth::RegistryError> {
+        let env = |name: &str| std::env::var(name).ok();
+        crate::oauth::ProviderRegistry::load(self.providers_file.as_deref(), &env)
+    }
+}
+
+/// The process environment, for [`ServiceSettings::from_env`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}

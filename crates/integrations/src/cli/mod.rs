@@ -8,6 +8,8 @@ pub mod activity;
 pub mod bench;
 pub mod config;
 pub mod doctor;
+pub mod keys;
+pub mod migrate;
 
 /// Exit status for invalid input (a bad DATABASE_URL, a bad flag).
 pub const EXIT_INVALID_INPUT: u8 = 2;
@@ -46,6 +48,12 @@ enum Command {
     Activity(activity::ActivityArgs),
     /// Check whether this configuration is safe for the server it points at, with what to do about each problem.
     Doctor(doctor::DoctorArgs),
+    /// Apply the database schema migrations embedded in this binary.
+    Migrate(migrate::MigrateArgs),
+    /// Print a new encryption key for INTEGRATIONS_ENCRYPTION_KEYS.
+    GenerateKey(keys::GenerateKeyArgs),
+    /// Re-encrypt every stored token with the first key of INTEGRATIONS_ENCRYPTION_KEYS, in batches; resumable.
+    RotateKeys(keys::RotateKeysArgs),
 }
 
 /// Parses the command line, runs the command, and returns its exit status.
@@ -60,6 +68,9 @@ pub fn run() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Activity(args) => activity::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Migrate(args) => migrate::run(args),
+        Command::GenerateKey(args) => keys::generate(args),
+        Command::RotateKeys(args) => keys::rotate(args),
     }
 }
 
@@ -106,4 +117,14 @@ pub fn block_on_threads<F: std::future::Future<Output = ExitCode>>(
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a command's failure with the pool's code and hint when there is
+/// one, and returns exit status 1.
+pub fn report_failure(e: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    if let Some(db) = e.downcast_ref::<db_pool::Error>() {
+        eprintln!("hint: {}", db.hint());
+    }
+    ExitCode::FAILURE
 }

@@ -1,0 +1,96 @@
+//! `integrations generate-key` and `integrations rotate-keys`.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use db_pool::Pool;
+
+use super::DatabaseArgs;
+use crate::crypto::{Keyring, KEYS_ENV};
+use crate::oauth::{TokenClient, TokenClientConfig};
+use crate::service::IntegrationsService;
+use crate::settings::{process_env, ServiceSettings};
+
+/// Options of `integrations generate-key`.
+#[derive(Debug, Args)]
+pub struct GenerateKeyArgs {
+    /// The new key's id (letters, digits, - or _), e.g. the date: 2026-11.
+    #[arg(long, default_value = "k1")]
+    id: String,
+}
+
+/// Prints a new `id:base64key`, alone on the line, for
+/// `INTEGRATIONS_ENCRYPTION_KEYS`.
+pub fn generate(args: GenerateKeyArgs) -> ExitCode {
+    let spec = Keyring::generate_spec(&args.id);
+    if let Err(e) = Keyring::parse(&spec) {
+        eprintln!("{e}");
+        return ExitCode::from(super::EXIT_INVALID_INPUT);
+    }
+    eprintln!("put it first in {KEYS_ENV} (keep the old keys after it until rotate-keys has run):");
+    println!("{spec}");
+    ExitCode::SUCCESS
+}
+
+/// Options of `integrations rotate-keys`.
+#[derive(Debug, Args)]
+pub struct RotateKeysArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+
+    /// Rows re-encrypted per transaction.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    batch: i64,
+}
+
+/// Re-encrypts every token with the first key of
+/// `INTEGRATIONS_ENCRYPTION_KEYS`, in batches; safe to interrupt and rerun.
+pub fn rotate(args: RotateKeysArgs) -> ExitCode {
+    let cfg = match super::pool_config(&args.db) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    let settings = match ServiceSettings::from_env(&process_env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(super::EXIT_INVALID_INPUT);
+        }
+    };
+    let keys = match settings.keyring() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(super::EXIT_INVALID_INPUT);
+        }
+    };
+    super::block_on(async move {
+        let result = async {
+            let pool = Pool::new(cfg)?;
+            crate::store::migrations::run(&pool).await?;
+            let providers = settings.providers()?;
+            let current = keys.current_id().to_string();
+            let service = IntegrationsService::new(
+                pool.clone(),
+                keys,
+                providers,
+                TokenClient::new(&TokenClientConfig::default())?,
+                settings.service.clone(),
+            );
+            let report = service.rotate_keys(args.batch).await?;
+            pool.close(std::time::Duration::from_secs(5)).await;
+            Ok::<_, anyhow::Error>((report, current))
+        }
+        .await;
+        match result {
+            Ok((report, current)) => {
+                println!(
+                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es); older keys can now be removed",
+                    report.reencrypted, report.batches
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => super::report_failure(&e),
+        }
+    })
+}

@@ -1,0 +1,159 @@
+//! `integrations migrate`, `generate-key` and `rotate-keys` through the binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Output};
+
+use db_pool::testing::TestDatabase;
+use db_pool::{Pool, PoolConfig};
+use integrations::crypto::Keyring;
+use integrations::domain::{AccountId, ProviderName, UserId};
+use integrations::oauth::{Expiry, ProviderRegistry, TokenClient, TokenClientConfig, TokenSet};
+use integrations::service::{IntegrationsService, ServiceConfig};
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
+    cmd.current_dir(dir.path())
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("INTEGRATIONS_ENCRYPTION_KEYS");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[tokio::test]
+async fn migrate_applies_once_then_reports_up_to_date() {
+    let db = TestDatabase::create().await;
+    let first = run(&["migrate"], &[("DATABASE_URL", &db.url)]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        stdout(&first).contains("applied V1__integrations"),
+        "{}",
+        stdout(&first)
+    );
+    let second = run(&["migrate"], &[("DATABASE_URL", &db.url)]);
+    assert_eq!(stdout(&second).trim(), "schema up to date");
+    let tables: i64 = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('integrations', 'oauth_states')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 2);
+}
+
+#[tokio::test]
+async fn migrate_against_no_server_exits_1_with_the_code_and_hint() {
+    let out = run(
+        &["migrate"],
+        &[(
+            "DATABASE_URL",
+            "postgresql://postgres@127.0.0.1:1/db?sslmode=disable",
+        )],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("P1001") && err.contains("hint:"), "{err}");
+}
+
+#[test]
+fn generate_key_prints_a_usable_key_alone_on_stdout() {
+    let out = run(&["generate-key", "--id", "2026-11"], &[]);
+    assert!(out.status.success());
+    let spec = stdout(&out);
+    assert!(spec.trim().starts_with("2026-11:"));
+    assert!(Keyring::parse(spec.trim()).is_ok());
+}
+
+#[tokio::test]
+async fn rotate_keys_reencrypts_with_the_first_key() {
+    let db = TestDatabase::create().await;
+    let old = Keyring::generate_spec("old");
+    let pool = Pool::new(PoolConfig::parse(&db.url).unwrap()).unwrap();
+    integrations::store::migrations::run(&pool).await.unwrap();
+    let env = |_: &str| Some("x".to_string());
+    let service = IntegrationsService::new(
+        pool.clone(),
+        Keyring::parse(&old).unwrap(),
+        ProviderRegistry::load(None, &env).unwrap(),
+        TokenClient::new(&TokenClientConfig::default()).unwrap(),
+        ServiceConfig::default(),
+    );
+    for i in 0..7 {
+        let tokens = TokenSet::from_response(
+            &serde_json::json!({"access_token": format!("a{i}"), "refresh_token": format!("r{i}")}),
+            chrono::Utc::now(),
+            Expiry::Never,
+        )
+        .unwrap();
+        service
+            .connect(
+                &UserId::parse("u").unwrap(),
+                &ProviderName::parse("github").unwrap(),
+                &AccountId::parse(&format!("acct{i}")).unwrap(),
+                &tokens,
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    let keys = format!("{},{old}", Keyring::generate_spec("new"));
+    let out = run(
+        &["rotate-keys", "--batch", "3"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("INTEGRATIONS_ENCRYPTION_KEYS", &keys),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout(&out).contains("re-encrypted 7 integration(s) with key 'new' in 3 batch(es)"),
+        "{}",
+        stdout(&out)
+    );
+    let all = String::from_utf8_lossy(&out.stderr).to_string() + &stdout(&out);
+    assert!(
+        !all.contains(keys.split(':').nth(1).unwrap().split(',').next().unwrap()),
+        "key material printed"
+    );
+    let left: i64 = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM integrations WHERE key_id <> 'new'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn rotate_keys_without_a_key_says_how_to_make_one() {
+    let out = run(&["rotate-keys"], &[("DATABASE_URL", "postgresql://h/db")]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("INTEGRATIONS_ENCRYPTION_KEYS") && err.contains("generate-key"),
+        "{err}"
+    );
+}
