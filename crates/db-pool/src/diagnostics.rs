@@ -1255,10 +1255,10 @@ mod tests {
 
     #[test]
     fn unknown_parameter_values_are_hidden_too() {
-        let c = cfg("postgresql://u:hunter2@h/db?password=hunter3&connection_limit=3");
+        let c = cfg("postgresql://u:hunter2@h/db?api_token=hunter3&connection_limit=3");
         let check = url_check(&c);
         assert_eq!(check.status, Status::Warn);
-        assert!(check.detail.contains("'password'"), "{}", check.detail);
+        assert!(check.detail.contains("'api_token'"), "{}", check.detail);
         assert!(
             !check.detail.contains("hunter2") && !check.detail.contains("hunter3"),
             "{}",
