@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use futures_util::stream::{self, StreamExt};
 
-use super::{IntegrationsService, ServiceError};
+use super::{Flight, IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, ProviderName};
 use crate::store::integrations::{self as rows, Claimed};
 
@@ -57,6 +57,7 @@ impl IntegrationsService {
             .into_iter()
             .map(|r| {
                 let key = (r.provider.to_string(), r.account_id.to_string());
+                let (key_p, key_a) = key.clone();
                 // A request repeated in the batch refreshes once: the
                 // first occurrence takes the claim, the others wait for it.
                 let job = if let Some(&generation) = taken.get(&key) {
@@ -67,7 +68,10 @@ impl IntegrationsService {
                             let generation = c.generation;
                             taken.insert(key, generation);
                             if mine {
-                                Job::Claimed(c, generation)
+                                let flight = self.flight(&key_p, &key_a);
+                                let seen =
+                                    flight.completed.load(std::sync::atomic::Ordering::Acquire);
+                                Job::Claimed(c, flight, seen)
                             } else {
                                 Job::Wait(generation)
                             }
@@ -102,11 +106,17 @@ impl IntegrationsService {
         jobs: Vec<(RefreshRequest, Job)>,
         concurrency: usize,
     ) -> Vec<Result<IntegrationStatus, ServiceError>> {
-        stream::iter(jobs)
-            .map(|(request, job)| self.refresh_one(request, job))
-            .buffered(concurrency.max(1))
-            .collect()
-            .await
+        // A true sliding window: `buffer_unordered` starts the next request
+        // as soon as any one finishes (`buffered` would keep finished ones
+        // waiting behind a slow head); the results are put back in order.
+        let mut results: Vec<(usize, Result<IntegrationStatus, ServiceError>)> =
+            stream::iter(jobs.into_iter().enumerate())
+                .map(|(i, (request, job))| async move { (i, self.refresh_one(request, job).await) })
+                .buffer_unordered(concurrency.max(1))
+                .collect()
+                .await;
+        results.sort_unstable_by_key(|(i, _)| *i);
+        results.into_iter().map(|(_, r)| r).collect()
     }
 
     async fn refresh_one(
@@ -117,28 +127,23 @@ impl IntegrationsService {
         let (p, a) = (request.provider.as_str(), request.account_id.as_str());
         self.providers.get(p)?;
         match job {
-            Job::Claimed(claimed, generation) => {
-                let flight = self.flight(p, a);
-                let turn = flight.lock().await;
-                // Someone in this process may have refreshed it meanwhile
-                // (our lease does not stop our own process).
-                let mut conn = self.pool.get().await?;
-                let state = rows::lease_state(&mut conn, p, a, &self.config.instance_id).await?;
-                drop(conn);
-                match state {
-                    Some((now, _)) if now > generation => {
-                        drop(turn);
-                        self.outcome(p, a).await?;
-                    }
-                    _ => {
-                        let result = self.refresh_claimed(p, a, claimed).await;
-                        drop(turn);
-                        result?;
-                    }
+            Job::Claimed(claimed, flight, seen) => {
+                let turn = flight.lock.lock().await;
+                if flight.completed.load(std::sync::atomic::Ordering::Acquire) != seen {
+                    // Someone in this process refreshed it meanwhile (our
+                    // lease does not stop our own process): theirs counts.
+                    drop(turn);
+                    self.outcome(p, a).await?;
+                } else {
+                    return self.refresh_claimed(p, a, claimed, &flight).await;
                 }
             }
             // Another instance holds the lease: its result is ours.
-            Job::Wait(generation) => self.refresh_after(p, a, generation).await?,
+            Job::Wait(generation) => {
+                if let Some(status) = self.refresh_after(p, a, generation).await? {
+                    return Ok(status);
+                }
+            }
             Job::Missing => {
                 return Err(ServiceError::NotFound {
                     provider: p.to_string(),
@@ -152,8 +157,9 @@ impl IntegrationsService {
 
 /// What a batch item does.
 pub(super) enum Job {
-    /// Refresh it: this instance holds the lease (claimed at this generation).
-    Claimed(Claimed, i64),
+    /// Refresh it: this instance holds the lease; the flight's completed
+    /// count when claimed.
+    Claimed(Claimed, std::sync::Arc<Flight>, u64),
     /// Wait for the refresh of this generation by whoever holds the lease.
     Wait(i64),
     /// No such integration.

@@ -177,7 +177,18 @@ pub struct IntegrationsService {
 
 /// The single-flight locks, by (provider, account_id); entries die with
 /// their last user.
-type Flights = HashMap<(String, String), Weak<tokio::sync::Mutex<()>>>;
+type Flights = HashMap<(String, String), Weak<Flight>>;
+
+/// One integration's single flight in this process.
+#[derive(Default)]
+pub(crate) struct Flight {
+    /// Held by whoever refreshes the integration.
+    pub lock: tokio::sync::Mutex<()>,
+    /// Refresh attempts this process completed: a batch item that claimed
+    /// the lease sees from it, without a query, whether someone in this
+    /// process refreshed meanwhile.
+    pub completed: std::sync::atomic::AtomicU64,
+}
 
 impl std::fmt::Debug for IntegrationsService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -226,18 +237,18 @@ impl IntegrationsService {
 
     /// The in-process single-flight lock of one integration: every task of
     /// this process that refreshes it takes this first.
-    fn flight(&self, provider: &str, account_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn flight(&self, provider: &str, account_id: &str) -> Arc<Flight> {
         let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (provider.to_string(), account_id.to_string());
-        if let Some(lock) = flights.get(&key).and_then(Weak::upgrade) {
-            return lock;
+        if let Some(flight) = flights.get(&key).and_then(Weak::upgrade) {
+            return flight;
         }
         if flights.len() > 1024 {
             flights.retain(|_, w| w.strong_count() > 0);
         }
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
-        flights.insert(key, Arc::downgrade(&lock));
-        lock
+        let flight = Arc::new(Flight::default());
+        flights.insert(key, Arc::downgrade(&flight));
+        flight
     }
 
     fn aad(provider: &str, account_id: &str, field: &str) -> String {

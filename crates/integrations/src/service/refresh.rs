@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{reconnect_status, AccessToken, IntegrationsService, ServiceError};
+use super::{reconnect_status, AccessToken, Flight, IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status};
 use crate::oauth::OAuthError;
 use crate::store::integrations::{self as rows, Claimed, Failure, Refreshed, TokenRow};
@@ -60,8 +60,10 @@ impl IntegrationsService {
         let (p, a) = (provider.as_str(), account_id.as_str());
         self.providers.get(p)?;
         let seen = self.token_row(p, a).await?.generation;
-        self.refresh_after(p, a, seen).await?;
-        self.integration(p, a).await
+        match self.refresh_after(p, a, seen).await? {
+            Some(status) => Ok(status),
+            None => self.integration(p, a).await,
+        }
     }
 
     async fn token_row(&self, p: &str, a: &str) -> Result<TokenRow, ServiceError> {
@@ -108,16 +110,17 @@ impl IntegrationsService {
         }))
     }
 
-    /// Makes sure a refresh completed after generation `seen`: runs it, or
-    /// waits for whoever is running it, and returns its outcome.
+    /// Makes sure a refresh completed after generation `seen`: runs it
+    /// (returning the new state), or waits for whoever is running it and
+    /// returns its outcome (`Ok(None)` when it succeeded).
     pub(super) async fn refresh_after(
         &self,
         p: &str,
         a: &str,
         seen: i64,
-    ) -> Result<(), ServiceError> {
+    ) -> Result<Option<IntegrationStatus>, ServiceError> {
         let flight = self.flight(p, a);
-        let _turn = flight.lock().await;
+        let _turn = flight.lock.lock().await;
         let deadline = tokio::time::Instant::now() + self.config.lease + Duration::from_secs(5);
         loop {
             let mut conn = self.pool.get().await?;
@@ -126,7 +129,7 @@ impl IntegrationsService {
                 .ok_or_else(|| not_found(p, a))?;
             if generation > seen {
                 drop(conn);
-                return self.outcome(p, a).await;
+                return self.outcome(p, a).await.map(|()| None);
             }
             if !leased {
                 let claimed = rows::claim(
@@ -141,9 +144,9 @@ impl IntegrationsService {
                 if let Some(claimed) = claimed {
                     if claimed.generation > seen {
                         self.release(&claimed).await;
-                        return self.outcome(p, a).await;
+                        return self.outcome(p, a).await.map(|()| None);
                     }
-                    return self.refresh_claimed(p, a, claimed).await;
+                    return self.refresh_claimed(p, a, claimed, &flight).await.map(Some);
                 }
             } else {
                 drop(conn);
@@ -181,14 +184,29 @@ impl IntegrationsService {
         }
     }
 
-    /// Refreshes a row whose lease this instance holds, stores the outcome
-    /// and releases the lease. The caller holds the single-flight lock.
+    /// Refreshes a row whose lease this instance holds, stores the outcome,
+    /// releases the lease and returns the new state. The caller holds the
+    /// flight's lock.
     pub(super) async fn refresh_claimed(
         &self,
         p: &str,
         a: &str,
         claimed: Claimed,
-    ) -> Result<(), ServiceError> {
+        flight: &Flight,
+    ) -> Result<IntegrationStatus, ServiceError> {
+        let result = self.refresh_claimed_inner(p, a, claimed).await;
+        flight
+            .completed
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        result
+    }
+
+    async fn refresh_claimed_inner(
+        &self,
+        p: &str,
+        a: &str,
+        claimed: Claimed,
+    ) -> Result<IntegrationStatus, ServiceError> {
         let provider = self.providers.get(p)?;
         let Some(stored) = &claimed.refresh_token else {
             self.release(&claimed).await;
@@ -248,11 +266,6 @@ impl IntegrationsService {
                     rows::store_refreshed(&mut conn, id, owner, update).await
                 })
                 .await
-                .map(|stored| {
-                    if !stored {
-                        tracing::warn!("refresh lease expired before the result was stored; another instance took over");
-                    }
-                })
                 .map_err(ServiceError::from)
             }
             Err(e) => {
@@ -281,13 +294,20 @@ impl IntegrationsService {
                     }),
                     (_, Ok(status)) => Err(ServiceError::RefreshFailed {
                         message,
-                        transient: failure != Failure::Rejected && status != Some(Status::Error),
+                        transient: failure != Failure::Rejected
+                            && status.is_none_or(|s| s.status != Status::Error),
                     }),
                 };
             }
         };
         self.invalidate(&claimed.user_id).await;
-        stored_ok
+        match stored_ok? {
+            Some(status) => Ok(status),
+            None => {
+                tracing::warn!("refresh lease expired before the result was stored; another instance took over");
+                self.integration(p, a).await
+            }
+        }
     }
 
     /// Runs a write that must not be lost, retrying transient database

@@ -78,8 +78,9 @@ impl IntegrationsService {
                         provider: ProviderName::parse(&p).ok()?,
                         account_id: AccountId::parse(&a).ok()?,
                     };
-                    let generation = c.generation;
-                    Some((request, Job::Claimed(c, generation)))
+                    let flight = self.flight(&p, &a);
+                    let seen = flight.completed.load(std::sync::atomic::Ordering::Acquire);
+                    Some((request, Job::Claimed(c, flight, seen)))
                 })
                 .collect();
             let results = self.run_claimed(jobs, cfg.concurrency).await;

@@ -15,7 +15,8 @@ use crate::domain::{IntegrationStatus, UserId};
 use crate::store;
 
 pub(super) struct StatusCache {
-    cache: Cache<String, Arc<Vec<IntegrationStatus>>>,
+    /// `None` when caching is off (capacity or TTL 0): every read loads.
+    cache: Option<Cache<String, Arc<Vec<IntegrationStatus>>>>,
     hits: AtomicU64,
     loads: AtomicU64,
 }
@@ -23,10 +24,12 @@ pub(super) struct StatusCache {
 impl StatusCache {
     pub fn new(ttl: Duration, capacity: u64) -> StatusCache {
         StatusCache {
-            cache: Cache::builder()
-                .time_to_live(ttl)
-                .max_capacity(capacity)
-                .build(),
+            cache: (capacity > 0 && !ttl.is_zero()).then(|| {
+                Cache::builder()
+                    .time_to_live(ttl)
+                    .max_capacity(capacity)
+                    .build()
+            }),
             hits: AtomicU64::new(0),
             loads: AtomicU64::new(0),
         }
@@ -53,22 +56,23 @@ impl IntegrationsService {
         user_id: &UserId,
     ) -> Result<Arc<Vec<IntegrationStatus>>, ServiceError> {
         let cache = &self.cache;
-        if let Some(hit) = cache.cache.get(user_id.as_str()).await {
+        let load = async {
+            cache.loads.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("integrations_status_cache_misses_total").increment(1);
+            let mut conn = self.pool.get().await?;
+            let rows = store::integrations::list_for_user(&mut conn, user_id.as_str()).await?;
+            Ok::<_, db_pool::Error>(Arc::new(rows))
+        };
+        let Some(entries) = &cache.cache else {
+            return load.await.map_err(ServiceError::from);
+        };
+        if let Some(hit) = entries.get(user_id.as_str()).await {
             cache.hits.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("integrations_status_cache_hits_total").increment(1);
             return Ok(hit);
         }
-        let pool = self.pool.clone();
-        let user = user_id.as_str().to_string();
-        cache
-            .cache
-            .try_get_with(user.clone(), async move {
-                cache.loads.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("integrations_status_cache_misses_total").increment(1);
-                let mut conn = pool.get().await?;
-                let rows = store::integrations::list_for_user(&mut conn, &user).await?;
-                Ok::<_, db_pool::Error>(Arc::new(rows))
-            })
+        entries
+            .try_get_with(user_id.as_str().to_string(), load)
             .await
             .map_err(ServiceError::Db)
     }
@@ -90,13 +94,15 @@ impl IntegrationsService {
 
     /// Forgets a user's cached status (after every write for that user).
     pub async fn invalidate(&self, user_id: &str) {
-        self.cache.cache.invalidate(user_id).await;
+        if let Some(entries) = &self.cache.cache {
+            entries.invalidate(user_id).await;
+        }
     }
 
     /// Hits, misses and entries of the status cache; also exported as
     /// `integrations_status_cache_*` metrics.
     pub fn cache_stats(&self) -> CacheStats {
-        let entries = self.cache.cache.entry_count();
+        let entries = self.cache.cache.as_ref().map_or(0, Cache::entry_count);
         metrics::gauge!("integrations_status_cache_entries").set(entries as f64);
         CacheStats {
             hits: self.cache.hits.load(Ordering::Relaxed),
