@@ -2,10 +2,13 @@
 //! in PostgreSQL through the `db-pool` crate.
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod cli;
 pub mod crypto;
 pub mod domain;
+pub mod http;
 pub mod oauth;
 pub mod service;
 pub mod settings;
 pub mod store;
+pub mod telemetry;

@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 pub mod activity;
+pub mod api_key;
 pub mod bench;
 pub mod config;
 pub mod doctor;
 pub mod keys;
 pub mod migrate;
+pub mod serve;
 
 /// Exit status for invalid input (a bad DATABASE_URL, a bad flag).
 pub const EXIT_INVALID_INPUT: u8 = 2;
@@ -54,6 +56,10 @@ enum Command {
     GenerateKey(keys::GenerateKeyArgs),
     /// Re-encrypt every stored token with the first key of INTEGRATIONS_ENCRYPTION_KEYS, in batches; resumable.
     RotateKeys(keys::RotateKeysArgs),
+    /// Create, list or revoke API keys for the HTTP API.
+    ApiKey(api_key::ApiKeyArgs),
+    /// Run the HTTP API and the background refresher (with no DATABASE_URL, on an embedded PostgreSQL).
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line, runs the command, and returns its exit status.
@@ -71,6 +77,8 @@ pub fn run() -> ExitCode {
         Command::Migrate(args) => migrate::run(args),
         Command::GenerateKey(args) => keys::generate(args),
         Command::RotateKeys(args) => keys::rotate(args),
+        Command::ApiKey(args) => api_key::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }
 

@@ -23,7 +23,8 @@ use secrecy::SecretString;
 pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
 pub use connect::StartedConnect;
 pub use keys::RotationReport;
-pub use refresher::Refresher;
+pub use refresher::{Refresher, ScanReport};
+pub use status::CacheStats;
 
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::{InvalidInput, Status};

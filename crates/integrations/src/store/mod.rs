@@ -3,6 +3,7 @@
 //! a pooled connection, so the caller decides how long to hold it (never
 //! across a call to a provider).
 
+pub mod api_keys;
 pub mod integrations;
 pub mod migrations;
 pub mod oauth_states;

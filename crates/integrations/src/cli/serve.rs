@@ -1,0 +1,254 @@
+//! `integrations serve`: the HTTP API, the background refresher and, with no
+//! `DATABASE_URL`, an embedded PostgreSQL kept in `--data-dir`.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use db_pool::cluster::{ClusterError, ClusterOptions, LocalCluster};
+use db_pool::{Pool, PoolConfig};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio_util::sync::CancellationToken;
+
+use super::DatabaseArgs;
+use crate::auth::{ApiKeys, DEFAULT_VERIFY_TTL};
+use crate::crypto::Keyring;
+use crate::http::{app, AppState};
+use crate::oauth::{TokenClient, TokenClientConfig};
+use crate::service::IntegrationsService;
+use crate::settings::{process_env, ServiceSettings};
+use crate::telemetry::{self, LogFormat};
+
+/// Options of `integrations serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    db: DatabaseArgs,
+
+    /// Address and port to listen on (port 0 picks a free one; the chosen
+    /// address is logged).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Log line format: text for people, json for log pipelines.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    /// Where the embedded PostgreSQL keeps its data when DATABASE_URL is not
+    /// set (kept between runs), with the development encryption key beside it.
+    #[arg(long, default_value = "./.integrations")]
+    data_dir: PathBuf,
+
+    /// Seconds requests in flight may take to finish after SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+
+    /// Do not run the background refresher in this instance.
+    #[arg(long)]
+    no_refresher: bool,
+}
+
+/// Runs the server until SIGTERM or Ctrl-C; exit 0 after a clean shutdown.
+pub fn run(args: ServeArgs) -> ExitCode {
+    telemetry::init(args.log_format);
+    let settings = match ServiceSettings::from_env(&process_env) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(super::EXIT_INVALID_INPUT);
+        }
+    };
+    let embedded = args.db.database_url.is_none();
+    let pool_cfg = if embedded {
+        None
+    } else {
+        match super::pool_config(&args.db) {
+            Ok(cfg) => Some(cfg),
+            Err(code) => return code,
+        }
+    };
+    if !embedded && settings.encryption_keys.is_none() {
+        if let Err(e) = settings.keyring() {
+            eprintln!("{e}");
+            return ExitCode::from(super::EXIT_INVALID_INPUT);
+        }
+    }
+    super::block_on(async move {
+        match serve(args, settings, pool_cfg).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "integrations serve failed");
+                super::report_failure(&e)
+            }
+        }
+    })
+}
+
+async fn serve(args: ServeArgs, settings: ServiceSettings, pool_cfg: Option<PoolConfig>) -> anyhow::Result<()> {
+    // Installed before the pool exists, so its histograms are recorded.
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the Prometheus recorder")?;
+
+    let (cluster, pool_cfg, keys) = match pool_cfg {
+        Some(cfg) => (None, cfg, settings.keyring()?),
+        None => {
+            let (cluster, cfg) = embedded_database(&args.data_dir, &args.db).await?;
+            let keys = match settings.encryption_keys {
+                Some(_) => settings.keyring()?,
+                None => {
+                    let path = args.data_dir.join("encryption.key");
+                    let (keys, created) = Keyring::load_or_create(&path)?;
+                    if created {
+                        tracing::warn!(path = %path.display(), "development mode: created an encryption key; set INTEGRATIONS_ENCRYPTION_KEYS in production");
+                    } else {
+                        tracing::info!(path = %path.display(), "development mode: using the encryption key stored beside the embedded database");
+                    }
+                    keys
+                }
+            };
+            (Some(cluster), cfg, keys)
+        }
+    };
+    tracing::info!(
+        url = %pool_cfg.redacted_url(),
+        connection_limit = pool_cfg.connection_limit,
+        pool_timeout_secs = pool_cfg.pool_timeout.map(|d| d.as_secs()),
+        connect_timeout_secs = pool_cfg.connect_timeout.map(|d| d.as_secs()),
+        statement_cache_size = pool_cfg.effective_statement_cache_size(),
+        pgbouncer = pool_cfg.pgbouncer,
+        profile = pool_cfg.profile.map(|p| p.as_str()),
+        "database pool"
+    );
+    for p in &pool_cfg.ignored_parameters {
+        tracing::warn!(parameter = %p, "unknown DATABASE_URL parameter ignored");
+    }
+    let pool = Pool::new(pool_cfg)?;
+    let applied = crate::store::migrations::run(&pool).await.context("applying migrations")?;
+    for m in &applied.applied {
+        tracing::info!(migration = %m, "migration applied");
+    }
+    let providers = settings.providers()?;
+    tracing::info!(providers = %providers.names().join(", "), source = providers.source(), "provider registry");
+    let service = Arc::new(IntegrationsService::new(
+        pool.clone(),
+        keys,
+        providers,
+        TokenClient::new(&TokenClientConfig::default())?,
+        settings.service.clone(),
+    ));
+    let state = AppState {
+        service: service.clone(),
+        keys: Arc::new(ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL)),
+        metrics: Some(metrics),
+    };
+
+    let stop_refresher = CancellationToken::new();
+    let refresher = (!args.no_refresher).then(|| {
+        tokio::spawn(service.clone().run_refresher(settings.refresher.clone(), stop_refresher.clone()))
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, "listening on http://{local}");
+
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections; finishing requests in flight");
+        signal.cancel();
+    });
+    let server = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let deadline = Duration::from_secs(args.shutdown_timeout);
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result.context("serving HTTP")?,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(deadline).await } => {
+            tracing::warn!(timeout_secs = deadline.as_secs(), "requests still in flight at the shutdown deadline; stopping anyway");
+        }
+    }
+
+    stop_refresher.cancel();
+    if let Some(task) = refresher {
+        let _ = task.await;
+    }
+    pool.close(Duration::from_secs(10)).await;
+    if let Some(mut cluster) = cluster {
+        tracing::info!("stopping the embedded PostgreSQL");
+        cluster.stop().await?;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Starts (creating on first run) the embedded PostgreSQL in `data_dir` and
+/// returns the pool configuration for its `integrations` database.
+async fn embedded_database(data_dir: &std::path::Path, db: &DatabaseArgs) -> anyhow::Result<(LocalCluster, PoolConfig)> {
+    let cluster = match LocalCluster::open_or_init(&data_dir.join("postgres"), ClusterOptions::default()).await {
+        Ok(c) => c,
+        Err(e @ ClusterError::BinariesNotFound { .. }) => {
+            anyhow::bail!("{e}\nno DATABASE_URL is set, so `serve` would run an embedded PostgreSQL, but its server binaries are not installed: install Debian's `postgresql` package (apt-get install postgresql) or set DATABASE_URL")
+        }
+        Err(e) => return Err(e).context("starting the embedded PostgreSQL"),
+    };
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        port = cluster.port(),
+        "no DATABASE_URL: using the embedded PostgreSQL (data kept between runs); set DATABASE_URL for production"
+    );
+    let (client, connection) = tokio_postgres_connect(&cluster.url("postgres")).await?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = 'integrations'", &[])
+        .await?
+        .is_some();
+    if !exists {
+        client.batch_execute("CREATE DATABASE integrations").await?;
+    }
+    drop(client);
+    connection.abort();
+    let url = format!("{}?sslmode=disable", cluster.url("integrations"));
+    let cfg = crate::settings::pool_config(Some(&url), db.profile.as_deref())?;
+    Ok((cluster, cfg))
+}
+
+async fn tokio_postgres_connect(
+    url: &str,
+) -> anyhow::Result<(db_pool::tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
+    let (client, connection) = db_pool::tokio_postgres::connect(url, db_pool::tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, task))
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

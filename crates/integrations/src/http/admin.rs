@@ -1,0 +1,60 @@
+//! `/v1/admin/pool`: the pool's numbers and what the database's
+//! connections are doing.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::auth::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+use crate::auth::Scope;
+
+/// The routes of this resource.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(pool))
+}
+
+/// Pool statistics, the status cache, and `pg_stat_activity` for the database.
+#[derive(Serialize, ToSchema)]
+pub struct PoolReport {
+    /// `Pool::stats()`: gauges and counters.
+    #[schema(value_type = Object)]
+    pool: db_pool::PoolStats,
+    /// The status cache.
+    #[schema(value_type = Object)]
+    cache: crate::service::CacheStats,
+    /// The activity view (`integrations activity`).
+    #[schema(value_type = Object)]
+    activity: db_pool::diagnostics::Activity,
+}
+
+/// The pool's statistics and the database's activity (needs `admin`).
+#[utoipa::path(
+    get,
+    path = "/v1/admin/pool",
+    responses(
+        (status = 200, description = "Pool statistics and activity", body = PoolReport),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "The key lacks the admin scope", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+    security(("api_key" = ["admin"])),
+    tag = "admin"
+)]
+async fn pool(caller: Caller, State(state): State<AppState>) -> Result<Json<PoolReport>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let pool = state.service.pool();
+    let stats = pool.stats();
+    let mut conn = pool.get().await?;
+    let database = pool.config().database.clone();
+    let activity = db_pool::diagnostics::activity(&mut conn, &database).await?;
+    Ok(Json(PoolReport {
+        pool: stats,
+        cache: state.service.cache_stats(),
+        activity,
+    }))
+}

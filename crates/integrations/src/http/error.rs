@@ -1,0 +1,213 @@
+//! One JSON error shape for every failure, and the one place that maps
+//! errors to HTTP statuses:
+//! `{"error": {"code": "...", "message": "...", "hint": "..."}}`.
+//!
+//! Internal causes are logged here, inside the request's span; the client
+//! sees a fixed message. Never a stack trace, SQL, token or password.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::service::ServiceError;
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: String,
+    message: String,
+    hint: Option<String>,
+    retry_after: Option<u32>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// The error object of every failed request.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// Stable machine-readable code: `invalid_request`, `unauthorized`,
+    /// `forbidden`, `not_found`, `conflict`, `reconnect_required`,
+    /// `refresh_failed`, `payload_too_large`, `internal`, or a Prisma code
+    /// (`P2024`, `P2037`, `P1001`, ...) for database errors.
+    code: String,
+    /// What went wrong.
+    message: String,
+    /// What to do about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint: Option<String>,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+            hint: None,
+            retry_after: None,
+        }
+    }
+
+    /// Adds a hint.
+    pub fn hint(mut self, hint: impl Into<String>) -> ApiError {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// 400 naming what is wrong.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// 401: no key, or a key that is not valid (indistinguishable).
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required",
+        )
+        .hint("send Authorization: Bearer <key>; create keys with `integrations api-key create`")
+    }
+
+    /// 403: the key lacks a scope.
+    pub fn forbidden(scope: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this API key does not have the '{scope}' scope"),
+        )
+        .hint("create a key with the scope it needs: integrations api-key create --scopes ...")
+    }
+
+    /// 500 with a fixed message; the cause is logged, not sent.
+    pub fn internal(cause: &dyn std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the request id identifies it in the logs",
+        )
+    }
+
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The JSON body's `error` object, for per-item results of a batch.
+    pub(crate) fn detail(&self) -> serde_json::Value {
+        serde_json::json!({ "code": self.code, "message": self.message, "hint": self.hint })
+    }
+}
+
+impl From<db_pool::Error> for ApiError {
+    fn from(e: db_pool::Error) -> ApiError {
+        use db_pool::Error as E;
+        let (status, retry) = match &e {
+            E::PoolTimeout { .. } | E::TooManyConnections(_) => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+            E::Unreachable { .. } | E::ConnectionClosed | E::PoolClosed => {
+                (StatusCode::SERVICE_UNAVAILABLE, Some(5))
+            }
+            E::SocketTimeout(_) => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+            _ => return ApiError::internal(&e),
+        };
+        tracing::warn!(code = e.code(), error = %e, "database unavailable");
+        // The pool's messages name no secret; they are what an operator needs.
+        ApiError {
+            status,
+            code: e.code().to_string(),
+            message: e.to_string(),
+            hint: Some(e.hint().to_string()),
+            retry_after: retry,
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        match e {
+            ServiceError::Invalid(e) => ApiError::bad_request(e.to_string()),
+            ServiceError::UnknownProvider(e) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            ServiceError::NotFound { .. } => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such integration")
+            }
+            ServiceError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            ServiceError::NeedsReconnect { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "reconnect_required", e.to_string())
+                    .hint("send the user through POST /v1/connect/{provider} again")
+            }
+            ServiceError::RefreshFailed { transient, .. } => {
+                let mut err = ApiError::new(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string());
+                if transient {
+                    err.retry_after = Some(30);
+                    err.hint("the provider or the network failed; the stored tokens are unchanged, retry later")
+                } else {
+                    err.hint("the provider refused the request: check the provider's client id and secret")
+                }
+            }
+            ServiceError::InvalidState(_) => ApiError::bad_request(e.to_string()),
+            ServiceError::OAuth(o) => {
+                tracing::warn!(error = %o, "OAuth request failed");
+                ApiError::new(StatusCode::BAD_GATEWAY, "oauth_failed", o.to_string())
+            }
+            ServiceError::Crypto(c) => ApiError::internal(&c),
+            ServiceError::Db(db) => match std::sync::Arc::try_unwrap(db) {
+                Ok(db) => db.into(),
+                Err(shared) => ApiError::from(db_pool::Error::Parameter(shared.to_string()))
+                    .with_code_of(&shared),
+            },
+        }
+    }
+}
+
+impl ApiError {
+    /// Keeps a shared pool error's code, status and hint.
+    fn with_code_of(self, e: &db_pool::Error) -> ApiError {
+        let status = match e {
+            db_pool::Error::PoolTimeout { .. }
+            | db_pool::Error::TooManyConnections(_)
+            | db_pool::Error::Unreachable { .. }
+            | db_pool::Error::ConnectionClosed
+            | db_pool::Error::PoolClosed
+            | db_pool::Error::SocketTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => return self,
+        };
+        ApiError {
+            status,
+            code: e.code().to_string(),
+            message: e.to_string(),
+            hint: Some(e.hint().to_string()),
+            retry_after: Some(1),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+                hint: self.hint,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

@@ -1,0 +1,164 @@
+//! The HTTP API: one file per resource, each exporting `router()`; errors in
+//! one shape (`error.rs`); API keys (`auth.rs`).
+//!
+//! Every request gets a request id (`x-request-id`, generated when absent,
+//! echoed back) recorded in its tracing span, so every log line of the
+//! request, the pool's leak warnings included, carries it. Latency and
+//! counts are recorded per route template, so label sets stay bounded.
+
+mod admin;
+mod auth;
+mod connect;
+mod error;
+mod extract;
+mod health;
+mod integrations;
+mod tokens;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+pub use error::ApiError;
+
+use crate::auth::ApiKeys;
+use crate::service::IntegrationsService;
+
+/// Largest request body accepted (token responses are a few KiB).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Longest a request may take before it is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The operations.
+    pub service: Arc<IntegrationsService>,
+    /// API key verification.
+    pub keys: Arc<ApiKeys>,
+    /// The Prometheus recorder, when installed.
+    pub metrics: Option<PrometheusHandle>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Integrations Management System",
+        description = "Users' third-party OAuth integrations: stored encrypted, refreshed before they expire, and their health at a glance."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "integrations", description = "A user's integrations"),
+        (name = "tokens", description = "Access tokens and refreshes"),
+        (name = "connect", description = "The OAuth connect flow"),
+        (name = "admin", description = "Operations"),
+        (name = "health", description = "Health and metrics"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key from `integrations api-key create`; scopes: read, write, credentials, admin",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The routes and the OpenAPI document, built from the same handlers so
+/// they cannot drift apart.
+pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(integrations::router())
+        .merge(tokens::router())
+        .merge(connect::router())
+        .merge(admin::router())
+        .merge(health::router())
+        .split_for_parts()
+}
+
+/// The application: routes, `/openapi.json`, and the middleware stack.
+pub fn app(state: AppState) -> Router {
+    let (router, openapi) = routes();
+    let openapi = Arc::new(openapi);
+    let request_id = HeaderName::from_static("x-request-id");
+    router
+        .route(
+            "/openapi.json",
+            get(move || {
+                let doc = openapi.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(not_found)
+        .with_state(state)
+        .layer(middleware::from_fn(record_metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!(
+                    "request",
+                    request_id = %id,
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    api_key = tracing::field::Empty,
+                )
+            }),
+        )
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
+}
+
+/// Counts and times requests per route template (`/v1/users/{user_id}/...`,
+/// never the concrete path, so label sets stay bounded).
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::histogram!("http_request_duration_seconds", "method" => method.clone(), "route" => route.clone())
+        .record(started.elapsed());
+    metrics::counter!("http_requests_total", "method" => method, "route" => route, "status" => status).increment(1);
+    response.into_response()
+}
