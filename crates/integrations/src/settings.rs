@@ -85,6 +85,14 @@ impl ServiceSettings {
         let mut service = crate::service::ServiceConfig::default();
         service.status_cache_ttl = secs("INTEGRATIONS_STATUS_CACHE_TTL", service.status_cache_ttl)?;
         service.refresh_margin = secs("INTEGRATIONS_REFRESH_MARGIN", service.refresh_margin)?;
+        if let Some(v) = env("INTEGRATIONS_STATUS_CACHE_CAPACITY").filter(|v| !v.trim().is_empty())
+        {
+            service.status_cache_capacity = v.trim().parse().map_err(|_| SettingError {
+                var: "INTEGRATIONS_STATUS_CACHE_CAPACITY",
+                value: v.clone(),
+                accepted: "a whole number of users >= 0 (0 turns the status cache off)",
+            })?;
+        }
         if let Some(url) = env("INTEGRATIONS_CALLBACK_URL").filter(|v| !v.trim().is_empty()) {
             match url::Url::parse(url.trim()) {
                 Ok(u) if u.scheme() == "https" || u.scheme() == "http" => {

@@ -89,7 +89,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
     })
 }
 
-async fn serve(args: ServeArgs, settings: ServiceSettings, pool_cfg: Option<PoolConfig>) -> anyhow::Result<()> {
+async fn serve(
+    args: ServeArgs,
+    settings: ServiceSettings,
+    pool_cfg: Option<PoolConfig>,
+) -> anyhow::Result<()> {
     // Installed before the pool exists, so its histograms are recorded.
     let metrics = PrometheusBuilder::new()
         .install_recorder()
@@ -129,7 +133,9 @@ async fn serve(args: ServeArgs, settings: ServiceSettings, pool_cfg: Option<Pool
         tracing::warn!(parameter = %p, "unknown DATABASE_URL parameter ignored");
     }
     let pool = Pool::new(pool_cfg)?;
-    let applied = crate::store::migrations::run(&pool).await.context("applying migrations")?;
+    let applied = crate::store::migrations::run(&pool)
+        .await
+        .context("applying migrations")?;
     for m in &applied.applied {
         tracing::info!(migration = %m, "migration applied");
     }
@@ -150,7 +156,11 @@ async fn serve(args: ServeArgs, settings: ServiceSettings, pool_cfg: Option<Pool
 
     let stop_refresher = CancellationToken::new();
     let refresher = (!args.no_refresher).then(|| {
-        tokio::spawn(service.clone().run_refresher(settings.refresher.clone(), stop_refresher.clone()))
+        tokio::spawn(
+            service
+                .clone()
+                .run_refresher(settings.refresher.clone(), stop_refresher.clone()),
+        )
     });
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -193,8 +203,16 @@ async fn serve(args: ServeArgs, settings: ServiceSettings, pool_cfg: Option<Pool
 
 /// Starts (creating on first run) the embedded PostgreSQL in `data_dir` and
 /// returns the pool configuration for its `integrations` database.
-async fn embedded_database(data_dir: &std::path::Path, db: &DatabaseArgs) -> anyhow::Result<(LocalCluster, PoolConfig)> {
-    let cluster = match LocalCluster::open_or_init(&data_dir.join("postgres"), ClusterOptions::default()).await {
+async fn embedded_database(
+    data_dir: &std::path::Path,
+    db: &DatabaseArgs,
+) -> anyhow::Result<(LocalCluster, PoolConfig)> {
+    let cluster = match LocalCluster::open_or_init(
+        &data_dir.join("postgres"),
+        ClusterOptions::default(),
+    )
+    .await
+    {
         Ok(c) => c,
         Err(e @ ClusterError::BinariesNotFound { .. }) => {
             anyhow::bail!("{e}\nno DATABASE_URL is set, so `serve` would run an embedded PostgreSQL, but its server binaries are not installed: install Debian's `postgresql` package (apt-get install postgresql) or set DATABASE_URL")
@@ -208,7 +226,10 @@ async fn embedded_database(data_dir: &std::path::Path, db: &DatabaseArgs) -> any
     );
     let (client, connection) = tokio_postgres_connect(&cluster.url("postgres")).await?;
     let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = 'integrations'", &[])
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = 'integrations'",
+            &[],
+        )
         .await?
         .is_some();
     if !exists {
@@ -224,7 +245,8 @@ async fn embedded_database(data_dir: &std::path::Path, db: &DatabaseArgs) -> any
 async fn tokio_postgres_connect(
     url: &str,
 ) -> anyhow::Result<(db_pool::tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
-    let (client, connection) = db_pool::tokio_postgres::connect(url, db_pool::tokio_postgres::NoTls).await?;
+    let (client, connection) =
+        db_pool::tokio_postgres::connect(url, db_pool::tokio_postgres::NoTls).await?;
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });

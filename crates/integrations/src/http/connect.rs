@@ -115,8 +115,13 @@ async fn callback(State(state): State<AppState>, ApiQuery(q): ApiQuery<CallbackQ
             let finished = state.service.finish_connect(&state_value, "").await;
             let reason = error.unwrap_or_else(|| "missing_code".into());
             return match finished.redirect_uri {
-                Some(uri) => Redirect::to(&with_query(&uri, &[("status", "error"), ("error", &reason)])).into_response(),
-                None => ApiError::bad_request("the OAuth state is unknown or already used").into_response(),
+                Some(uri) => Redirect::to(&with_query(
+                    &uri,
+                    &[("status", "error"), ("error", &reason)],
+                ))
+                .into_response(),
+                None => ApiError::bad_request("the OAuth state is unknown or already used")
+                    .into_response(),
             };
         }
     };
@@ -124,13 +129,18 @@ async fn callback(State(state): State<AppState>, ApiQuery(q): ApiQuery<CallbackQ
     match (finished.redirect_uri, finished.result) {
         (Some(uri), Ok(i)) => Redirect::to(&with_query(
             &uri,
-            &[("status", "connected"), ("provider", &i.provider), ("account_id", &i.account_id)],
+            &[
+                ("status", "connected"),
+                ("provider", &i.provider),
+                ("account_id", &i.account_id),
+            ],
         ))
         .into_response(),
         (Some(uri), Err(e)) => {
             let api = ApiError::from(e);
             let code = api.detail()["code"].as_str().unwrap_or("error").to_string();
-            Redirect::to(&with_query(&uri, &[("status", "error"), ("error", &code)])).into_response()
+            Redirect::to(&with_query(&uri, &[("status", "error"), ("error", &code)]))
+                .into_response()
         }
         (None, Err(e)) => ApiError::from(e).into_response(),
         (None, Ok(_)) => ApiError::bad_request("the OAuth state is unknown").into_response(),

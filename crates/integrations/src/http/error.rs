@@ -31,9 +31,10 @@ pub(crate) struct ErrorBody {
 #[derive(Serialize, utoipa::ToSchema)]
 pub(crate) struct ErrorDetail {
     /// Stable machine-readable code: `invalid_request`, `unauthorized`,
-    /// `forbidden`, `not_found`, `conflict`, `reconnect_required`,
-    /// `refresh_failed`, `payload_too_large`, `internal`, or a Prisma code
-    /// (`P2024`, `P2037`, `P1001`, ...) for database errors.
+    /// `forbidden`, `not_found`, `method_not_allowed`, `conflict`,
+    /// `reconnect_required`, `refresh_failed`, `payload_too_large`,
+    /// `internal`, or a Prisma code (`P2024`, `P2037`, `P1001`, ...) for
+    /// database errors.
     code: String,
     /// What went wrong.
     message: String,
@@ -110,7 +111,9 @@ impl From<db_pool::Error> for ApiError {
     fn from(e: db_pool::Error) -> ApiError {
         use db_pool::Error as E;
         let (status, retry) = match &e {
-            E::PoolTimeout { .. } | E::TooManyConnections(_) => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
+            E::PoolTimeout { .. } | E::TooManyConnections(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, Some(1))
+            }
             E::Unreachable { .. } | E::ConnectionClosed | E::PoolClosed => {
                 (StatusCode::SERVICE_UNAVAILABLE, Some(5))
             }
@@ -133,17 +136,22 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
         match e {
             ServiceError::Invalid(e) => ApiError::bad_request(e.to_string()),
-            ServiceError::UnknownProvider(e) => ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            ServiceError::UnknownProvider(e) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
             ServiceError::NotFound { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such integration")
             }
-            ServiceError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            ServiceError::Conflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             ServiceError::NeedsReconnect { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "reconnect_required", e.to_string())
                     .hint("send the user through POST /v1/connect/{provider} again")
             }
             ServiceError::RefreshFailed { transient, .. } => {
-                let mut err = ApiError::new(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string());
+                let mut err =
+                    ApiError::new(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string());
                 if transient {
                     err.retry_after = Some(30);
                     err.hint("the provider or the network failed; the stored tokens are unchanged, retry later")

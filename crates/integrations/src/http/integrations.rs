@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -24,20 +25,21 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(put, delete))
 }
 
-/// An integration as the API shows it: never its tokens.
+/// An integration as the API shows it: never its tokens. Borrows from the
+/// cached status, so serving from the cache copies nothing.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct IntegrationView {
+pub struct IntegrationView<'a> {
     /// Provider name.
-    provider: String,
+    provider: &'a str,
     /// Account on the provider.
-    account_id: String,
+    account_id: &'a str,
     /// `connected`, `expired`, `error` or `revoked`.
     #[schema(value_type = String, example = "connected")]
     status: Status,
     /// Whether it works now (or will after a refresh).
     healthy: bool,
     /// Granted scopes.
-    scopes: Vec<String>,
+    scopes: &'a [String],
     /// When the access token expires; null when it never does.
     expires_at: Option<DateTime<Utc>>,
     /// Last refresh.
@@ -45,29 +47,29 @@ pub struct IntegrationView {
     /// Refresh failures in a row.
     refresh_failures: i32,
     /// The last refresh error, if the last attempt failed.
-    last_error: Option<String>,
+    last_error: Option<&'a str>,
     /// Application data stored with it.
     #[schema(value_type = Object)]
-    metadata: serde_json::Value,
+    metadata: &'a serde_json::Value,
     /// First connected.
     created_at: DateTime<Utc>,
     /// Last changed.
     updated_at: DateTime<Utc>,
 }
 
-impl From<&IntegrationStatus> for IntegrationView {
-    fn from(s: &IntegrationStatus) -> Self {
+impl<'a> From<&'a IntegrationStatus> for IntegrationView<'a> {
+    fn from(s: &'a IntegrationStatus) -> Self {
         IntegrationView {
-            provider: s.provider.clone(),
-            account_id: s.account_id.clone(),
+            provider: &s.provider,
+            account_id: &s.account_id,
             status: s.status,
             healthy: s.healthy(),
-            scopes: s.scopes.clone(),
+            scopes: &s.scopes,
             expires_at: s.expires_at,
             last_refresh_at: s.last_refresh_at,
             refresh_failures: s.refresh_failures,
-            last_error: s.last_error.clone(),
-            metadata: s.metadata.clone(),
+            last_error: s.last_error.as_deref(),
+            metadata: &s.metadata,
             created_at: s.created_at,
             updated_at: s.updated_at,
         }
@@ -76,11 +78,11 @@ impl From<&IntegrationStatus> for IntegrationView {
 
 /// A user's integrations.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct IntegrationList {
+pub struct IntegrationList<'a> {
     /// The user.
-    user_id: String,
+    user_id: &'a str,
     /// Their integrations, by provider and account.
-    integrations: Vec<IntegrationView>,
+    integrations: Vec<IntegrationView<'a>>,
 }
 
 /// List a user's integrations and their health (served from a cache with a
@@ -90,7 +92,7 @@ pub struct IntegrationList {
     path = "/v1/users/{user_id}/integrations",
     params(("user_id" = String, Path, description = "The application's user id")),
     responses(
-        (status = 200, description = "The user's integrations", body = IntegrationList),
+        (status = 200, description = "The user's integrations", body = IntegrationList<'static>),
         (status = 400, description = "Invalid user_id", body = super::error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = super::error::ErrorBody),
         (status = 403, description = "The key lacks the read scope", body = super::error::ErrorBody),
@@ -103,14 +105,20 @@ async fn list(
     caller: Caller,
     State(state): State<AppState>,
     ApiPath(user_id): ApiPath<String>,
-) -> Result<Json<IntegrationList>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     caller.require(Scope::Read)?;
     let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let list = state.service.status(&user).await?;
-    Ok(Json(IntegrationList {
-        user_id,
+    let body = serde_json::to_vec(&IntegrationList {
+        user_id: &user_id,
         integrations: list.iter().map(IntegrationView::from).collect(),
-    }))
+    })
+    .map_err(|e| ApiError::internal(&e))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// The body of `PUT`: the token response as the provider returned it
@@ -139,7 +147,11 @@ pub struct TokenBody {
     metadata: Option<serde_json::Value>,
 }
 
-fn ids(user: &str, provider: &str, account: &str) -> Result<(UserId, ProviderName, AccountId), ApiError> {
+fn ids(
+    user: &str,
+    provider: &str,
+    account: &str,
+) -> Result<(UserId, ProviderName, AccountId), ApiError> {
     let bad = |e: crate::domain::InvalidInput| ApiError::bad_request(e.to_string());
     Ok((
         UserId::parse(user).map_err(bad)?,
@@ -160,7 +172,7 @@ fn ids(user: &str, provider: &str, account: &str) -> Result<(UserId, ProviderNam
     ),
     request_body = TokenBody,
     responses(
-        (status = 200, description = "Stored", body = IntegrationView),
+        (status = 200, description = "Stored", body = IntegrationView<'static>),
         (status = 400, description = "Invalid body or path", body = super::error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = super::error::ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = super::error::ErrorBody),
@@ -176,10 +188,14 @@ async fn put(
     State(state): State<AppState>,
     ApiPath((user_id, provider, account_id)): ApiPath<(String, String, String)>,
     ApiJson(body): ApiJson<serde_json::Value>,
-) -> Result<Json<IntegrationView>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     caller.require(Scope::Write)?;
     let (user, provider, account) = ids(&user_id, &provider, &account_id)?;
-    let registered = state.service.providers().get(provider.as_str()).map_err(crate::service::ServiceError::from)?;
+    let registered = state
+        .service
+        .providers()
+        .get(provider.as_str())
+        .map_err(crate::service::ServiceError::from)?;
     let tokens = TokenSet::from_response(&body, Utc::now(), registered.expiry)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let metadata = body.get("metadata").filter(|m| !m.is_null());
@@ -187,7 +203,7 @@ async fn put(
         .service
         .connect(&user, &provider, &account, &tokens, metadata)
         .await?;
-    Ok(Json(IntegrationView::from(&stored)))
+    Ok(Json(IntegrationView::from(&stored)).into_response())
 }
 
 /// Delete an integration, revoking its tokens at the provider where it has
@@ -219,7 +235,10 @@ async fn delete(
     if state.service.disconnect(&user, &provider, &account).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such integration"))
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such integration",
+        ))
     }
 }
-

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -115,6 +115,7 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(middleware::from_fn(record_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
@@ -123,42 +124,88 @@ pub fn app(state: AppState) -> Router {
             REQUEST_TIMEOUT,
         ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let id = req
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!(
-                    "request",
-                    request_id = %id,
-                    method = %req.method(),
-                    path = %req.uri().path(),
-                    api_key = tracing::field::Empty,
-                )
-            }),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!(
+                "request",
+                request_id = %id,
+                method = %req.method(),
+                path = %req.uri().path(),
+                api_key = tracing::field::Empty,
+            )
+        }))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see /openapi.json",
+    )
+}
+
+/// A route that exists, with a method it does not have (axum adds `Allow`).
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not accept this method; see the Allow header and /openapi.json",
+    )
+}
+
+/// Metric handles per (route template, method, status), created once: the
+/// `metrics!` macros would build and hash label strings on every request.
+type Handles = std::collections::HashMap<
+    String,
+    std::collections::HashMap<(axum::http::Method, u16), (metrics::Histogram, metrics::Counter)>,
+>;
+
+fn handles(
+    route: &str,
+    method: &axum::http::Method,
+    status: u16,
+) -> (metrics::Histogram, metrics::Counter) {
+    static HANDLES: std::sync::OnceLock<std::sync::Mutex<Handles>> = std::sync::OnceLock::new();
+    let mut all = HANDLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(h) = all
+        .get(route)
+        .and_then(|m| m.get(&(method.clone(), status)))
+    {
+        return h.clone();
+    }
+    let labels = [("method", method.to_string()), ("route", route.to_string())];
+    let histogram = metrics::histogram!("http_request_duration_seconds", &labels);
+    let counter = metrics::counter!(
+        "http_requests_total",
+        "method" => method.to_string(),
+        "route" => route.to_string(),
+        "status" => status.to_string()
+    );
+    all.entry(route.to_string()).or_default().insert(
+        (method.clone(), status),
+        (histogram.clone(), counter.clone()),
+    );
+    (histogram, counter)
 }
 
 /// Counts and times requests per route template (`/v1/users/{user_id}/...`,
 /// never the concrete path, so label sets stay bounded).
 async fn record_metrics(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = req.method().to_string();
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let method = req.method().clone();
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::histogram!("http_request_duration_seconds", "method" => method.clone(), "route" => route.clone())
-        .record(started.elapsed());
-    metrics::counter!("http_requests_total", "method" => method, "route" => route, "status" => status).increment(1);
-    response.into_response()
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let (histogram, counter) = handles(route, &method, response.status().as_u16());
+    histogram.record(started.elapsed());
+    counter.increment(1);
+    response
 }

@@ -100,7 +100,7 @@ async fn token(
         ("account_id" = String, Path, description = "Account id on the provider"),
     ),
     responses(
-        (status = 200, description = "Refreshed", body = IntegrationView),
+        (status = 200, description = "Refreshed", body = IntegrationView<'static>),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = ErrorBody),
         (status = 404, description = "No such integration or provider", body = ErrorBody),
@@ -114,11 +114,11 @@ async fn refresh(
     caller: Caller,
     State(state): State<AppState>,
     ApiPath((provider, account_id)): ApiPath<(String, String)>,
-) -> Result<Json<IntegrationView>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.require(Scope::Write)?;
     let (p, a) = key(&provider, &account_id)?;
     let status = state.service.refresh(&p, &a).await?;
-    Ok(Json(IntegrationView::from(&status)))
+    Ok(Json(IntegrationView::from(&status)).into_response())
 }
 
 /// One integration to refresh.
@@ -155,9 +155,10 @@ pub struct BatchResult {
     account_id: String,
     /// Whether it was refreshed.
     ok: bool,
-    /// The new state, when ok.
+    /// The new state, when ok (an integration as in the list).
     #[serde(skip_serializing_if = "Option::is_none")]
-    integration: Option<IntegrationView>,
+    #[schema(value_type = Option<Object>)]
+    integration: Option<serde_json::Value>,
     /// Why not, when not ok (same shape as an error response's `error`).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
@@ -193,13 +194,21 @@ async fn batch_refresh(
     }
     let concurrency = body.concurrency.unwrap_or(DEFAULT_BATCH_CONCURRENCY);
     if !(1..=50).contains(&concurrency) {
-        return Err(ApiError::bad_request("concurrency is invalid: accepted 1 to 50"));
+        return Err(ApiError::bad_request(
+            "concurrency is invalid: accepted 1 to 50",
+        ));
     }
     let mut parsed = Vec::with_capacity(body.requests.len());
     for (i, item) in body.requests.iter().enumerate() {
-        let (provider, account_id) = key(&item.provider, &item.account_id)
-            .map_err(|_| ApiError::bad_request(format!("requests[{i}] has an invalid provider or account_id")))?;
-        parsed.push(RefreshRequest { provider, account_id });
+        let (provider, account_id) = key(&item.provider, &item.account_id).map_err(|_| {
+            ApiError::bad_request(format!(
+                "requests[{i}] has an invalid provider or account_id"
+            ))
+        })?;
+        parsed.push(RefreshRequest {
+            provider,
+            account_id,
+        });
     }
     let results = state.service.batch_refresh(parsed, concurrency).await;
     let results = body
@@ -211,7 +220,7 @@ async fn batch_refresh(
                 provider: item.provider,
                 account_id: item.account_id,
                 ok: true,
-                integration: Some(IntegrationView::from(&status)),
+                integration: serde_json::to_value(IntegrationView::from(&status)).ok(),
                 error: None,
             },
             Err(e) => BatchResult {

@@ -56,25 +56,37 @@ impl IntegrationsService {
         user_id: &UserId,
     ) -> Result<Arc<Vec<IntegrationStatus>>, ServiceError> {
         let cache = &self.cache;
-        let load = async {
-            cache.loads.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("integrations_status_cache_misses_total").increment(1);
-            let mut conn = self.pool.get().await?;
-            let rows = store::integrations::list_for_user(&mut conn, user_id.as_str()).await?;
-            Ok::<_, db_pool::Error>(Arc::new(rows))
-        };
         let Some(entries) = &cache.cache else {
-            return load.await.map_err(ServiceError::from);
+            return self
+                .load_status(user_id.as_str())
+                .await
+                .map_err(ServiceError::from);
         };
         if let Some(hit) = entries.get(user_id.as_str()).await {
             cache.hits.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("integrations_status_cache_hits_total").increment(1);
             return Ok(hit);
         }
+        // Boxed so the hit path's future stays small (it is moved on every
+        // request); concurrent misses for one user share this one load.
+        let load: std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<_, db_pool::Error>> + Send + '_>,
+        > = Box::pin(self.load_status(user_id.as_str()));
         entries
             .try_get_with(user_id.as_str().to_string(), load)
             .await
             .map_err(ServiceError::Db)
+    }
+
+    async fn load_status(
+        &self,
+        user_id: &str,
+    ) -> Result<Arc<Vec<IntegrationStatus>>, db_pool::Error> {
+        self.cache.loads.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("integrations_status_cache_misses_total").increment(1);
+        let mut conn = self.pool.get().await?;
+        let rows = store::integrations::list_for_user(&mut conn, user_id).await?;
+        Ok(Arc::new(rows))
     }
 
     /// The status of one integration (not cached).

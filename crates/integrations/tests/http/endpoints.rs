@@ -1,0 +1,464 @@
+//! Every endpoint's happy path, through the real server.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+
+use chrono::{DateTime, Utc};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::common::{Mode, TestApp, CALLBACK_URL};
+
+/// The operations `/openapi.json` documents: method and path template.
+const DOCUMENTED: [(&str, &str); 12] = [
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/users/{user_id}/integrations"),
+    (
+        "PUT",
+        "/v1/users/{user_id}/integrations/{provider}/{account_id}",
+    ),
+    (
+        "DELETE",
+        "/v1/users/{user_id}/integrations/{provider}/{account_id}",
+    ),
+    ("GET", "/v1/integrations/{provider}/{account_id}/token"),
+    ("POST", "/v1/integrations/{provider}/{account_id}/refresh"),
+    ("POST", "/v1/integrations/refresh"),
+    ("POST", "/v1/connect/{provider}"),
+    ("GET", "/v1/oauth/callback"),
+    ("GET", "/v1/admin/pool"),
+];
+
+fn accounts(list: &Value) -> BTreeSet<String> {
+    list["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["account_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer_without_a_key() {
+    let app = TestApp::spawn().await;
+    let health = app.get("/healthz", None).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json(), json!({"status": "ok"}));
+    let ready = app.get("/readyz", None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    assert_eq!(ready.json(), json!({"status": "ready"}));
+
+    // A request on a templated route, so the counter has that label.
+    let list = app
+        .get("/v1/users/user-1/integrations", Some(&app.keys.read))
+        .await;
+    assert_eq!(list.status, 200, "{}", list.text);
+
+    let metrics = app.get("/metrics", None).await;
+    assert_eq!(metrics.status, 200);
+    assert!(metrics
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
+    for name in [
+        "db_pool_connections_open",
+        "integrations_status_cache",
+        "http_requests_total",
+        r#"route="/v1/users/{user_id}/integrations""#,
+    ] {
+        assert!(
+            metrics.text.contains(name),
+            "/metrics lacks {name}:\n{}",
+            metrics.text
+        );
+    }
+    // Labelled by template, never by the concrete path.
+    assert!(!metrics.text.contains("user-1"), "{}", metrics.text);
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn integrations_are_stored_listed_and_deleted() {
+    let app = TestApp::spawn().await;
+    let key = Some(app.keys.all.as_str());
+
+    // expires_in, a scope string, token_type and metadata.
+    let stored = app
+        .put_integration(
+            "user-1",
+            "good",
+            "acct-1",
+            json!({"access_token": "at-put-1", "refresh_token": "rt-put-1", "expires_in": 3600,
+                   "scope": "read write", "token_type": "Bearer", "metadata": {"team": "blue"}}),
+        )
+        .await;
+    assert_eq!(stored["provider"], "good");
+    assert_eq!(stored["account_id"], "acct-1");
+    assert_eq!(stored["status"], "connected");
+    assert_eq!(stored["healthy"], true);
+    assert_eq!(stored["scopes"], json!(["read", "write"]));
+    assert_eq!(stored["metadata"], json!({"team": "blue"}));
+    let expires = time(&stored["expires_at"]);
+    assert!(
+        expires > Utc::now() + chrono::Duration::minutes(55),
+        "{stored}"
+    );
+
+    // expires_at (RFC 3339) and a scopes list.
+    let at = (Utc::now() + chrono::Duration::hours(2)).to_rfc3339();
+    let second = app
+        .put_integration(
+            "user-1",
+            "good",
+            "acct-2",
+            json!({"access_token": "at-put-2", "refresh_token": "rt-put-2", "expires_at": at,
+                   "scopes": ["read", "admin"], "token_type": "Bearer"}),
+        )
+        .await;
+    assert_eq!(second["scopes"], json!(["read", "admin"]));
+    assert_eq!(
+        time(&second["expires_at"]).timestamp(),
+        time(&json!(at)).timestamp()
+    );
+
+    let list = app.get("/v1/users/user-1/integrations", key).await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    let list = list.json();
+    assert_eq!(list["user_id"], "user-1");
+    assert_eq!(
+        accounts(&list),
+        BTreeSet::from(["acct-1".into(), "acct-2".into()])
+    );
+    // Another user sees nothing.
+    let other = app.get("/v1/users/user-2/integrations", key).await.json();
+    assert_eq!(other["integrations"], json!([]));
+
+    let deleted = app
+        .send(
+            Method::DELETE,
+            "/v1/users/user-1/integrations/good/acct-1",
+            key,
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.text);
+    assert!(deleted.text.is_empty());
+    assert_eq!(app.fake.revocations.load(Ordering::SeqCst), 1);
+    let list = app.get("/v1/users/user-1/integrations", key).await.json();
+    assert_eq!(accounts(&list), BTreeSet::from(["acct-2".into()]));
+
+    let again = app
+        .send(
+            Method::DELETE,
+            "/v1/users/user-1/integrations/good/acct-1",
+            key,
+            None,
+        )
+        .await;
+    again.assert_error(404, "not_found");
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn token_is_refreshed_first_only_when_it_expires_within_5_minutes() {
+    let app = TestApp::spawn().await;
+    let creds = Some(app.keys.all.as_str());
+    app.seed("user-1", "good", "fresh", 3600).await;
+    app.seed("user-1", "good", "soon", 120).await;
+
+    // Fresh: the stored token, no refresh.
+    let fresh = app.get("/v1/integrations/good/fresh/token", creds).await;
+    assert_eq!(fresh.status, 200, "{}", fresh.text);
+    assert_eq!(fresh.header("cache-control").as_deref(), Some("no-store"));
+    assert_eq!(fresh.json()["access_token"], "at-seed-good-fresh");
+    assert_eq!(fresh.json()["token_type"], "Bearer");
+    assert_eq!(app.fake.refreshes.load(Ordering::SeqCst), 0);
+
+    // Expiring in 2 minutes: refreshed first, exactly once.
+    let soon = app.get("/v1/integrations/good/soon/token", creds).await;
+    assert_eq!(soon.status, 200, "{}", soon.text);
+    assert_eq!(soon.header("cache-control").as_deref(), Some("no-store"));
+    let body = soon.json();
+    assert_eq!(body["access_token"], "at-good-1", "{body}");
+    assert!(time(&body["expires_at"]) > Utc::now() + chrono::Duration::minutes(55));
+    assert_eq!(app.fake.refreshes.load(Ordering::SeqCst), 1);
+
+    // Now fresh: asked again, no second refresh.
+    let again = app.get("/v1/integrations/good/soon/token", creds).await;
+    assert_eq!(again.json()["access_token"], "at-good-1");
+    assert_eq!(app.fake.refreshes.load(Ordering::SeqCst), 1);
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn refresh_and_batch_refresh_answer_per_item_in_order() {
+    let app = TestApp::spawn().await;
+    let key = Some(app.keys.all.as_str());
+    app.seed("user-1", "good", "acct-1", 3600).await;
+    app.seed("user-1", "good", "acct-2", 3600).await;
+    app.seed("user-2", "bad", "acct-3", 3600).await;
+    app.fake.set_mode("bad", Mode::InvalidGrant);
+
+    let one = app
+        .send(
+            Method::POST,
+            "/v1/integrations/good/acct-1/refresh",
+            key,
+            None,
+        )
+        .await;
+    assert_eq!(one.status, 200, "{}", one.text);
+    let one = one.json();
+    assert_eq!(one["account_id"], "acct-1");
+    assert_eq!(one["status"], "connected");
+    assert_eq!(one["refresh_failures"], 0);
+    assert!(!one["last_refresh_at"].is_null(), "{one}");
+    assert_eq!(app.fake.refreshes.load(Ordering::SeqCst), 1);
+
+    let batch = app
+        .send(
+            Method::POST,
+            "/v1/integrations/refresh",
+            key,
+            Some(json!({"requests": [
+                {"provider": "good", "account_id": "acct-1"},
+                {"provider": "good", "account_id": "missing"},
+                {"provider": "bad", "account_id": "acct-3"},
+                {"provider": "good", "account_id": "acct-2"},
+            ], "concurrency": 2})),
+        )
+        .await;
+    assert_eq!(batch.status, 200, "{}", batch.text);
+    let results = batch.json()["results"].as_array().unwrap().clone();
+    let summary: Vec<(String, bool)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["account_id"].as_str().unwrap().to_string(),
+                r["ok"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("acct-1".to_string(), true),
+            ("missing".to_string(), false),
+            ("acct-3".to_string(), false),
+            ("acct-2".to_string(), true),
+        ]
+    );
+    assert_eq!(results[0]["integration"]["status"], "connected");
+    assert_eq!(results[1]["error"]["code"], "not_found");
+    assert_eq!(results[2]["error"]["code"], "reconnect_required");
+    assert_eq!(results[3]["integration"]["account_id"], "acct-2");
+    assert!(results[0].get("error").is_none() && results[1].get("integration").is_none());
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn connect_flow_redirects_back_connected_and_refuses_a_replayed_state() {
+    let app = TestApp::spawn().await;
+    let started = app
+        .send(
+            Method::POST,
+            "/v1/connect/good",
+            Some(&app.keys.all),
+            Some(
+                json!({"user_id": "user-3", "redirect_uri": "https://app.example/done?from=test"}),
+            ),
+        )
+        .await;
+    assert_eq!(started.status, 200, "{}", started.text);
+    let body = started.json();
+    assert!(time(&body["expires_at"]) > Utc::now());
+    let authorize = url::Url::parse(body["authorize_url"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        authorize.as_str().split('?').next().unwrap(),
+        format!("http://127.0.0.1:{}/good/authorize", app.fake.port)
+    );
+    let q: HashMap<String, String> = authorize.query_pairs().into_owned().collect();
+    assert_eq!(q["redirect_uri"], CALLBACK_URL);
+    assert_eq!(q["client_id"], "client-good");
+    let state = q["state"].clone();
+
+    // The test plays the browser: the provider sends it to the callback.
+    app.fake.accept_code("code-1", "gh-777");
+    let callback = format!("/v1/oauth/callback?state={state}&code=code-1");
+    let done = app.get(&callback, None).await;
+    assert_eq!(done.status, 303, "{}", done.text);
+    let location = url::Url::parse(&done.header("location").unwrap()).unwrap();
+    assert_eq!(location.host_str(), Some("app.example"));
+    assert_eq!(location.path(), "/done");
+    let back: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    assert_eq!(back["from"], "test");
+    assert_eq!(back["status"], "connected");
+    assert_eq!(back["provider"], "good");
+    assert_eq!(back["account_id"], "gh-777");
+
+    let list = app
+        .get("/v1/users/user-3/integrations", Some(&app.keys.read))
+        .await
+        .json();
+    assert_eq!(accounts(&list), BTreeSet::from(["gh-777".into()]));
+
+    // The same state again: refused, and the provider is not asked.
+    app.fake.accept_code("code-2", "gh-888");
+    let replay = app
+        .get(
+            &format!("/v1/oauth/callback?state={state}&code=code-2"),
+            None,
+        )
+        .await;
+    replay.assert_error(400, "invalid_request");
+    assert_eq!(app.fake.exchanges.load(Ordering::SeqCst), 1);
+
+    // The user refuses at the provider: back to the application with the
+    // reason, and the state is used up.
+    let started = app
+        .send(
+            Method::POST,
+            "/v1/connect/good",
+            Some(&app.keys.all),
+            Some(json!({"user_id": "user-4", "redirect_uri": "https://app.example/done"})),
+        )
+        .await
+        .json();
+    let authorize = url::Url::parse(started["authorize_url"].as_str().unwrap()).unwrap();
+    let state = authorize
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    let refused = app
+        .get(
+            &format!("/v1/oauth/callback?state={state}&error=access_denied"),
+            None,
+        )
+        .await;
+    assert_eq!(refused.status, 303, "{}", refused.text);
+    let location = url::Url::parse(&refused.header("location").unwrap()).unwrap();
+    let back: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    assert_eq!(back["status"], "error");
+    assert_eq!(back["error"], "access_denied");
+    let list = app
+        .get("/v1/users/user-4/integrations", Some(&app.keys.read))
+        .await
+        .json();
+    assert_eq!(list["integrations"], json!([]));
+    // (The provider is still asked to exchange an empty code here: the
+    // handler ends the flow through finish_connect(state, "").)
+    app.fake.accept_code("code-3", "gh-999");
+    let used = app
+        .get(
+            &format!("/v1/oauth/callback?state={state}&code=code-3"),
+            None,
+        )
+        .await;
+    used.assert_error(400, "invalid_request");
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn admin_pool_reports_pool_stats_cache_and_activity() {
+    let app = TestApp::spawn().await;
+    app.get("/v1/users/user-1/integrations", Some(&app.keys.read))
+        .await;
+    let report = app.get("/v1/admin/pool", Some(&app.keys.all)).await;
+    assert_eq!(report.status, 200, "{}", report.text);
+    let report = report.json();
+    assert_eq!(report["pool"]["max"], 5, "{report}");
+    assert!(report["pool"]["open"].as_u64().unwrap() >= 1, "{report}");
+    assert!(
+        report["pool"]["checkouts"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(report["cache"]["misses"].as_u64().unwrap() >= 1, "{report}");
+    assert!(report["activity"].is_object(), "{report}");
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn openapi_documents_exactly_the_routes_the_server_answers() {
+    let app = TestApp::spawn().await;
+    let doc = app.get("/openapi.json", None).await;
+    assert_eq!(doc.status, 200);
+    let doc = doc.json();
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    assert!(doc["components"]["securitySchemes"]["api_key"].is_object());
+
+    let methods = [
+        "get", "put", "post", "delete", "patch", "head", "options", "trace",
+    ];
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            if methods.contains(&method.as_str()) {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let expected: BTreeSet<(String, String)> = DOCUMENTED
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, expected);
+
+    // Every documented operation is routed (without a key: 401 on /v1,
+    // 400 on the callback without state, 200 on health).
+    for (method, template) in &documented {
+        let path = template
+            .replace("{user_id}", "user-1")
+            .replace("{provider}", "good")
+            .replace("{account_id}", "acct-1");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let body = matches!(method, Method::PUT | Method::POST).then(|| json!({}));
+        let reply = app.send(method.clone(), &path, None, body).await;
+        assert!(
+            ![404, 405].contains(&reply.status.as_u16()),
+            "{method} {path} answered {}: {}",
+            reply.status,
+            reply.text
+        );
+    }
+    // The 13th route: the document itself.
+    assert_eq!(documented.len() + 1, 13);
+
+    // What is not documented is not routed.
+    for (method, path, status) in [
+        (
+            Method::GET,
+            "/v1/users/user-1/integrations/good/acct-1",
+            405,
+        ),
+        (
+            Method::PATCH,
+            "/v1/users/user-1/integrations/good/acct-1",
+            405,
+        ),
+        (Method::POST, "/healthz", 405),
+        (Method::GET, "/v1/connect/good", 405),
+        (Method::GET, "/v1/integrations", 404),
+        (Method::GET, "/v2/users/user-1/integrations", 404),
+    ] {
+        let reply = app.send(method.clone(), path, None, None).await;
+        let code = if status == 405 {
+            "method_not_allowed"
+        } else {
+            "not_found"
+        };
+        reply.assert_error(status, code);
+    }
+    app.assert_no_leaks();
+}

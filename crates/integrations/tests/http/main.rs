@@ -1,0 +1,15 @@
+//! End-to-end tests: the real `integrations serve` process on a random port,
+//! a real PostgreSQL and a fake OAuth provider, driven over HTTP. One module
+//! per behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+mod auth;
+mod embedded;
+mod endpoints;
+mod errors;
+mod pool_timeout;
+mod readiness;
+mod request_id;
+mod shutdown;

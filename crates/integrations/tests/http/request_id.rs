@@ -1,0 +1,121 @@
+//! Request ids: echoed or generated, and on the log lines of the request.
+
+use std::time::Duration;
+
+use reqwest::Method;
+
+use crate::common::{Mode, TestApp};
+
+#[tokio::test]
+async fn a_request_id_is_echoed_or_generated_and_tags_the_request_log_lines() {
+    let app = TestApp::spawn().await;
+
+    // Given: echoed, on success and on failure.
+    let ok = app
+        .send_raw(
+            Method::GET,
+            "/healthz",
+            None,
+            None,
+            &[("x-request-id", "test-123")],
+        )
+        .await;
+    assert_eq!(ok.header("x-request-id").as_deref(), Some("test-123"));
+    let denied = app
+        .send_raw(
+            Method::GET,
+            "/v1/admin/pool",
+            None,
+            None,
+            &[("x-request-id", "test-401")],
+        )
+        .await;
+    denied.assert_error(401, "unauthorized");
+    assert_eq!(denied.header("x-request-id").as_deref(), Some("test-401"));
+
+    // Absent: generated (a UUID), different each time.
+    let a = app
+        .get("/healthz", None)
+        .await
+        .header("x-request-id")
+        .unwrap();
+    let b = app
+        .get("/healthz", None)
+        .await
+        .header("x-request-id")
+        .unwrap();
+    assert_ne!(a, b);
+    for id in [&a, &b] {
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(id.matches('-').count(), 4, "{id}");
+    }
+
+    // A request that logs: a refresh the provider fails with a 500.
+    app.seed("user-1", "bad", "acct-1", 3600).await;
+    app.fake.set_mode("bad", Mode::ServerError);
+    let failed = app
+        .send_raw(
+            Method::POST,
+            "/v1/integrations/bad/acct-1/refresh",
+            Some(&app.keys.all),
+            None,
+            &[("x-request-id", "test-refresh-777")],
+        )
+        .await;
+    failed.assert_error(502, "refresh_failed");
+    assert_eq!(
+        failed.header("x-request-id").as_deref(),
+        Some("test-refresh-777")
+    );
+    assert!(failed.header("retry-after").is_some());
+    let line = app
+        .server
+        .wait_for_log(
+            |l| l.contains("token refresh failed"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no refresh failure logged:\n{}",
+                app.server.logs().join("\n")
+            )
+        });
+    assert!(line.contains("test-refresh-777"), "{line}");
+    assert!(
+        line.contains(r#"api_key="all""#),
+        "the caller is on the line too: {line}"
+    );
+
+    // A generated id is on the log lines too.
+    let failed = app
+        .send(
+            Method::POST,
+            "/v1/integrations/bad/acct-1/refresh",
+            Some(&app.keys.all),
+            None,
+        )
+        .await;
+    failed.assert_error(502, "refresh_failed");
+    let generated = failed.header("x-request-id").unwrap();
+    let line = app
+        .server
+        .wait_for_log(
+            |l| l.contains("token refresh failed") && l.contains(&generated),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        line.is_some(),
+        "no log line with request id {generated}:\n{}",
+        app.server.logs().join("\n")
+    );
+    // No line names a token.
+    for l in app.server.logs() {
+        assert!(
+            !l.contains("rt-seed-bad-acct-1") && !l.contains("at-seed-bad-acct-1"),
+            "{l}"
+        );
+    }
+    app.assert_no_leaks();
+}
