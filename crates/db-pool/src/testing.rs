@@ -300,3 +300,107 @@ mod tests {
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }
+
+/// A real PgBouncer in front of the test server, started on a free port and
+/// killed when dropped. Needs Debian's `pgbouncer` package (installed by
+/// `scripts/install-deps`).
+pub struct PgBouncer {
+    child: std::process::Child,
+    /// The port PgBouncer listens on (127.0.0.1).
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PgBouncer {
+    /// Starts PgBouncer for the server of `server_url` with `pool_mode`
+    /// (`transaction` or `session`) and `pool_size` server connections per
+    /// database; returns once it accepts connections.
+    ///
+    /// # Panics
+    ///
+    /// When PgBouncer is not installed or does not start.
+    pub async fn start(server_url: &str, pool_mode: &str, pool_size: u32) -> PgBouncer {
+        use std::os::unix::fs::PermissionsExt;
+
+        let server = parse(server_url);
+        let host = server.host_str().unwrap_or("127.0.0.1").to_string();
+        let port = server.port().unwrap_or(5432);
+        let user = match server.username() {
+            "" => "postgres",
+            u => u,
+        };
+        let dir = tempfile::tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary directory: {e}"));
+        // PgBouncer drops root privileges (-u postgres): let it read and log here.
+        let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777));
+        let listen = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port: {e}"));
+        let ini = format!(
+            "[databases]\n* = host={host} port={port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {listen}\nunix_socket_dir =\nauth_type = trust\nauth_file = {dir}/users.txt\n\
+             pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\nmax_client_conn = 200\n\
+             ignore_startup_parameters = extra_float_digits,options\nlogfile = {dir}/pgbouncer.log\n",
+            dir = dir.path().display()
+        );
+        let ini_path = dir.path().join("pgbouncer.ini");
+        for (name, contents) in [
+            ("users.txt", format!("\"{user}\" \"\"\n")),
+            ("pgbouncer.ini", ini),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents).unwrap_or_else(|e| panic!("cannot write {name}: {e}"));
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
+        }
+        let binary = if std::path::Path::new("/usr/sbin/pgbouncer").exists() {
+            "/usr/sbin/pgbouncer"
+        } else {
+            "pgbouncer"
+        };
+        let mut cmd = std::process::Command::new(binary);
+        if nix::unistd::geteuid().is_root() {
+            cmd.args(["-u", "postgres"]);
+        }
+        let child = cmd
+            .arg(&ini_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start pgbouncer ({e}); install Debian's pgbouncer package")
+            });
+        let bouncer = PgBouncer {
+            child,
+            port: listen,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", listen))
+                .await
+                .is_ok()
+            {
+                return bouncer;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("pgbouncer did not start listening on {listen}");
+    }
+
+    /// A URL for `database` through PgBouncer (TLS off), with extra query
+    /// parameters.
+    pub fn url(&self, database: &str, params: &str) -> String {
+        let sep = if params.is_empty() { "" } else { "&" };
+        format!(
+            "postgresql://postgres@127.0.0.1:{}/{database}?sslmode=disable{sep}{params}",
+            self.port
+        )
+    }
+}

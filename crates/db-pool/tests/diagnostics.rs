@@ -3,8 +3,6 @@
 //! and a real PgBouncer in transaction mode.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use db_pool::cluster::{ClusterOptions, LocalCluster};
@@ -376,85 +374,8 @@ async fn doctor_warns_when_pgbouncer_is_set_but_no_pooler_is_there() {
     assert_eq!(status(&report, "statement_cache_size"), Status::Ok);
 }
 
-/// A PgBouncer in transaction mode in front of the test server; killed on
-/// drop.
-struct PgBouncer {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for PgBouncer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn pgbouncer(db: &TestDatabase, pool_mode: &str) -> PgBouncer {
-    let server = url::Url::parse(&db.url).unwrap();
-    let (host, port) = (
-        server.host_str().unwrap().to_string(),
-        server.port().unwrap_or(5432),
-    );
-    let user = match server.username() {
-        "" => "postgres",
-        u => u,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    // PgBouncer drops root privileges (-u postgres): let it read and log here.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    std::fs::write(dir.path().join("users.txt"), format!("\"{user}\" \"\"\n")).unwrap();
-    let ini = format!(
-        "[databases]\n* = host={host} port={port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
-         listen_port = {listen}\nunix_socket_dir =\nauth_type = trust\nauth_file = {dir}/users.txt\n\
-         pool_mode = {pool_mode}\ndefault_pool_size = 4\nmax_client_conn = 100\n\
-         ignore_startup_parameters = extra_float_digits,options\nlogfile = {dir}/pgbouncer.log\n",
-        dir = dir.path().display()
-    );
-    let ini_path = dir.path().join("pgbouncer.ini");
-    std::fs::write(&ini_path, ini).unwrap();
-    for f in ["users.txt", "pgbouncer.ini"] {
-        std::fs::set_permissions(dir.path().join(f), std::fs::Permissions::from_mode(0o644))
-            .unwrap();
-    }
-    let binary = if std::path::Path::new("/usr/sbin/pgbouncer").exists() {
-        "/usr/sbin/pgbouncer"
-    } else {
-        "pgbouncer"
-    };
-    let mut cmd = Command::new(binary);
-    if nix::unistd::geteuid().is_root() {
-        cmd.args(["-u", "postgres"]);
-    }
-    let child = cmd
-        .arg(&ini_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start pgbouncer ({e}); install Debian's pgbouncer package")
-        });
-    let bouncer = PgBouncer {
-        child,
-        port: listen,
-        _dir: dir,
-    };
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", listen))
-            .await
-            .is_ok()
-        {
-            return bouncer;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("pgbouncer did not start listening");
+async fn pgbouncer(db: &TestDatabase, pool_mode: &str) -> db_pool::testing::PgBouncer {
+    db_pool::testing::PgBouncer::start(&db.url, pool_mode, 4).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
