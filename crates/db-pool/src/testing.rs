@@ -266,41 +266,6 @@ impl Drop for TestDatabase {
     }
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn database_is_replaced_and_query_kept() {
-        assert_eq!(
-            with_database(
-                "postgresql://u:p@h:5432/app?connection_limit=5&schema=x",
-                "test_1"
-            ),
-            "postgresql://u:p@h:5432/test_1?connection_limit=5&schema=x"
-        );
-        assert_eq!(with_database("postgres://h/", "d"), "postgres://h/d");
-    }
-
-    #[test]
-    fn unknown_parameters_are_stripped_for_tokio_postgres() {
-        assert_eq!(
-            tokio_postgres_url("postgresql://h/db?connection_limit=5&application_name=a"),
-            "postgresql://h/db?application_name=a"
-        );
-        assert_eq!(
-            tokio_postgres_url("postgresql://h/db?pool_timeout=5"),
-            "postgresql://h/db"
-        );
-    }
-
-    #[test]
-    fn identifiers_are_quoted() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-    }
-}
-
 /// A real PgBouncer in front of the test server, started on a free port and
 /// killed when dropped. Needs Debian's `pgbouncer` package (installed by
 /// `scripts/install-deps`).
@@ -402,5 +367,40 @@ impl PgBouncer {
             "postgresql://postgres@127.0.0.1:{}/{database}?sslmode=disable{sep}{params}",
             self.port
         )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_is_replaced_and_query_kept() {
+        assert_eq!(
+            with_database(
+                "postgresql://u:p@h:5432/app?connection_limit=5&schema=x",
+                "test_1"
+            ),
+            "postgresql://u:p@h:5432/test_1?connection_limit=5&schema=x"
+        );
+        assert_eq!(with_database("postgres://h/", "d"), "postgres://h/d");
+    }
+
+    #[test]
+    fn unknown_parameters_are_stripped_for_tokio_postgres() {
+        assert_eq!(
+            tokio_postgres_url("postgresql://h/db?connection_limit=5&application_name=a"),
+            "postgresql://h/db?application_name=a"
+        );
+        assert_eq!(
+            tokio_postgres_url("postgresql://h/db?pool_timeout=5"),
+            "postgresql://h/db"
+        );
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 }
