@@ -324,10 +324,16 @@ impl ApiKeys {
         let hash = hash_key(presented);
         let answer = match &self.cache {
             None => self.load(&hash).await?,
-            Some(cache) => cache
-                .try_get_with(hash, self.load(&hash))
-                .await
-                .map_err(unshare)?,
+            Some(cache) => match cache.get(&hash).await {
+                Some(hit) => hit,
+                // Boxed: the lookup's future is large and the hit path
+                // (every request) should not carry and move it.
+                None => {
+                    let load: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
+                        Box::pin(self.load(&hash));
+                    cache.try_get_with(hash, load).await.map_err(unshare)?
+                }
+            },
         };
         let result = if answer.is_some() {
             "valid"

@@ -109,16 +109,16 @@ async fn list(
     caller.require(Scope::Read)?;
     let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let list = state.service.status(&user).await?;
-    let body = serde_json::to_vec(&IntegrationList {
-        user_id: &user_id,
-        integrations: list.iter().map(IntegrationView::from).collect(),
-    })
-    .map_err(|e| ApiError::internal(&e))?;
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response())
+    // Rendered once per cache entry; a cache hit sends the same bytes again.
+    let body = list.rendered(|items| {
+        serde_json::to_vec(&IntegrationList {
+            user_id: &user_id,
+            integrations: items.iter().map(IntegrationView::from).collect(),
+        })
+        .map(bytes::Bytes::from)
+        .unwrap_or_default()
+    });
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// The body of `PUT`: the token response as the provider returned it

@@ -24,7 +24,7 @@ pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
 pub use connect::StartedConnect;
 pub use keys::RotationReport;
 pub use refresher::{Refresher, ScanReport};
-pub use status::CacheStats;
+pub use status::{CacheStats, UserStatus};
 
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::{InvalidInput, Status};

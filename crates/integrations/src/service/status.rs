@@ -14,9 +14,38 @@ use super::{IntegrationsService, ServiceError};
 use crate::domain::{IntegrationStatus, UserId};
 use crate::store;
 
+/// A user's integrations as cached, with their rendering (the HTTP API's
+/// JSON) made once per cache entry rather than once per read.
+#[derive(Debug, Default)]
+pub struct UserStatus {
+    integrations: Vec<IntegrationStatus>,
+    rendered: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl UserStatus {
+    /// The rendering, made by `render` the first time it is asked for.
+    pub fn rendered(&self, render: impl FnOnce(&[IntegrationStatus]) -> bytes::Bytes) -> bytes::Bytes {
+        self.rendered.get_or_init(|| render(&self.integrations)).clone()
+    }
+}
+
+impl std::ops::Deref for UserStatus {
+    type Target = [IntegrationStatus];
+
+    fn deref(&self) -> &[IntegrationStatus] {
+        &self.integrations
+    }
+}
+
+impl PartialEq for UserStatus {
+    fn eq(&self, other: &UserStatus) -> bool {
+        self.integrations == other.integrations
+    }
+}
+
 pub(super) struct StatusCache {
     /// `None` when caching is off (capacity or TTL 0): every read loads.
-    cache: Option<Cache<String, Arc<Vec<IntegrationStatus>>>>,
+    cache: Option<Cache<String, Arc<UserStatus>>>,
     hits: AtomicU64,
     loads: AtomicU64,
 }
@@ -54,7 +83,7 @@ impl IntegrationsService {
     pub async fn status(
         &self,
         user_id: &UserId,
-    ) -> Result<Arc<Vec<IntegrationStatus>>, ServiceError> {
+    ) -> Result<Arc<UserStatus>, ServiceError> {
         let cache = &self.cache;
         let Some(entries) = &cache.cache else {
             return self
@@ -81,12 +110,15 @@ impl IntegrationsService {
     async fn load_status(
         &self,
         user_id: &str,
-    ) -> Result<Arc<Vec<IntegrationStatus>>, db_pool::Error> {
+    ) -> Result<Arc<UserStatus>, db_pool::Error> {
         self.cache.loads.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("integrations_status_cache_misses_total").increment(1);
         let mut conn = self.pool.get().await?;
-        let rows = store::integrations::list_for_user(&mut conn, user_id).await?;
-        Ok(Arc::new(rows))
+        let integrations = store::integrations::list_for_user(&mut conn, user_id).await?;
+        Ok(Arc::new(UserStatus {
+            integrations,
+            rendered: std::sync::OnceLock::new(),
+        }))
     }
 
     /// The status of one integration (not cached).
