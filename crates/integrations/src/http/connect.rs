@@ -112,9 +112,9 @@ async fn callback(State(state): State<AppState>, ApiQuery(q): ApiQuery<CallbackQ
         (Some(code), None) => code,
         (_, error) => {
             // The user refused (or the provider failed): end the flow.
-            let finished = state.service.finish_connect(&state_value, "").await;
+            let redirect = state.service.abandon_connect(&state_value).await;
             let reason = error.unwrap_or_else(|| "missing_code".into());
-            return match finished.redirect_uri {
+            return match redirect {
                 Some(uri) => Redirect::to(&with_query(
                     &uri,
                     &[("status", "error"), ("error", &reason)],

@@ -121,10 +121,7 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
         .layer(middleware::from_fn(record_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
-        ))
+        .layer(middleware::from_fn(deadline))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
@@ -167,6 +164,25 @@ impl MakeRequestId for SequentialIds {
         axum::http::HeaderValue::from_str(&format!("{:08x}-{n:012}", self.prefix))
             .ok()
             .map(RequestId::new)
+    }
+}
+
+/// Answers 503 in the API's error shape when a request takes longer than
+/// [`REQUEST_TIMEOUT`] (tower-http's timeout answers with an empty body).
+async fn deadline(req: Request, next: Next) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => axum::response::IntoResponse::into_response(
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!(
+                    "the request took longer than {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            )
+            .hint("retry; if it persists, see /v1/admin/pool and the server logs"),
+        ),
     }
 }
 

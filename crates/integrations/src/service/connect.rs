@@ -235,6 +235,16 @@ impl IntegrationsService {
         }
     }
 
+    /// Ends a flow the user or the provider refused: takes the state (it
+    /// cannot be used again) without asking the provider anything, and
+    /// returns where to send the user when the state was valid.
+    pub async fn abandon_connect(&self, state: &str) -> Option<String> {
+        let hash = Sha256::digest(state.as_bytes()).to_vec();
+        let mut conn = self.pool.get().await.ok()?;
+        let stored = oauth_states::take(&mut conn, &hash).await.ok()??;
+        (stored.expires_at >= Utc::now()).then_some(stored.redirect_uri)
+    }
+
     async fn exchange(
         &self,
         stored: oauth_states::State,
