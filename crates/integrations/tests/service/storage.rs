@@ -36,6 +36,22 @@ async fn the_table_holds_no_clear_text_token() {
         !dump.contains("at-seed") && !dump.contains(&refresh),
         "{dump}"
     );
+
+    // Tokens the provider issues on refresh are stored encrypted too.
+    t.service
+        .refresh(&provider_name("good"), &account_id("secret-acct"))
+        .await
+        .unwrap();
+    let issued = t.fake.issued_tokens();
+    assert_eq!(issued.len(), 2, "a new access and refresh token");
+    let dump: String = client
+        .query_one("SELECT string_agg(i::text, ' ') FROM integrations i", &[])
+        .await
+        .unwrap()
+        .get(0);
+    for token in issued {
+        assert!(!dump.contains(&token), "{token} in clear in {dump}");
+    }
 }
 
 #[tokio::test]
