@@ -68,10 +68,7 @@ impl IntegrationsService {
                             let generation = c.generation;
                             taken.insert(key, generation);
                             if mine {
-                                let flight = self.flight(&key_p, &key_a);
-                                let seen =
-                                    flight.completed.load(std::sync::atomic::Ordering::Acquire);
-                                Job::Claimed(c, flight, seen)
+                                Job::claimed(self, &key_p, &key_a, c)
                             } else {
                                 Job::Wait(generation)
                             }
@@ -127,15 +124,54 @@ impl IntegrationsService {
         let (p, a) = (request.provider.as_str(), request.account_id.as_str());
         self.providers.get(p)?;
         match job {
-            Job::Claimed(claimed, flight, seen) => {
+            Job::Claimed {
+                claimed,
+                flight,
+                seen,
+                at,
+            } => {
                 let turn = flight.lock.lock().await;
                 if flight.completed.load(std::sync::atomic::Ordering::Acquire) != seen {
                     // Someone in this process refreshed it meanwhile (our
                     // lease does not stop our own process): theirs counts.
                     drop(turn);
                     self.outcome(p, a).await?;
-                } else {
+                } else if at.elapsed() < self.config.lease / 2 {
                     return self.refresh_claimed(p, a, claimed, &flight).await;
+                } else {
+                    // Claimed long ago (a long batch, a slow provider): the
+                    // lease may have expired and another instance refreshed
+                    // with the token we read. Renew it, with the current
+                    // refresh token, before using it.
+                    let renewed = {
+                        let mut conn = self.pool.get().await?;
+                        rows::claim(
+                            &mut conn,
+                            p,
+                            a,
+                            self.config.lease.as_secs_f64(),
+                            &self.config.instance_id,
+                        )
+                        .await?
+                    };
+                    match renewed {
+                        Some(fresh) if fresh.generation == claimed.generation => {
+                            return self.refresh_claimed(p, a, fresh, &flight).await;
+                        }
+                        Some(fresh) => {
+                            self.release(&fresh).await;
+                            drop(turn);
+                            self.outcome(p, a).await?;
+                        }
+                        None => {
+                            drop(turn);
+                            if let Some(status) =
+                                self.refresh_after(p, a, claimed.generation).await?
+                            {
+                                return Ok(status);
+                            }
+                        }
+                    }
                 }
             }
             // Another instance holds the lease: its result is ours.
@@ -157,11 +193,39 @@ impl IntegrationsService {
 
 /// What a batch item does.
 pub(super) enum Job {
-    /// Refresh it: this instance holds the lease; the flight's completed
-    /// count when claimed.
-    Claimed(Claimed, std::sync::Arc<Flight>, u64),
+    /// Refresh it: this instance holds the lease since `at`; `seen` is the
+    /// flight's completed count then.
+    Claimed {
+        /// The claimed row.
+        claimed: Claimed,
+        /// This integration's single flight.
+        flight: std::sync::Arc<Flight>,
+        /// `flight.completed` when claimed.
+        seen: u64,
+        /// When the lease was claimed.
+        at: std::time::Instant,
+    },
     /// Wait for the refresh of this generation by whoever holds the lease.
     Wait(i64),
     /// No such integration.
     Missing,
+}
+
+impl Job {
+    /// A job for a row whose lease was just claimed.
+    pub(super) fn claimed(
+        service: &IntegrationsService,
+        p: &str,
+        a: &str,
+        claimed: Claimed,
+    ) -> Job {
+        let flight = service.flight(p, a);
+        let seen = flight.completed.load(std::sync::atomic::Ordering::Acquire);
+        Job::Claimed {
+            claimed,
+            flight,
+            seen,
+            at: std::time::Instant::now(),
+        }
+    }
 }

@@ -178,7 +178,7 @@ impl IntegrationsService {
         }
     }
 
-    async fn release(&self, claimed: &Claimed) {
+    pub(super) async fn release(&self, claimed: &Claimed) {
         if let Ok(mut conn) = self.pool.get().await {
             let _ = rows::release(&mut conn, claimed.id, &self.config.instance_id).await;
         }

@@ -78,9 +78,8 @@ impl IntegrationsService {
                         provider: ProviderName::parse(&p).ok()?,
                         account_id: AccountId::parse(&a).ok()?,
                     };
-                    let flight = self.flight(&p, &a);
-                    let seen = flight.completed.load(std::sync::atomic::Ordering::Acquire);
-                    Some((request, Job::Claimed(c, flight, seen)))
+                    let job = Job::claimed(self, &p, &a, c);
+                    Some((request, job))
                 })
                 .collect();
             let results = self.run_claimed(jobs, cfg.concurrency).await;

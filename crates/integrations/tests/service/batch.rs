@@ -85,3 +85,48 @@ async fn a_slow_token_does_not_hold_back_the_rest() {
     eprintln!("batch took {took:?}");
     assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_expired_during_a_long_batch_is_renewed_not_trusted() {
+    use integrations::service::ServiceConfig;
+    use std::sync::Arc;
+
+    let config = ServiceConfig {
+        lease: Duration::from_secs(1),
+        ..ServiceConfig::default()
+    };
+    let t = TestService::start_with("connection_limit=5", config).await;
+    for a in ["l1", "l2", "l3"] {
+        t.seed("u1", "slow", a, 3600).await;
+    }
+    t.fake.set_delay("slow", Duration::from_millis(700));
+    let batch = {
+        let svc = t.service.clone();
+        tokio::spawn(async move {
+            svc.batch_refresh(
+                vec![req("slow", "l1"), req("slow", "l2"), req("slow", "l3")],
+                1,
+            )
+            .await
+        })
+    };
+    // Once the batch's leases have expired, another instance refreshes l3.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let other: Arc<_> = t.another_instance("connection_limit=2").await;
+    other
+        .refresh(&provider_name("slow"), &account_id("l3"))
+        .await
+        .unwrap();
+    let results = batch.await.unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    // l3's refresh token reached the provider once: the batch did not reuse
+    // the token it read at claim time (a rotating provider would have
+    // answered invalid_grant and the integration would read revoked).
+    let seen = t.fake.seen_refresh_tokens.lock().unwrap().clone();
+    let l3 = seen
+        .iter()
+        .filter(|tok| tok.as_str() == "rt-seed-slow-l3")
+        .count();
+    assert_eq!(l3, 1, "{seen:?}");
+    assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 3);
+}
