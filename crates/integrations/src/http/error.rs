@@ -109,8 +109,16 @@ impl ApiError {
 
 impl From<db_pool::Error> for ApiError {
     fn from(e: db_pool::Error) -> ApiError {
+        ApiError::from(&e)
+    }
+}
+
+/// By reference, so an error shared by every caller of one failed cache
+/// load maps the same way as an owned one.
+impl From<&db_pool::Error> for ApiError {
+    fn from(e: &db_pool::Error) -> ApiError {
         use db_pool::Error as E;
-        let (status, retry) = match &e {
+        let (status, retry) = match e {
             E::PoolTimeout { .. } | E::TooManyConnections(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, Some(1))
             }
@@ -118,7 +126,7 @@ impl From<db_pool::Error> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, Some(5))
             }
             E::SocketTimeout(_) => (StatusCode::SERVICE_UNAVAILABLE, Some(1)),
-            _ => return ApiError::internal(&e),
+            _ => return ApiError::internal(e),
         };
         tracing::warn!(code = e.code(), error = %e, "database unavailable");
         // The pool's messages name no secret; they are what an operator needs.
@@ -165,33 +173,7 @@ impl From<ServiceError> for ApiError {
                 ApiError::new(StatusCode::BAD_GATEWAY, "oauth_failed", o.to_string())
             }
             ServiceError::Crypto(c) => ApiError::internal(&c),
-            ServiceError::Db(db) => match std::sync::Arc::try_unwrap(db) {
-                Ok(db) => db.into(),
-                Err(shared) => ApiError::from(db_pool::Error::Parameter(shared.to_string()))
-                    .with_code_of(&shared),
-            },
-        }
-    }
-}
-
-impl ApiError {
-    /// Keeps a shared pool error's code, status and hint.
-    fn with_code_of(self, e: &db_pool::Error) -> ApiError {
-        let status = match e {
-            db_pool::Error::PoolTimeout { .. }
-            | db_pool::Error::TooManyConnections(_)
-            | db_pool::Error::Unreachable { .. }
-            | db_pool::Error::ConnectionClosed
-            | db_pool::Error::PoolClosed
-            | db_pool::Error::SocketTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            _ => return self,
-        };
-        ApiError {
-            status,
-            code: e.code().to_string(),
-            message: e.to_string(),
-            hint: Some(e.hint().to_string()),
-            retry_after: Some(1),
+            ServiceError::Db(db) => ApiError::from(db.as_ref()),
         }
     }
 }
