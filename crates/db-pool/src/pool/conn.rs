@@ -29,13 +29,10 @@ pub struct ClientConn {
     /// When it was last returned to the pool (for the idle lifetime).
     pub(crate) returned: Instant,
     pub(crate) lifetime: Option<Duration>,
-    /// A statement was sent and its answer not yet read: a caller dropped
-    /// mid-query leaves this set.
-    pub(crate) in_flight: bool,
+    /// Whether a statement is in flight, and whether the connection broke.
+    pub(crate) flags: Flags,
     /// A transaction may be open: roll back before anyone else uses it.
     pub(crate) needs_rollback: bool,
-    /// Unusable: discard on return.
-    pub(crate) broken: bool,
     /// Why it is being closed, set by whoever decides to close it and
     /// counted when it is dropped (`shutdown` when nobody said).
     close_reason: AtomicU8,
@@ -85,13 +82,22 @@ impl ClientConn {
             created: now,
             returned: now,
             lifetime,
-            in_flight: false,
+            flags: Flags::default(),
             needs_rollback: false,
-            broken: false,
             close_reason: AtomicU8::new(0),
             shared,
         }
     }
+}
+
+/// What a connection's owner must know before reusing it.
+#[derive(Debug, Default)]
+pub(crate) struct Flags {
+    /// A statement was sent and its answer not yet read: a caller dropped
+    /// mid-statement leaves this set.
+    pub in_flight: bool,
+    /// Unusable: discard on return.
+    pub broken: bool,
 }
 
 /// What a statement should produce.
@@ -151,8 +157,7 @@ impl Conn {
             let fut = async { client.batch_execute("ROLLBACK").await.map_err(query_error) };
             guard(
                 &self.shared,
-                &mut conn.in_flight,
-                &mut conn.broken,
+                &mut conn.flags,
                 client,
                 conn.pid,
                 "ROLLBACK",
@@ -233,16 +238,7 @@ impl Conn {
         let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let fut = async { client.query_typed(sql, params).await.map_err(query_error) };
-        guard(
-            shared,
-            &mut conn.in_flight,
-            &mut conn.broken,
-            client,
-            conn.pid,
-            sql,
-            fut,
-        )
-        .await
+        guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
     /// The parameter types the server infers for a statement.
@@ -267,16 +263,7 @@ impl Conn {
                     .to_vec())
             }
         };
-        guard(
-            shared,
-            &mut conn.in_flight,
-            &mut conn.broken,
-            client,
-            conn.pid,
-            sql,
-            fut,
-        )
-        .await
+        guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
     /// Runs SQL text with the simple protocol (several statements allowed,
@@ -303,16 +290,7 @@ impl Conn {
         let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let fut = async { client.batch_execute(sql).await.map_err(query_error) };
-        guard(
-            shared,
-            &mut conn.in_flight,
-            &mut conn.broken,
-            client,
-            conn.pid,
-            sql,
-            fut,
-        )
-        .await
+        guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
     async fn run(&mut self, sql: &str, params: &[Param<'_>], want: Want) -> Result<Output, Error> {
@@ -364,16 +342,7 @@ impl Conn {
             }
             .map_err(query_error)
         };
-        guard(
-            shared,
-            &mut conn.in_flight,
-            &mut conn.broken,
-            client,
-            conn.pid,
-            sql,
-            fut,
-        )
-        .await
+        guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 }
 
@@ -383,17 +352,15 @@ impl Conn {
 /// the connection broken; a closed connection is marked broken. Records the
 /// statement's duration and logs it when slower than `slow_query_threshold`
 /// (the SQL text only: parameter values may be tokens).
-#[allow(clippy::too_many_arguments)]
 async fn guard<T>(
     shared: &Shared,
-    in_flight: &mut bool,
-    broken: &mut bool,
+    flags: &mut Flags,
     client: &Client,
     backend_pid: i32,
     sql: &str,
     fut: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    *in_flight = true;
+    flags.in_flight = true;
     let started = Instant::now();
     let result = match shared.config.socket_timeout {
         Some(limit) => match tokio::time::timeout(limit, fut).await {
@@ -401,13 +368,13 @@ async fn guard<T>(
             Err(_) => {
                 Counters::inc(&shared.counters.socket_timeouts);
                 shared.cancel(client);
-                *broken = true;
+                flags.broken = true;
                 Err(Error::SocketTimeout(limit))
             }
         },
         None => fut.await,
     };
-    *in_flight = false;
+    flags.in_flight = false;
     let took = started.elapsed();
     shared.observer.query_time.record(took);
     if let Some(threshold) = shared.config.slow_query_threshold {
@@ -427,7 +394,7 @@ async fn guard<T>(
         }
     }
     if matches!(result, Err(Error::ConnectionClosed)) {
-        *broken = true;
+        flags.broken = true;
     }
     result
 }
@@ -466,8 +433,8 @@ impl Drop for Conn {
             return;
         };
         obj.returned = Instant::now();
-        if obj.in_flight || obj.broken || obj.client.is_closed() {
-            if obj.in_flight {
+        if obj.flags.in_flight || obj.flags.broken || obj.client.is_closed() {
+            if obj.flags.in_flight {
                 // The caller was cancelled mid-statement: stop it on the server.
                 self.shared.cancel(&obj.client);
             }
@@ -487,7 +454,7 @@ impl Drop for Conn {
                 runtime.spawn(async move {
                     match obj.client.batch_execute("ROLLBACK").await {
                         Ok(()) => obj.needs_rollback = false,
-                        Err(_) => obj.broken = true,
+                        Err(_) => obj.flags.broken = true,
                     }
                     obj.returned = Instant::now();
                     drop(obj);

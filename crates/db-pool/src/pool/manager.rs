@@ -224,10 +224,10 @@ impl Shared {
 
     /// Checks a connection about to be handed out again.
     pub async fn recycle(&self, conn: &mut ClientConn) -> Result<(), CloseReason> {
-        if conn.broken || conn.client.is_closed() {
+        if conn.flags.broken || conn.client.is_closed() {
             return Err(CloseReason::Broken);
         }
-        if conn.in_flight {
+        if conn.flags.in_flight {
             // The caller was cancelled mid-query: the server may still be
             // running it. Cancel it there and do not reuse the connection.
             self.cancel(&conn.client);
