@@ -255,7 +255,7 @@ impl IntegrationsService {
                 let scopes = (!tokens.scopes.is_empty()).then_some(tokens.scopes.as_slice());
                 let update = Refreshed {
                     access_token: &access,
-                    refresh_token: Some(&refresh),
+                    refresh_token: &refresh,
                     key_id: &key,
                     expires_at: tokens.expires_at,
                     scopes,

@@ -381,8 +381,9 @@ fn claimed_at(r: &Row, at: usize) -> Claimed {
 pub struct Refreshed<'a> {
     /// Encrypted access token.
     pub access_token: &'a [u8],
-    /// Encrypted new refresh token (`None`: keep the stored one).
-    pub refresh_token: Option<&'a [u8]>,
+    /// Encrypted refresh token: the new one, or the old one re-encrypted
+    /// under the same key as the access token.
+    pub refresh_token: &'a [u8],
     /// Key of both.
     pub key_id: &'a str,
     /// New expiry.
@@ -395,7 +396,7 @@ pub struct Refreshed<'a> {
 
 const STORE_REFRESHED: &str = concat!(
     "UPDATE integrations SET access_token = $3, \
-     refresh_token = COALESCE($4, refresh_token), key_id = $5, expires_at = $6, \
+     refresh_token = $4, key_id = $5, expires_at = $6, \
      scopes = COALESCE($7, scopes), token_type = $8, status = 'connected', \
      refresh_failures = 0, last_error = NULL, next_refresh_at = NULL, \
      last_refresh_at = now(), updated_at = now(), \
