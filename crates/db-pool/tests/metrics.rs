@@ -61,7 +61,13 @@ async fn four_callers_on_two_connections_show_two_waiting_then_none() {
             })
         })
         .collect();
-    wait_until(|| pool.stats().waiting == 2).await;
+    // Steady state: two hold a connection, two wait (not the moment when
+    // only the first two tasks have started and are still connecting).
+    wait_until(|| {
+        let s = pool.stats();
+        s.waiting == 2 && s.in_use == 2
+    })
+    .await;
     let s = pool.stats();
     assert_eq!((s.open, s.in_use, s.idle, s.max), (2, 2, 0, 2));
     assert!(s.oldest_wait_secs > 0.0);
