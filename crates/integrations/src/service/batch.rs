@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use futures_util::stream::{self, StreamExt};
+use tokio::sync::Semaphore;
 
 use super::{Flight, IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, ProviderName};
@@ -96,20 +97,31 @@ impl IntegrationsService {
         .await
     }
 
-    /// Runs a batch whose leases are (partly) claimed: a sliding window of
-    /// `concurrency` refreshes, results in input order.
+    /// Runs a batch whose leases are (partly) claimed: at most
+    /// `concurrency` requests to the provider at a time, as a sliding
+    /// window; results in input order.
     pub(super) async fn run_claimed(
         &self,
         jobs: Vec<(RefreshRequest, Job)>,
         concurrency: usize,
     ) -> Vec<Result<IntegrationStatus, ServiceError>> {
-        // A true sliding window: `buffer_unordered` starts the next request
-        // as soon as any one finishes (`buffered` would keep finished ones
-        // waiting behind a slow head); the results are put back in order.
+        let concurrency = concurrency.max(1);
+        // The window bounds what the provider sees: a refresh holds one of
+        // `concurrency` permits from its request until the provider's
+        // answer, and storing that answer (a commit) does not hold it, so
+        // the next request starts meanwhile. Up to as many refreshes again
+        // may be storing their results.
+        let gate = Semaphore::new(concurrency);
+        // `buffer_unordered` starts the next item as soon as any one
+        // finishes (`buffered` would keep finished ones waiting behind a
+        // slow head); the results are put back in order.
         let mut results: Vec<(usize, Result<IntegrationStatus, ServiceError>)> =
             stream::iter(jobs.into_iter().enumerate())
-                .map(|(i, (request, job))| async move { (i, self.refresh_one(request, job).await) })
-                .buffer_unordered(concurrency.max(1))
+                .map(|(i, (request, job))| {
+                    let gate = &gate;
+                    async move { (i, self.refresh_one(request, job, gate).await) }
+                })
+                .buffer_unordered(concurrency.saturating_mul(2))
                 .collect()
                 .await;
         results.sort_unstable_by_key(|(i, _)| *i);
@@ -120,6 +132,7 @@ impl IntegrationsService {
         &self,
         request: RefreshRequest,
         job: Job,
+        gate: &Semaphore,
     ) -> Result<IntegrationStatus, ServiceError> {
         let (p, a) = (request.provider.as_str(), request.account_id.as_str());
         self.providers.get(p)?;
@@ -130,6 +143,11 @@ impl IntegrationsService {
                 seen,
                 at,
             } => {
+                // A slot in the window first, then the lease's age is
+                // judged: waiting for a slot can take long. The gate is
+                // never closed, so `acquire` cannot fail; were it closed,
+                // the refresh would run outside the window.
+                let permit = gate.acquire().await.ok();
                 let turn = flight.lock.lock().await;
                 if flight.completed.load(std::sync::atomic::Ordering::Acquire) != seen {
                     // Someone in this process refreshed it meanwhile (our
@@ -137,7 +155,7 @@ impl IntegrationsService {
                     drop(turn);
                     self.outcome(p, a).await?;
                 } else if at.elapsed() < self.config.lease / 2 {
-                    return self.refresh_claimed(p, a, claimed, &flight).await;
+                    return self.refresh_claimed(p, a, claimed, &flight, permit).await;
                 } else {
                     // Claimed long ago (a long batch, a slow provider): the
                     // lease may have expired and another instance refreshed
@@ -156,7 +174,7 @@ impl IntegrationsService {
                     };
                     match renewed {
                         Some(fresh) if fresh.generation == claimed.generation => {
-                            return self.refresh_claimed(p, a, fresh, &flight).await;
+                            return self.refresh_claimed(p, a, fresh, &flight, permit).await;
                         }
                         Some(fresh) => {
                             self.release(&fresh).await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::SemaphorePermit;
 
 use super::{reconnect_status, AccessToken, Flight, IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status};
@@ -146,7 +147,10 @@ impl IntegrationsService {
                         self.release(&claimed).await;
                         return self.outcome(p, a).await.map(|()| None);
                     }
-                    return self.refresh_claimed(p, a, claimed, &flight).await.map(Some);
+                    return self
+                        .refresh_claimed(p, a, claimed, &flight, None)
+                        .await
+                        .map(Some);
                 }
             } else {
                 drop(conn);
@@ -186,15 +190,18 @@ impl IntegrationsService {
 
     /// Refreshes a row whose lease this instance holds, stores the outcome,
     /// releases the lease and returns the new state. The caller holds the
-    /// flight's lock.
+    /// flight's lock. A batch's `permit` (its window bounds requests to the
+    /// provider, not the writes) is given back as soon as the provider has
+    /// answered.
     pub(super) async fn refresh_claimed(
         &self,
         p: &str,
         a: &str,
         claimed: Claimed,
         flight: &Flight,
+        permit: Option<SemaphorePermit<'_>>,
     ) -> Result<IntegrationStatus, ServiceError> {
-        let result = self.refresh_claimed_inner(p, a, claimed).await;
+        let result = self.refresh_claimed_inner(p, a, claimed, permit).await;
         flight
             .completed
             .fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -206,6 +213,7 @@ impl IntegrationsService {
         p: &str,
         a: &str,
         claimed: Claimed,
+        permit: Option<SemaphorePermit<'_>>,
     ) -> Result<IntegrationStatus, ServiceError> {
         let provider = self.providers.get(p)?;
         let Some(stored) = &claimed.refresh_token else {
@@ -227,6 +235,7 @@ impl IntegrationsService {
         // The provider call: no connection is held meanwhile.
         let started = std::time::Instant::now();
         let result = self.tokens.refresh(provider, &old_refresh).await;
+        drop(permit);
         metrics::histogram!("integrations_refresh_seconds", "provider" => p.to_string())
             .record(started.elapsed());
 

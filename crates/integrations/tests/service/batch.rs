@@ -87,6 +87,22 @@ async fn a_slow_token_does_not_hold_back_the_rest() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_keeps_exactly_concurrency_requests_at_the_provider() {
+    let t = TestService::start_with("connection_limit=10", Default::default()).await;
+    for i in 0..12 {
+        t.seed("u1", "good", &format!("w{i}"), 3600).await;
+    }
+    t.fake.set_delay("good", Duration::from_millis(100));
+    let requests = (0..12).map(|i| req("good", &format!("w{i}"))).collect();
+    let results = t.service.batch_refresh(requests, 3).await;
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 12);
+    // Never more than 3 at the provider (storing a result frees the slot,
+    // but the next request still waits for it), and the window filled.
+    assert_eq!(t.fake.max_in_flight.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_that_expired_during_a_long_batch_is_renewed_not_trusted() {
     use integrations::service::ServiceConfig;
     use std::sync::Arc;

@@ -49,6 +49,9 @@ pub struct FakeProvider {
     pub received: Arc<AtomicUsize>,
     /// Refresh grants answered.
     pub refreshes: Arc<AtomicUsize>,
+    /// Token endpoint requests being answered now, and the most at once.
+    pub in_flight: Arc<AtomicUsize>,
+    pub max_in_flight: Arc<AtomicUsize>,
     /// Authorization code exchanges answered.
     pub exchanges: Arc<AtomicUsize>,
     /// Revocations received.
@@ -66,6 +69,8 @@ impl FakeProvider {
             state: Arc::default(),
             received: Arc::default(),
             refreshes: Arc::default(),
+            in_flight: Arc::default(),
+            max_in_flight: Arc::default(),
             exchanges: Arc::default(),
             revocations: Arc::default(),
             seen_refresh_tokens: Arc::default(),
@@ -166,7 +171,10 @@ async fn token(
             s.delay.get(&name).copied().unwrap_or_default(),
         )
     };
+    let now = fake.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    fake.max_in_flight.fetch_max(now, Ordering::SeqCst);
     tokio::time::sleep(delay).await;
+    fake.in_flight.fetch_sub(1, Ordering::SeqCst);
     match form.get("grant_type").map(String::as_str) {
         Some("refresh_token") => {
             fake.refreshes.fetch_add(1, Ordering::SeqCst);
