@@ -276,6 +276,16 @@ pub struct ApiKeys {
     ttl: Duration,
     /// `None` when the TTL is zero: every verification queries.
     cache: Option<VerifyCache>,
+    /// Verification counters by result, looked up once (at first use, when
+    /// the recorder is installed): `counter!` hashes its labels per call.
+    counters: std::sync::OnceLock<VerifyCounters>,
+}
+
+#[derive(Clone)]
+struct VerifyCounters {
+    valid: metrics::Counter,
+    rejected: metrics::Counter,
+    malformed: metrics::Counter,
 }
 
 impl fmt::Debug for ApiKeys {
@@ -303,7 +313,21 @@ impl ApiKeys {
                     .max_capacity(VERIFY_CACHE_CAPACITY)
                     .build()
             }),
+            counters: std::sync::OnceLock::new(),
         }
+    }
+
+    fn counters(&self) -> &VerifyCounters {
+        self.counters.get_or_init(|| {
+            let counter = |result: &'static str| {
+                metrics::counter!("integrations_api_key_verifications_total", "result" => result)
+            };
+            VerifyCounters {
+                valid: counter("valid"),
+                rejected: counter("rejected"),
+                malformed: counter("malformed"),
+            }
+        })
     }
 
     /// How long verification answers are trusted.
@@ -317,8 +341,7 @@ impl ApiKeys {
     /// for at most that long.
     pub async fn verify(&self, presented: &str) -> Result<Option<Arc<ApiKeyInfo>>, db_pool::Error> {
         if !looks_like_key(presented) {
-            metrics::counter!("integrations_api_key_verifications_total", "result" => "malformed")
-                .increment(1);
+            self.counters().malformed.increment(1);
             return Ok(None);
         }
         let hash = hash_key(presented);
@@ -335,13 +358,11 @@ impl ApiKeys {
                 }
             },
         };
-        let result = if answer.is_some() {
-            "valid"
-        } else {
-            "rejected"
-        };
-        metrics::counter!("integrations_api_key_verifications_total", "result" => result)
-            .increment(1);
+        let counters = self.counters();
+        match answer {
+            Some(_) => counters.valid.increment(1),
+            None => counters.rejected.increment(1),
+        }
         Ok(answer)
     }
 

@@ -89,6 +89,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
     })
 }
 
+/// How often histogram samples are folded into the exported summaries.
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn serve(
     args: ServeArgs,
     settings: ServiceSettings,
@@ -98,6 +101,17 @@ async fn serve(
     let metrics = PrometheusBuilder::new()
         .install_recorder()
         .context("installing the Prometheus recorder")?;
+    // Histograms keep their samples until upkeep folds them in: without
+    // this, a server nobody scrapes grows by every request's sample.
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(METRICS_UPKEEP);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
 
     let (cluster, pool_cfg, keys) = match pool_cfg {
         Some(cfg) => (None, cfg, settings.keyring()?),

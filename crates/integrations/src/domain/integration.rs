@@ -1,10 +1,10 @@
 //! An integration as callers see it: everything but the tokens.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where an integration stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Tokens valid or refreshable.
@@ -28,6 +28,12 @@ impl Status {
         }
     }
 
+    /// Whether an integration in this state works now, or will after a
+    /// refresh.
+    pub fn healthy(self) -> bool {
+        self == Status::Connected
+    }
+
     /// Parses the database spelling (unknown values read as `error`).
     pub fn from_db(s: &str) -> Status {
         match s {
@@ -40,7 +46,7 @@ impl Status {
 }
 
 /// One integration's state, without tokens: what `status(user_id)` returns.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IntegrationStatus {
     /// Provider name.
     pub provider: String,
@@ -69,6 +75,6 @@ pub struct IntegrationStatus {
 impl IntegrationStatus {
     /// Whether the integration works now, or will after a refresh.
     pub fn healthy(&self) -> bool {
-        self.status == Status::Connected
+        self.status.healthy()
     }
 }

@@ -3,6 +3,8 @@
 
 mod ids;
 mod integration;
+mod view;
 
 pub use ids::{AccountId, InvalidInput, ProviderName, UserId};
 pub use integration::{IntegrationStatus, Status};
+pub use view::{IntegrationList, IntegrationView, Metadata, Scopes};

@@ -4,8 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use chrono::{DateTime, Utc};
-use serde::Serialize;
+use chrono::Utc;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -15,7 +14,8 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath};
 use super::AppState;
 use crate::auth::Scope;
-use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status, UserId};
+pub use crate::domain::IntegrationView;
+use crate::domain::{AccountId, IntegrationList, ProviderName, UserId};
 use crate::oauth::TokenSet;
 
 /// The routes of this resource.
@@ -23,100 +23,6 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list))
         .routes(routes!(put, delete))
-}
-
-/// An integration as the API shows it: never its tokens. Borrows from the
-/// cached status, so serving from the cache copies nothing.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct IntegrationView<'a> {
-    /// Provider name.
-    provider: &'a str,
-    /// Account on the provider.
-    account_id: &'a str,
-    /// `connected`, `expired`, `error` or `revoked`.
-    #[schema(value_type = String, example = "connected")]
-    status: Status,
-    /// Whether it works now (or will after a refresh).
-    healthy: bool,
-    /// Granted scopes.
-    scopes: &'a [String],
-    /// When the access token expires; null when it never does.
-    #[serde(serialize_with = "rfc3339_opt")]
-    expires_at: Option<DateTime<Utc>>,
-    /// Last refresh.
-    #[serde(serialize_with = "rfc3339_opt")]
-    last_refresh_at: Option<DateTime<Utc>>,
-    /// Refresh failures in a row.
-    refresh_failures: i32,
-    /// The last refresh error, if the last attempt failed.
-    last_error: Option<&'a str>,
-    /// Application data stored with it.
-    #[schema(value_type = Object)]
-    metadata: &'a serde_json::Value,
-    /// First connected.
-    #[serde(serialize_with = "rfc3339")]
-    created_at: DateTime<Utc>,
-    /// Last changed.
-    #[serde(serialize_with = "rfc3339")]
-    updated_at: DateTime<Utc>,
-}
-
-/// Timestamps as RFC 3339 in UTC, formatted into one string first: chrono's
-/// `Serialize` goes through `Display` a character at a time, which was the
-/// largest cost of rendering a status list.
-fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    use chrono::{Datelike, Timelike};
-    // YYYY-MM-DDTHH:MM:SS.ffffffZ, digits written directly.
-    let mut buf = *b"0000-00-00T00:00:00.000000Z";
-    let mut put = |at: usize, width: usize, mut v: u32| {
-        for i in (0..width).rev() {
-            buf[at + i] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-    };
-    put(0, 4, t.year().clamp(0, 9999) as u32);
-    put(5, 2, t.month());
-    put(8, 2, t.day());
-    put(11, 2, t.hour());
-    put(14, 2, t.minute());
-    put(17, 2, t.second());
-    put(20, 6, t.nanosecond() % 1_000_000_000 / 1000);
-    s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default())
-}
-
-fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => rfc3339(t, s),
-        None => s.serialize_none(),
-    }
-}
-
-impl<'a> From<&'a IntegrationStatus> for IntegrationView<'a> {
-    fn from(s: &'a IntegrationStatus) -> Self {
-        IntegrationView {
-            provider: &s.provider,
-            account_id: &s.account_id,
-            status: s.status,
-            healthy: s.healthy(),
-            scopes: &s.scopes,
-            expires_at: s.expires_at,
-            last_refresh_at: s.last_refresh_at,
-            refresh_failures: s.refresh_failures,
-            last_error: s.last_error.as_deref(),
-            metadata: &s.metadata,
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-        }
-    }
-}
-
-/// A user's integrations.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct IntegrationList<'a> {
-    /// The user.
-    user_id: &'a str,
-    /// Their integrations, by provider and account.
-    integrations: Vec<IntegrationView<'a>>,
 }
 
 /// List a user's integrations and their health (served from a cache with a
@@ -142,15 +48,11 @@ async fn list(
 ) -> Result<axum::response::Response, ApiError> {
     caller.require(Scope::Read)?;
     let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // The cache keeps each user's rendering: a hit writes the kept bytes.
     let list = state.service.status(&user).await?;
-    let body = serde_json::to_vec(&IntegrationList {
-        user_id: &user_id,
-        integrations: list.iter().map(IntegrationView::from).collect(),
-    })
-    .map_err(|e| ApiError::internal(&e))?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
+        list.json().clone(),
     )
         .into_response())
 }

@@ -136,6 +136,19 @@ pub enum ServiceError {
     /// one failed cache load answers every caller that waited for it.
     #[error(transparent)]
     Db(Arc<db_pool::Error>),
+    /// Rendering a user's status failed (a bug: our types always render).
+    #[error("rendering the status failed: {0}")]
+    Render(String),
+}
+
+impl ServiceError {
+    /// This error again, for each caller that shared one failed load.
+    pub(crate) fn shared(&self) -> ServiceError {
+        match self {
+            ServiceError::Db(db) => ServiceError::Db(db.clone()),
+            other => ServiceError::Render(other.to_string()),
+        }
+    }
 }
 
 impl From<db_pool::Error> for ServiceError {

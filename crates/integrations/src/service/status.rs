@@ -5,34 +5,60 @@
 //! (`try_get_with`). Every write for a user invalidates that user's entry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use moka::future::Cache;
 
 use super::{IntegrationsService, ServiceError};
-use crate::domain::{IntegrationStatus, UserId};
+use crate::domain::{IntegrationList, IntegrationStatus, IntegrationView, UserId};
 use crate::store;
 
-/// A user's integrations as cached. (Keeping each entry's JSON rendering
-/// beside it was measured: no clear throughput gain on this machine, and
-/// 60% more memory with 100,000 users cached; see BENCHMARKS.md.)
-#[derive(Debug, Default)]
+/// A user's integrations as cached: their rendering as the API shows it,
+/// `{"user_id": ..., "integrations": [...]}`, made once when loaded. A cache
+/// hit is served without serializing anything, and an entry takes about the
+/// size of its JSON (keeping decoded statuses beside it took twice that:
+/// see BENCHMARKS.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserStatus {
-    integrations: Vec<IntegrationStatus>,
+    json: Bytes,
 }
 
-impl std::ops::Deref for UserStatus {
-    type Target = [IntegrationStatus];
-
-    fn deref(&self) -> &[IntegrationStatus] {
-        &self.integrations
+impl UserStatus {
+    /// The rendering, as `GET /v1/users/{user_id}/integrations` answers it.
+    pub fn json(&self) -> &Bytes {
+        &self.json
     }
-}
 
-impl PartialEq for UserStatus {
-    fn eq(&self, other: &UserStatus) -> bool {
-        self.integrations == other.integrations
+    /// The integrations, decoded from the rendering (by provider, then
+    /// account).
+    pub fn integrations(&self) -> Result<Vec<IntegrationStatus>, serde_json::Error> {
+        #[derive(serde::Deserialize)]
+        struct List {
+            integrations: Vec<IntegrationStatus>,
+        }
+        serde_json::from_slice::<List>(&self.json).map(|l| l.integrations)
+    }
+
+    fn render<'a>(
+        user_id: &'a str,
+        integrations: &'a [IntegrationView<'a>],
+    ) -> Result<UserStatus, serde_json::Error> {
+        // About 320 bytes per integration: one allocation, no regrowth, and
+        // the entry keeps no spare capacity.
+        let mut json = Vec::with_capacity(64 + 384 * integrations.len());
+        serde_json::to_writer(
+            &mut json,
+            &IntegrationList {
+                user_id,
+                integrations,
+            },
+        )?;
+        json.shrink_to_fit();
+        Ok(UserStatus {
+            json: Bytes::from(json),
+        })
     }
 }
 
@@ -41,6 +67,10 @@ pub(super) struct StatusCache {
     cache: Option<Cache<String, Arc<UserStatus>>>,
     hits: AtomicU64,
     loads: AtomicU64,
+    /// The hit and miss counters' metric handles, looked up once (at first
+    /// use, when the recorder is installed): `counter!` hashes its key on
+    /// every call.
+    handles: OnceLock<(metrics::Counter, metrics::Counter)>,
 }
 
 impl StatusCache {
@@ -54,7 +84,17 @@ impl StatusCache {
             }),
             hits: AtomicU64::new(0),
             loads: AtomicU64::new(0),
+            handles: OnceLock::new(),
         }
+    }
+
+    fn counters(&self) -> &(metrics::Counter, metrics::Counter) {
+        self.handles.get_or_init(|| {
+            (
+                metrics::counter!("integrations_status_cache_hits_total"),
+                metrics::counter!("integrations_status_cache_misses_total"),
+            )
+        })
     }
 }
 
@@ -76,33 +116,37 @@ impl IntegrationsService {
     pub async fn status(&self, user_id: &UserId) -> Result<Arc<UserStatus>, ServiceError> {
         let cache = &self.cache;
         let Some(entries) = &cache.cache else {
-            return self
-                .load_status(user_id.as_str())
-                .await
-                .map_err(ServiceError::from);
+            return self.load_status(user_id.as_str()).await;
         };
         if let Some(hit) = entries.get(user_id.as_str()).await {
             cache.hits.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("integrations_status_cache_hits_total").increment(1);
+            cache.counters().0.increment(1);
             return Ok(hit);
         }
         // Boxed so the hit path's future stays small (it is moved on every
         // request); concurrent misses for one user share this one load.
         let load: std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<_, db_pool::Error>> + Send + '_>,
+            Box<dyn std::future::Future<Output = Result<_, ServiceError>> + Send + '_>,
         > = Box::pin(self.load_status(user_id.as_str()));
         entries
             .try_get_with(user_id.as_str().to_string(), load)
             .await
-            .map_err(ServiceError::Db)
+            .map_err(|shared| shared.shared())
     }
 
-    async fn load_status(&self, user_id: &str) -> Result<Arc<UserStatus>, db_pool::Error> {
+    /// Reads a user's integrations and renders them, straight from the rows.
+    async fn load_status(&self, user_id: &str) -> Result<Arc<UserStatus>, ServiceError> {
         self.cache.loads.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("integrations_status_cache_misses_total").increment(1);
+        self.cache.counters().1.increment(1);
         let mut conn = self.pool.get().await?;
-        let integrations = store::integrations::list_for_user(&mut conn, user_id).await?;
-        Ok(Arc::new(UserStatus { integrations }))
+        let rendered = store::integrations::show_for_user(&mut conn, user_id, |views| {
+            UserStatus::render(user_id, views)
+        })
+        .await?;
+        drop(conn);
+        rendered
+            .map(Arc::new)
+            .map_err(|e| ServiceError::Render(e.to_string()))
     }
 
     /// The status of one integration (not cached).

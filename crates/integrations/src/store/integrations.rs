@@ -3,7 +3,10 @@
 use chrono::{DateTime, Utc};
 use db_pool::{Conn, Error, Row};
 
-use crate::domain::{IntegrationStatus, Status};
+use db_pool::types::Json;
+use serde_json::value::RawValue;
+
+use crate::domain::{IntegrationStatus, IntegrationView, Metadata, Scopes, Status};
 
 /// Columns of an [`IntegrationStatus`], in [`status_from_row`]'s order.
 macro_rules! status_columns {
@@ -132,17 +135,36 @@ const LIST_FOR_USER: &str = concat!(
     " FROM integrations WHERE user_id = $1 ORDER BY provider, account_id"
 );
 
-/// A user's integrations (the seed's `(user_id, provider)` index).
-pub async fn list_for_user(
+/// A user's integrations (the seed's `(user_id, provider)` index), by
+/// provider and account, shown straight from the rows: `show` gets views
+/// that borrow from them (nothing is copied into statuses first).
+pub async fn show_for_user<T>(
     conn: &mut Conn,
     user_id: &str,
-) -> Result<Vec<IntegrationStatus>, Error> {
-    Ok(conn
-        .query(LIST_FOR_USER, &[&user_id])
-        .await?
-        .iter()
-        .map(status_from_row)
-        .collect())
+    show: impl FnOnce(&[IntegrationView<'_>]) -> T,
+) -> Result<T, Error> {
+    let rows = conn.query(LIST_FOR_USER, &[&user_id]).await?;
+    let views: Vec<IntegrationView<'_>> = rows.iter().map(view_from_row).collect();
+    Ok(show(&views))
+}
+
+/// A view of a row of [`status_columns!`].
+fn view_from_row(row: &Row) -> IntegrationView<'_> {
+    let status = Status::from_db(row.get(2));
+    IntegrationView {
+        provider: row.get(0),
+        account_id: row.get(1),
+        status,
+        healthy: status.healthy(),
+        scopes: Scopes::Borrowed(row.get(3)),
+        expires_at: row.get(4),
+        last_refresh_at: row.get(5),
+        refresh_failures: row.get(6),
+        last_error: row.get(7),
+        metadata: Metadata::Raw(row.get::<_, Json<&RawValue>>(8).0),
+        created_at: row.get(9),
+        updated_at: row.get(10),
+    }
 }
 
 const GET_STATUS: &str = concat!(

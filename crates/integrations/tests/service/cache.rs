@@ -13,7 +13,8 @@ async fn hit_after_a_read_miss_after_a_write() {
     t.seed("u1", "good", "a1", 3600).await;
     let u = user_id("u1");
     let first = t.service.status(&u).await.unwrap();
-    assert_eq!(first.len(), 1);
+    let first_list = first.integrations().unwrap();
+    assert_eq!(first_list.len(), 1);
     let s0 = t.service.cache_stats();
     let again = t.service.status(&u).await.unwrap();
     let s1 = t.service.cache_stats();
@@ -26,7 +27,7 @@ async fn hit_after_a_read_miss_after_a_write() {
 
     // A write for the user invalidates: the next read loads and sees it.
     t.seed("u1", "good", "a2", 3600).await;
-    let after = t.service.status(&u).await.unwrap();
+    let after = t.service.status(&u).await.unwrap().integrations().unwrap();
     let s2 = t.service.cache_stats();
     assert_eq!(s2.misses - s1.misses, 1, "after a write: a miss");
     assert_eq!(after.len(), 2);
@@ -36,16 +37,25 @@ async fn hit_after_a_read_miss_after_a_write() {
         .refresh(&provider_name("good"), &account_id("a1"))
         .await
         .unwrap();
-    let refreshed = t.service.status(&u).await.unwrap();
+    let refreshed = t.service.status(&u).await.unwrap().integrations().unwrap();
     assert!(refreshed
         .iter()
-        .any(|s| s.account_id == "a1" && s.last_refresh_at > first[0].last_refresh_at));
+        .any(|s| s.account_id == "a1" && s.last_refresh_at > first_list[0].last_refresh_at));
     assert!(t
         .service
         .disconnect(&u, &provider_name("good"), &account_id("a2"))
         .await
         .unwrap());
-    assert_eq!(t.service.status(&u).await.unwrap().len(), 1);
+    assert_eq!(
+        t.service
+            .status(&u)
+            .await
+            .unwrap()
+            .integrations()
+            .unwrap()
+            .len(),
+        1
+    );
     assert_eq!(
         t.fake.revocations.load(std::sync::atomic::Ordering::SeqCst),
         1,
@@ -60,7 +70,9 @@ async fn concurrent_misses_for_one_user_load_once() {
     let u = user_id("u1");
     let before = t.service.cache_stats().misses;
     let results = join_all((0..50).map(|_| t.service.status(&u))).await;
-    assert!(results.iter().all(|r| r.as_ref().unwrap().len() == 1));
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().unwrap().integrations().unwrap().len() == 1));
     assert_eq!(t.service.cache_stats().misses - before, 1);
 }
 
@@ -78,4 +90,57 @@ async fn entries_expire_after_the_ttl() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     t.service.status(&u).await.unwrap();
     assert_eq!(t.service.cache_stats().misses - before, 1);
+}
+
+#[tokio::test]
+async fn the_cached_rendering_shows_exactly_what_is_stored() {
+    use chrono::Utc;
+    use integrations::oauth::{Expiry, TokenSet};
+    use serde_json::json;
+
+    let t = TestService::start().await;
+    let tokens = TokenSet::from_response(
+        &json!({"access_token": "at-x", "refresh_token": "rt-x", "expires_in": 600,
+                "scope": "read write:\"quoted\" ünï"}),
+        Utc::now(),
+        Expiry::Default(Duration::from_secs(3600)),
+    )
+    .unwrap();
+    let metadata = json!({"team": "Ops \"east\"", "n": [1, 2.5, null], "nested": {"ok": true}});
+    let u = user_id("u-render");
+    for account in ["b-2", "a-1"] {
+        t.service
+            .connect(
+                &u,
+                &provider_name("good"),
+                &account_id(account),
+                &tokens,
+                Some(&metadata),
+            )
+            .await
+            .unwrap();
+    }
+    t.seed("u-render", "bad", "c-3", 3600).await;
+    t.fake.set_mode("bad", crate::common::Mode::InvalidGrant);
+    let _ = t
+        .service
+        .refresh(&provider_name("bad"), &account_id("c-3"))
+        .await;
+
+    // The list is rendered straight from the rows; each item must decode to
+    // what the single-integration read (decoded into statuses) says.
+    let status = t.service.status(&u).await.unwrap();
+    let listed = status.integrations().unwrap();
+    let mut stored = Vec::new();
+    for (p, a) in [("bad", "c-3"), ("good", "a-1"), ("good", "b-2")] {
+        stored.push(t.service.integration(p, a).await.unwrap());
+    }
+    assert_eq!(listed, stored, "by provider, then account");
+    assert_eq!(listed[1].metadata, metadata);
+    assert_eq!(listed[0].status, integrations::domain::Status::Revoked);
+    assert!(listed[0].last_error.is_some());
+    let body: serde_json::Value = serde_json::from_slice(status.json()).unwrap();
+    assert_eq!(body["user_id"], "u-render");
+    assert_eq!(body["integrations"][0]["healthy"], false);
+    assert_eq!(body["integrations"][1]["healthy"], true);
 }

@@ -56,7 +56,7 @@ async fn connect_flow_stores_the_integration_and_refuses_a_replayed_state() {
         ("good", "gh-777")
     );
     let list = t.service.status(&user_id("u1")).await.unwrap();
-    assert_eq!(list.len(), 1);
+    assert_eq!(list.integrations().unwrap().len(), 1);
 
     // The same state again: refused, and the provider is not asked.
     t.fake.accept_code("code-2", "gh-888");
