@@ -15,10 +15,11 @@
 //! Scopes are independent: `admin` does not imply `read`; grant each scope a
 //! key needs.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -264,6 +265,9 @@ fn hashes_match(stored: &[u8], computed: &[u8]) -> bool {
     stored.ct_eq(computed).into()
 }
 
+/// Keys found valid, by hash, with when the database said so.
+type Verified = HashMap<[u8; 32], (Arc<ApiKeyInfo>, Instant)>;
+
 /// Cached verification answers by key hash: `None` for keys that are
 /// unknown or revoked.
 type VerifyCache = Cache<[u8; 32], Option<Arc<ApiKeyInfo>>>;
@@ -276,6 +280,12 @@ pub struct ApiKeys {
     ttl: Duration,
     /// `None` when the TTL is zero: every verification queries.
     cache: Option<VerifyCache>,
+    /// Keys found valid, with when the database said so: checked before
+    /// `cache` on every request. Written by hand because a request's moka
+    /// lookup (its read log and housekeeping) was a measurable share of the
+    /// cached status path, and this map only ever holds the few keys in
+    /// use (answers for anything else stay in `cache`, bounded).
+    verified: Arc<RwLock<Verified>>,
     /// Verification counters by result, looked up once (at first use, when
     /// the recorder is installed): `counter!` hashes its labels per call.
     counters: std::sync::OnceLock<VerifyCounters>,
@@ -313,6 +323,7 @@ impl ApiKeys {
                     .max_capacity(VERIFY_CACHE_CAPACITY)
                     .build()
             }),
+            verified: Arc::default(),
             counters: std::sync::OnceLock::new(),
         }
     }
@@ -345,6 +356,10 @@ impl ApiKeys {
             return Ok(None);
         }
         let hash = hash_key(presented);
+        if let Some(info) = self.recently_verified(&hash) {
+            self.counters().valid.increment(1);
+            return Ok(Some(info));
+        }
         let answer = match &self.cache {
             None => self.load(&hash).await?,
             Some(cache) => match cache.get(&hash).await {
@@ -366,13 +381,22 @@ impl ApiKeys {
         Ok(answer)
     }
 
+    /// A valid key's identity, when the database said so less than the TTL
+    /// ago.
+    fn recently_verified(&self, hash: &[u8; 32]) -> Option<Arc<ApiKeyInfo>> {
+        let verified = self.verified.read().unwrap_or_else(PoisonError::into_inner);
+        let (info, at) = verified.get(hash)?;
+        (at.elapsed() < self.ttl).then(|| info.clone())
+    }
+
     /// Looks a key hash up in the database.
     async fn load(&self, hash: &[u8; 32]) -> Result<Option<Arc<ApiKeyInfo>>, db_pool::Error> {
         metrics::counter!("integrations_api_key_lookups_total").increment(1);
+        let asked = Instant::now();
         let mut conn = self.pool.get().await?;
         let found = store::api_keys::find_active(&mut conn, hash).await?;
         drop(conn);
-        Ok(found
+        let found = found
             .filter(|key| hashes_match(&key.key_hash, hash))
             .map(|key| {
                 Arc::new(ApiKeyInfo {
@@ -380,7 +404,20 @@ impl ApiKeys {
                     name: key.name,
                     scopes: scopes_from_db(&key.scopes),
                 })
-            }))
+            });
+        if !self.ttl.is_zero() {
+            let mut verified = self
+                .verified
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Forget what has expired (revoked elsewhere, or not used since).
+            verified.retain(|_, (_, at)| at.elapsed() < self.ttl);
+            match &found {
+                Some(info) => verified.insert(*hash, (info.clone(), asked)),
+                None => verified.remove(hash),
+            };
+        }
+        Ok(found)
     }
 
     /// Creates a key named `name` (1 to 64 letters, digits, `-`, `_` or `.`,
@@ -455,6 +492,10 @@ impl ApiKeys {
         };
         drop(conn);
         if revoked > 0 {
+            self.verified
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
             if let Some(cache) = &self.cache {
                 cache.invalidate_all();
             }

@@ -293,6 +293,59 @@ impl Conn {
         guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
+    /// Runs one statement once per parameter set, pipelined: every
+    /// execution is sent before the first result is read, so the batch
+    /// costs one round trip instead of one per set. PostgreSQL runs them in
+    /// order, each on its own (one failing does not fail the others).
+    /// `each(i, rows)` gets set `i`'s result as soon as it arrives, in
+    /// order. `socket_timeout` bounds the whole batch. Without a statement
+    /// cache, or with `pgbouncer=true`, the executions run one after
+    /// another instead. The error is the connection's (or the statement's
+    /// preparation): sets not yet given to `each` then have no result.
+    pub async fn query_pipelined(
+        &mut self,
+        sql: &str,
+        param_sets: &[&[Param<'_>]],
+        mut each: impl FnMut(usize, Result<Vec<Row>, Error>),
+    ) -> Result<(), Error> {
+        if self.shared.config.pgbouncer || self.client_conn().statements.is_none() {
+            for (i, params) in param_sets.iter().enumerate() {
+                let result = self.query(sql, params).await;
+                if matches!(result, Err(Error::ConnectionClosed)) {
+                    return Err(Error::ConnectionClosed);
+                }
+                each(i, result);
+            }
+            return Ok(());
+        }
+        let (shared, conn) = self.ready().await?;
+        let counters = &shared.counters;
+        let client = &conn.client;
+        let statements = &mut conn.statements;
+        let fut = async {
+            let stmt = match statements.as_mut() {
+                Some(cache) => cached_statement(cache, counters, client, sql).await?,
+                None => client.prepare(sql).await.map_err(query_error)?,
+            };
+            // tokio-postgres pipelines requests made concurrently on one
+            // client: polling them together sends them all first.
+            let mut results: futures_util::stream::FuturesOrdered<_> = param_sets
+                .iter()
+                .map(|params| client.query(&stmt, params))
+                .collect();
+            let mut i = 0;
+            while let Some(result) = futures_util::StreamExt::next(&mut results).await {
+                match result.map_err(query_error) {
+                    Err(Error::ConnectionClosed) => return Err(Error::ConnectionClosed),
+                    result => each(i, result),
+                }
+                i += 1;
+            }
+            Ok(())
+        };
+        guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
+    }
+
     async fn run(&mut self, sql: &str, params: &[Param<'_>], want: Want) -> Result<Output, Error> {
         let (shared, conn) = self.ready().await?;
         let counters = &shared.counters;
@@ -319,23 +372,7 @@ impl Conn {
                 }
                 .map_err(query_error);
             };
-            let stmt = match cache.get(sql) {
-                Some(stmt) => {
-                    Counters::inc(&counters.statement_cache_hits);
-                    stmt.clone()
-                }
-                None => {
-                    Counters::inc(&counters.statement_cache_misses);
-                    let stmt = client.prepare(sql).await.map_err(query_error)?;
-                    if let Some((evicted, _)) = cache.push(sql.to_owned(), stmt.clone()) {
-                        if evicted != sql {
-                            // Dropping the evicted statement closes it on the server.
-                            Counters::inc(&counters.statement_cache_evictions);
-                        }
-                    }
-                    stmt
-                }
-            };
+            let stmt = cached_statement(cache, counters, client, sql).await?;
             match want {
                 Want::Rows => client.query(&stmt, params).await.map(Output::Rows),
                 Want::Count => client.execute(&stmt, params).await.map(Output::Count),
@@ -344,6 +381,29 @@ impl Conn {
         };
         guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
+}
+
+/// `sql`'s prepared statement from the connection's cache, prepared (and
+/// cached, evicting the least recently used) on a miss.
+async fn cached_statement(
+    cache: &mut LruCache<String, Statement>,
+    counters: &Counters,
+    client: &Client,
+    sql: &str,
+) -> Result<Statement, Error> {
+    if let Some(stmt) = cache.get(sql) {
+        Counters::inc(&counters.statement_cache_hits);
+        return Ok(stmt.clone());
+    }
+    Counters::inc(&counters.statement_cache_misses);
+    let stmt = client.prepare(sql).await.map_err(query_error)?;
+    if let Some((evicted, _)) = cache.push(sql.to_owned(), stmt.clone()) {
+        if evicted != sql {
+            // Dropping the evicted statement closes it on the server.
+            Counters::inc(&counters.statement_cache_evictions);
+        }
+    }
+    Ok(stmt)
 }
 
 /// Runs one statement's future under `socket_timeout`, keeping the

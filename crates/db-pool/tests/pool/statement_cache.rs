@@ -63,3 +63,42 @@ async fn size_zero_keeps_no_statement_on_the_server() {
     assert!(prepared_on_server(&mut conn).await <= 1);
     assert_eq!(pool.stats().statement_cache_hits, 0);
 }
+
+#[tokio::test]
+async fn a_pipeline_runs_each_set_once_in_order_and_isolates_failures() {
+    let db = TestDatabase::create().await;
+    let (pool, _) = pool(&db, "connection_limit=1");
+    let mut conn = pool.get().await.unwrap();
+    let pid = conn.backend_pid();
+    let (one, zero, two) = (1i32, 0i32, 2i32);
+    let sets: [&[db_pool::Param<'_>]; 3] = [&[&one], &[&zero], &[&two]];
+    let mut seen = Vec::new();
+    conn.query_pipelined(
+        "SELECT 10 / $1::int4, pg_backend_pid()",
+        &sets,
+        |i, rows| {
+            seen.push((
+                i,
+                rows.map(|rows| (rows[0].get::<_, i32>(0), rows[0].get::<_, i32>(1)))
+                    .map_err(|e| e.code().to_string()),
+            ))
+        },
+    )
+    .await
+    .unwrap();
+    // Division by zero fails its own execution only; all ran on this
+    // connection, through one prepared statement.
+    assert_eq!(
+        seen,
+        vec![
+            (0, Ok((10, pid))),
+            (1, Err("P2010".to_string())),
+            (2, Ok((5, pid))),
+        ]
+    );
+    let stats = pool.stats();
+    assert_eq!(stats.statement_cache_misses, 1, "{stats:?}");
+    // The connection is still usable afterwards.
+    let row = conn.query_one("SELECT 1::int4", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}

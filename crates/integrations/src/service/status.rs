@@ -4,12 +4,15 @@
 //! Built on moka: bounded, and concurrent misses for one user run one load
 //! (`try_get_with`). Every write for a user invalidates that user's entry.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use db_pool::Conn;
 use moka::future::Cache;
+use tokio::sync::oneshot;
 
 use super::{IntegrationsService, ServiceError};
 use crate::domain::{IntegrationList, IntegrationStatus, IntegrationView, UserId};
@@ -41,9 +44,9 @@ impl UserStatus {
         serde_json::from_slice::<List>(&self.json).map(|l| l.integrations)
     }
 
-    fn render<'a>(
-        user_id: &'a str,
-        integrations: &'a [IntegrationView<'a>],
+    fn render(
+        user_id: &str,
+        integrations: &[IntegrationView<'_>],
     ) -> Result<UserStatus, serde_json::Error> {
         // About 320 bytes per integration: one allocation, no regrowth, and
         // the entry keeps no spare capacity.
@@ -67,6 +70,8 @@ pub(super) struct StatusCache {
     cache: Option<Cache<String, Arc<UserStatus>>>,
     hits: AtomicU64,
     loads: AtomicU64,
+    /// Misses waiting to be loaded (see `load_status`).
+    misses: Arc<Misses>,
     /// The hit and miss counters' metric handles, looked up once (at first
     /// use, when the recorder is installed): `counter!` hashes its key on
     /// every call.
@@ -84,6 +89,7 @@ impl StatusCache {
             }),
             hits: AtomicU64::new(0),
             loads: AtomicU64::new(0),
+            misses: Arc::default(),
             handles: OnceLock::new(),
         }
     }
@@ -96,6 +102,127 @@ impl StatusCache {
             )
         })
     }
+}
+
+/// Most users loaded in one pipelined round trip.
+pub const MAX_PIPELINE: usize = 16;
+
+/// How long a queued miss waits for a loader to take it before it starts
+/// another (when the pool has room): long enough that a busy loader's next
+/// pipeline usually takes it, short enough that a loader stuck on a slow
+/// query holds nobody else back for long.
+const LOADER_PATIENCE: Duration = Duration::from_millis(20);
+
+fn loader_stopped() -> ServiceError {
+    ServiceError::Render("the status loader stopped before answering".into())
+}
+
+/// A miss waiting to be loaded, and where its answer goes.
+struct Pending {
+    id: u64,
+    user_id: String,
+    done: oneshot::Sender<Result<Arc<UserStatus>, ServiceError>>,
+}
+
+/// The misses queue and how many loaders drain it.
+#[derive(Default)]
+struct Misses {
+    state: Mutex<MissQueue>,
+}
+
+#[derive(Default)]
+struct MissQueue {
+    queue: VecDeque<Pending>,
+    loaders: usize,
+    next_id: u64,
+}
+
+impl Misses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MissQueue> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The oldest misses whose callers still wait, up to [`MAX_PIPELINE`];
+    /// empty when there are none, and then this loader stops (counted
+    /// under the same lock, so no miss is queued with no loader left).
+    fn take_batch(&self) -> Vec<Pending> {
+        let mut misses = self.lock();
+        let mut batch = Vec::new();
+        while batch.len() < MAX_PIPELINE {
+            match misses.queue.pop_front() {
+                Some(pending) if pending.done.is_closed() => {}
+                Some(pending) => batch.push(pending),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            misses.loaders -= 1;
+        }
+        batch
+    }
+}
+
+/// A loader: takes a connection and loads queued misses, a pipeline at a
+/// time, until none are left.
+async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
+    loop {
+        let mut conn = match pool.get().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // No connection (P2024, P1001...): the oldest waiters get
+                // the error, then the next try serves the rest.
+                let e = ServiceError::from(e);
+                let batch = misses.take_batch();
+                if batch.is_empty() {
+                    return;
+                }
+                for pending in batch {
+                    let _ = pending.done.send(Err(e.shared()));
+                }
+                continue;
+            }
+        };
+        loop {
+            let batch = misses.take_batch();
+            if batch.is_empty() {
+                return;
+            }
+            if !load_batch(&mut conn, batch).await {
+                // The connection failed: go on with another one.
+                break;
+            }
+        }
+    }
+}
+
+/// Loads a batch of misses in one round trip and answers each as soon as
+/// its rows arrive. `false` when the connection failed (those not answered
+/// yet get its error).
+async fn load_batch(conn: &mut Conn, batch: Vec<Pending>) -> bool {
+    let (users, mut waiting): (Vec<String>, Vec<_>) =
+        batch.into_iter().map(|p| (p.user_id, Some(p.done))).unzip();
+    let ids: Vec<&str> = users.iter().map(String::as_str).collect();
+    let loaded = store::integrations::show_for_users(conn, &ids, |i, views| {
+        let result = match views {
+            Ok(views) => UserStatus::render(ids[i], views)
+                .map(Arc::new)
+                .map_err(|e| ServiceError::Render(e.to_string())),
+            Err(db) => Err(db.into()),
+        };
+        // Its caller may have gone: nothing to answer then.
+        if let Some(done) = waiting[i].take() {
+            let _ = done.send(result);
+        }
+    })
+    .await;
+    let Err(e) = loaded else {
+        return true;
+    };
+    let e = ServiceError::from(e);
+    for done in waiting.into_iter().flatten() {
+        let _ = done.send(Err(e.shared()));
+    }
+    false
 }
 
 /// Cache counters.
@@ -135,18 +262,87 @@ impl IntegrationsService {
     }
 
     /// Reads a user's integrations and renders them, straight from the rows.
+    ///
+    /// Misses are loaded by loader tasks that drain one queue: a miss
+    /// queues itself and waits for its answer. A loader takes up to
+    /// [`MAX_PIPELINE`] queued users at a time and reads them in one round
+    /// trip (the same statement, pipelined), until the queue is empty. A
+    /// miss starts a loader when none runs, or when the queue holds more
+    /// than a full pipeline for each (at most `connection_limit` loaders):
+    /// under load, a few long pipelines cost the server and PostgreSQL far
+    /// less than one round trip per user (see BENCHMARKS.md). A lone miss is
+    /// loaded alone, at once: nothing waits to fill a batch. Loaders are
+    /// tasks of their own, so a caller that goes away never cancels a read
+    /// (or a connection being opened) that others wait for.
     async fn load_status(&self, user_id: &str) -> Result<Arc<UserStatus>, ServiceError> {
         self.cache.loads.fetch_add(1, Ordering::Relaxed);
         self.cache.counters().1.increment(1);
-        let mut conn = self.pool.get().await?;
-        let rendered = store::integrations::show_for_user(&mut conn, user_id, |views| {
-            UserStatus::render(user_id, views)
-        })
-        .await?;
-        drop(conn);
-        rendered
-            .map(Arc::new)
-            .map_err(|e| ServiceError::Render(e.to_string()))
+        let config = self.pool.config();
+        let queued_at = Instant::now();
+        let (done, mut answer) = oneshot::channel();
+        let id = {
+            let mut misses = self.cache.misses.lock();
+            misses.next_id += 1;
+            let id = misses.next_id;
+            misses.queue.push_back(Pending {
+                id,
+                user_id: user_id.to_string(),
+                done,
+            });
+            if misses.loaders == 0
+                || (misses.loaders < config.connection_limit
+                    && misses.queue.len() > misses.loaders * MAX_PIPELINE)
+            {
+                misses.loaders += 1;
+                self.start_loader();
+            }
+            id
+        };
+        loop {
+            if let Ok(loaded) = tokio::time::timeout(LOADER_PATIENCE, &mut answer).await {
+                return loaded.unwrap_or_else(|_| Err(loader_stopped()));
+            }
+            // Not taken yet: the loaders are slow (a long query, a lock).
+            // Another loader, if the pool has room; past pool_timeout, the
+            // pool's own error.
+            let timed_out = {
+                let mut misses = self.cache.misses.lock();
+                match misses.queue.iter().position(|p| p.id == id) {
+                    // Taken: its loader answers (socket_timeout bounds that).
+                    None => None,
+                    Some(at)
+                        if config
+                            .pool_timeout
+                            .is_some_and(|limit| queued_at.elapsed() >= limit) =>
+                    {
+                        misses.queue.remove(at);
+                        Some(misses.queue.len() + 1)
+                    }
+                    Some(_) => {
+                        if misses.loaders < config.connection_limit {
+                            misses.loaders += 1;
+                            self.start_loader();
+                        }
+                        continue;
+                    }
+                }
+            };
+            let Some(queued) = timed_out else {
+                return answer.await.unwrap_or_else(|_| Err(loader_stopped()));
+            };
+            let stats = self.pool.stats();
+            return Err(db_pool::Error::PoolTimeout {
+                timeout_secs: config.pool_timeout.unwrap_or_default().as_secs(),
+                connection_limit: config.connection_limit,
+                in_use: stats.in_use,
+                waiting: stats.waiting + queued,
+            }
+            .into());
+        }
+    }
+
+    fn start_loader(&self) {
+        tokio::spawn(run_loader(self.pool.clone(), self.cache.misses.clone()));
     }
 
     /// The status of one integration (not cached).

@@ -1,7 +1,7 @@
 //! The `integrations` table.
 
 use chrono::{DateTime, Utc};
-use db_pool::{Conn, Error, Row};
+use db_pool::{Conn, Error, Param, Row};
 
 use db_pool::types::Json;
 use serde_json::value::RawValue;
@@ -135,17 +135,27 @@ const LIST_FOR_USER: &str = concat!(
     " FROM integrations WHERE user_id = $1 ORDER BY provider, account_id"
 );
 
-/// A user's integrations (the seed's `(user_id, provider)` index), by
-/// provider and account, shown straight from the rows: `show` gets views
-/// that borrow from them (nothing is copied into statuses first).
-pub async fn show_for_user<T>(
+/// Users' integrations (the seed's `(user_id, provider)` index), by
+/// provider and account, several users in one round trip (the same
+/// statement, pipelined), each shown straight from its rows as soon as they
+/// arrive: `show(i, user_ids[i], views)`, in order; one user's failure
+/// does not fail the others. The error is the connection's: users not yet
+/// shown then were not read.
+pub async fn show_for_users(
     conn: &mut Conn,
-    user_id: &str,
-    show: impl FnOnce(&[IntegrationView<'_>]) -> T,
-) -> Result<T, Error> {
-    let rows = conn.query(LIST_FOR_USER, &[&user_id]).await?;
-    let views: Vec<IntegrationView<'_>> = rows.iter().map(view_from_row).collect();
-    Ok(show(&views))
+    user_ids: &[&str],
+    mut show: impl FnMut(usize, Result<&[IntegrationView<'_>], Error>),
+) -> Result<(), Error> {
+    let params: Vec<[Param<'_>; 1]> = user_ids.iter().map(|u| [u as Param<'_>]).collect();
+    let sets: Vec<&[Param<'_>]> = params.iter().map(|p| &p[..]).collect();
+    conn.query_pipelined(LIST_FOR_USER, &sets, |i, rows| match rows {
+        Ok(rows) => {
+            let views: Vec<IntegrationView<'_>> = rows.iter().map(view_from_row).collect();
+            show(i, Ok(&views));
+        }
+        Err(e) => show(i, Err(e)),
+    })
+    .await
 }
 
 /// A view of a row of [`status_columns!`].

@@ -144,3 +144,32 @@ async fn the_cached_rendering_shows_exactly_what_is_stored() {
     assert_eq!(body["integrations"][0]["healthy"], false);
     assert_eq!(body["integrations"][1]["healthy"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_round_trips_and_each_gets_its_own_user() {
+    let config = ServiceConfig {
+        status_cache_capacity: 0,
+        ..ServiceConfig::default()
+    };
+    let t = TestService::start_with("connection_limit=2", config).await;
+    let users: Vec<String> = (0..40).map(|i| format!("batch-user-{i}")).collect();
+    for (i, u) in users.iter().enumerate() {
+        t.seed(u, "good", &format!("acct-{i}"), 3600).await;
+    }
+    let ids: Vec<_> = users.iter().map(|u| user_id(u)).collect();
+    let before = t.service.pool().stats().checkouts;
+    let results = join_all(ids.iter().map(|u| t.service.status(u))).await;
+    let checkouts = t.service.pool().stats().checkouts - before;
+    for (i, result) in results.into_iter().enumerate() {
+        let status = result.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(status.json()).unwrap();
+        assert_eq!(body["user_id"], users[i].as_str());
+        let list = status.integrations().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].account_id, format!("acct-{i}"));
+    }
+    // 40 misses queued at once: read a pipeline (up to 16 users) per round
+    // trip, not one checkout each.
+    assert!(checkouts < 10, "{checkouts} checkouts for 40 misses");
+    assert_eq!(t.service.cache_stats().misses, 40);
+}
