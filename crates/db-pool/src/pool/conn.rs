@@ -298,8 +298,8 @@ impl Conn {
     /// costs one round trip instead of one per set. PostgreSQL runs them in
     /// order, each on its own (one failing does not fail the others).
     /// `each(i, rows)` gets set `i`'s result as soon as it arrives, in
-    /// order. `socket_timeout` bounds the whole batch. Without a statement
-    /// cache, or with `pgbouncer=true`, the executions run one after
+    /// order. `socket_timeout` bounds the whole batch. With
+    /// `pgbouncer=true` (no named statements) the executions run one after
     /// another instead. The error is the connection's (or the statement's
     /// preparation): sets not yet given to `each` then have no result.
     pub async fn query_pipelined(
@@ -308,11 +308,17 @@ impl Conn {
         param_sets: &[&[Param<'_>]],
         mut each: impl FnMut(usize, Result<Vec<Row>, Error>),
     ) -> Result<(), Error> {
-        if self.shared.config.pgbouncer || self.client_conn().statements.is_none() {
+        if param_sets.is_empty() {
+            return Ok(());
+        }
+        if self.shared.config.pgbouncer {
             for (i, params) in param_sets.iter().enumerate() {
                 let result = self.query(sql, params).await;
-                if matches!(result, Err(Error::ConnectionClosed)) {
-                    return Err(Error::ConnectionClosed);
+                if matches!(
+                    result,
+                    Err(Error::ConnectionClosed | Error::SocketTimeout(_))
+                ) {
+                    return result.map(|_| ());
                 }
                 each(i, result);
             }
@@ -329,17 +335,17 @@ impl Conn {
             };
             // tokio-postgres pipelines requests made concurrently on one
             // client: polling them together sends them all first.
-            let mut results: futures_util::stream::FuturesOrdered<_> = param_sets
+            use futures_util::StreamExt;
+            let mut results = param_sets
                 .iter()
                 .map(|params| client.query(&stmt, params))
-                .collect();
-            let mut i = 0;
-            while let Some(result) = futures_util::StreamExt::next(&mut results).await {
+                .collect::<futures_util::stream::FuturesOrdered<_>>()
+                .enumerate();
+            while let Some((i, result)) = results.next().await {
                 match result.map_err(query_error) {
                     Err(Error::ConnectionClosed) => return Err(Error::ConnectionClosed),
                     result => each(i, result),
                 }
-                i += 1;
             }
             Ok(())
         };
@@ -397,11 +403,10 @@ async fn cached_statement(
     }
     Counters::inc(&counters.statement_cache_misses);
     let stmt = client.prepare(sql).await.map_err(query_error)?;
-    if let Some((evicted, _)) = cache.push(sql.to_owned(), stmt.clone()) {
-        if evicted != sql {
-            // Dropping the evicted statement closes it on the server.
-            Counters::inc(&counters.statement_cache_evictions);
-        }
+    // Only pushed after a miss, so what comes back is an eviction; dropping
+    // the evicted statement closes it on the server.
+    if cache.push(sql.to_owned(), stmt.clone()).is_some() {
+        Counters::inc(&counters.statement_cache_evictions);
     }
     Ok(stmt)
 }

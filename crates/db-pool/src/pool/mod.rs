@@ -95,7 +95,7 @@ impl Pool {
         let result = match shared.config.pool_timeout {
             Some(limit) => match tokio::time::timeout(limit, checkout).await {
                 Ok(result) => result,
-                Err(_) => return Err(self.timeout_error(limit)),
+                Err(_) => return Err(self.gave_up_waiting(0)),
             },
             None => checkout.await,
         };
@@ -110,22 +110,25 @@ impl Pool {
             }
             Err(PoolError::Backend(e)) => Err(e),
             Err(PoolError::Closed) => Err(Error::PoolClosed),
-            Err(PoolError::Timeout(_)) => {
-                Err(self.timeout_error(shared.config.pool_timeout.unwrap_or(Duration::ZERO)))
-            }
+            Err(PoolError::Timeout(_)) => Err(self.gave_up_waiting(0)),
             Err(other) => Err(Error::Parameter(format!("pool failure: {other}"))),
         }
     }
 
-    fn timeout_error(&self, limit: Duration) -> Error {
+    /// The P2024 error for a caller that waited `pool_timeout` for a
+    /// connection, through this pool or through a queue of its own in front
+    /// of it (`queued_elsewhere` callers waiting there, this one included),
+    /// counted in
+    /// `checkout_timeouts` like a checkout that timed out.
+    pub fn gave_up_waiting(&self, queued_elsewhere: usize) -> Error {
         stats::Counters::inc(&self.inner.shared.counters.checkout_timeouts);
         let s = self.stats();
         Error::PoolTimeout {
-            timeout_secs: limit.as_secs(),
+            timeout_secs: self.config().pool_timeout.unwrap_or_default().as_secs(),
             connection_limit: self.config().connection_limit,
             in_use: s.in_use,
             // Counted while the caller was still registered as waiting.
-            waiting: s.waiting,
+            waiting: s.waiting + queued_elsewhere,
         }
     }
 

@@ -173,7 +173,7 @@ impl From<ServiceError> for ApiError {
                 ApiError::new(StatusCode::BAD_GATEWAY, "oauth_failed", o.to_string())
             }
             ServiceError::Crypto(c) => ApiError::internal(&c),
-            ServiceError::Render(_) => ApiError::internal(&e),
+            ServiceError::Internal(_) => ApiError::internal(&e),
             ServiceError::Db(db) => ApiError::from(db.as_ref()),
         }
     }

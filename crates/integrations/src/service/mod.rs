@@ -136,9 +136,10 @@ pub enum ServiceError {
     /// one failed cache load answers every caller that waited for it.
     #[error(transparent)]
     Db(Arc<db_pool::Error>),
-    /// Rendering a user's status failed (a bug: our types always render).
-    #[error("rendering the status failed: {0}")]
-    Render(String),
+    /// A failure of our own (a bug): a status that did not render, a
+    /// status loader gone before answering.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ServiceError {
@@ -146,7 +147,9 @@ impl ServiceError {
     pub(crate) fn shared(&self) -> ServiceError {
         match self {
             ServiceError::Db(db) => ServiceError::Db(db.clone()),
-            other => ServiceError::Render(other.to_string()),
+            ServiceError::Internal(message) => ServiceError::Internal(message.clone()),
+            // Loads fail only with the two above.
+            other => ServiceError::Internal(other.to_string()),
         }
     }
 }

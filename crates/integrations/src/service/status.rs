@@ -72,6 +72,10 @@ pub(super) struct StatusCache {
     loads: AtomicU64,
     /// Misses waiting to be loaded (see `load_status`).
     misses: Arc<Misses>,
+    /// Writes seen, by user hash: a load that overlapped a write for its
+    /// user may have read the rows before it, and moka's `invalidate` does
+    /// not stop such a load from inserting afterwards.
+    writes: [AtomicU64; WRITE_STRIPES],
     /// The hit and miss counters' metric handles, looked up once (at first
     /// use, when the recorder is installed): `counter!` hashes its key on
     /// every call.
@@ -90,8 +94,17 @@ impl StatusCache {
             hits: AtomicU64::new(0),
             loads: AtomicU64::new(0),
             misses: Arc::default(),
+            writes: std::array::from_fn(|_| AtomicU64::new(0)),
             handles: OnceLock::new(),
         }
+    }
+
+    /// The write counter of `user_id`'s stripe.
+    fn writes(&self, user_id: &str) -> &AtomicU64 {
+        let hash = user_id.bytes().fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        &self.writes[hash % WRITE_STRIPES]
     }
 
     fn counters(&self) -> &(metrics::Counter, metrics::Counter) {
@@ -104,6 +117,9 @@ impl StatusCache {
     }
 }
 
+/// Stripes of the write counters that detect a load overlapping a write.
+const WRITE_STRIPES: usize = 64;
+
 /// Most users loaded in one pipelined round trip.
 pub const MAX_PIPELINE: usize = 16;
 
@@ -114,7 +130,7 @@ pub const MAX_PIPELINE: usize = 16;
 const LOADER_PATIENCE: Duration = Duration::from_millis(20);
 
 fn loader_stopped() -> ServiceError {
-    ServiceError::Render("the status loader stopped before answering".into())
+    ServiceError::Internal("the status loader stopped before answering".into())
 }
 
 /// A miss waiting to be loaded, and where its answer goes.
@@ -143,9 +159,9 @@ impl Misses {
     }
 
     /// The oldest misses whose callers still wait, up to [`MAX_PIPELINE`];
-    /// empty when there are none, and then this loader stops (counted
-    /// under the same lock, so no miss is queued with no loader left).
-    fn take_batch(&self) -> Vec<Pending> {
+    /// empty when there are none, and then `slot` is given back (under the
+    /// same lock, so no miss is queued with no loader left).
+    fn take_batch(&self, slot: &mut LoaderSlot) -> Vec<Pending> {
         let mut misses = self.lock();
         let mut batch = Vec::new();
         while batch.len() < MAX_PIPELINE {
@@ -157,14 +173,35 @@ impl Misses {
         }
         if batch.is_empty() {
             misses.loaders -= 1;
+            slot.held = false;
         }
         batch
+    }
+}
+
+/// A running loader's place in `loaders`, given back when it finds the
+/// queue empty, or when the loader ends otherwise (a panic, the runtime
+/// shutting down): waiters then start new loaders.
+struct LoaderSlot {
+    misses: Arc<Misses>,
+    held: bool,
+}
+
+impl Drop for LoaderSlot {
+    fn drop(&mut self) {
+        if self.held {
+            self.misses.lock().loaders -= 1;
+        }
     }
 }
 
 /// A loader: takes a connection and loads queued misses, a pipeline at a
 /// time, until none are left.
 async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
+    let mut slot = LoaderSlot {
+        misses: misses.clone(),
+        held: true,
+    };
     loop {
         let mut conn = match pool.get().await {
             Ok(conn) => conn,
@@ -172,7 +209,7 @@ async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
                 // No connection (P2024, P1001...): the oldest waiters get
                 // the error, then the next try serves the rest.
                 let e = ServiceError::from(e);
-                let batch = misses.take_batch();
+                let batch = misses.take_batch(&mut slot);
                 if batch.is_empty() {
                     return;
                 }
@@ -183,7 +220,7 @@ async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
             }
         };
         loop {
-            let batch = misses.take_batch();
+            let batch = misses.take_batch(&mut slot);
             if batch.is_empty() {
                 return;
             }
@@ -206,7 +243,7 @@ async fn load_batch(conn: &mut Conn, batch: Vec<Pending>) -> bool {
         let result = match views {
             Ok(views) => UserStatus::render(ids[i], views)
                 .map(Arc::new)
-                .map_err(|e| ServiceError::Render(e.to_string())),
+                .map_err(|e| ServiceError::Internal(format!("rendering the status failed: {e}"))),
             Err(db) => Err(db.into()),
         };
         // Its caller may have gone: nothing to answer then.
@@ -255,10 +292,18 @@ impl IntegrationsService {
         let load: std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<_, ServiceError>> + Send + '_>,
         > = Box::pin(self.load_status(user_id.as_str()));
-        entries
+        let writes = cache.writes(user_id.as_str());
+        let before = writes.load(Ordering::Acquire);
+        let loaded = entries
             .try_get_with(user_id.as_str().to_string(), load)
             .await
-            .map_err(|shared| shared.shared())
+            .map_err(|shared| shared.shared());
+        if writes.load(Ordering::Acquire) != before {
+            // A write for this user (or one sharing its stripe) overlapped
+            // the load: what was cached may predate it.
+            entries.invalidate(user_id.as_str()).await;
+        }
+        loaded
     }
 
     /// Reads a user's integrations and renders them, straight from the rows.
@@ -330,14 +375,7 @@ impl IntegrationsService {
             let Some(queued) = timed_out else {
                 return answer.await.unwrap_or_else(|_| Err(loader_stopped()));
             };
-            let stats = self.pool.stats();
-            return Err(db_pool::Error::PoolTimeout {
-                timeout_secs: config.pool_timeout.unwrap_or_default().as_secs(),
-                connection_limit: config.connection_limit,
-                in_use: stats.in_use,
-                waiting: stats.waiting + queued,
-            }
-            .into());
+            return Err(self.pool.gave_up_waiting(queued).into());
         }
     }
 
@@ -363,6 +401,7 @@ impl IntegrationsService {
     /// Forgets a user's cached status (after every write for that user).
     pub async fn invalidate(&self, user_id: &str) {
         if let Some(entries) = &self.cache.cache {
+            self.cache.writes(user_id).fetch_add(1, Ordering::Release);
             entries.invalidate(user_id).await;
         }
     }

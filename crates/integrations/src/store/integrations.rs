@@ -68,14 +68,15 @@ const UPSERT: &str = concat!(
        metadata = COALESCE($10, i.metadata), status = 'connected', refresh_failures = 0, \
        last_error = NULL, next_refresh_at = NULL, last_refresh_at = now(), updated_at = now(), \
        refresh_generation = i.refresh_generation + 1 \
-     WHERE i.user_id = EXCLUDED.user_id AND (EXCLUDED.refresh_token IS NOT NULL OR i.key_id = EXCLUDED.key_id) \
+     WHERE i.user_id = EXCLUDED.user_id \
+       AND (EXCLUDED.refresh_token IS NOT NULL OR i.refresh_token IS NULL OR i.key_id = EXCLUDED.key_id) \
      RETURNING ",
     status_columns!()
 );
 
 /// Stores tokens for an integration, creating or replacing it. `None` when
 /// the account is connected to another user (or, when no new refresh token
-/// is given, the stored one is under another key: re-encrypt first).
+/// is given, a stored one is under another key: re-encrypt first).
 pub async fn upsert(
     conn: &mut Conn,
     t: &NewTokens<'_>,

@@ -218,3 +218,39 @@ async fn an_account_belongs_to_one_user() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn reconnecting_without_a_refresh_token_works_after_a_key_change() {
+    let t = TestService::start().await;
+    // GitHub OAuth apps never send a refresh token.
+    let tokens = |access: &str| {
+        integrations::oauth::TokenSet::from_response(
+            &serde_json::json!({"access_token": access}),
+            chrono::Utc::now(),
+            integrations::oauth::Expiry::Never,
+        )
+        .unwrap()
+    };
+    let (u, p, a) = (user_id("u1"), provider_name("good"), account_id("no-rt"));
+    t.service
+        .connect(&u, &p, &a, &tokens("at-1"), None)
+        .await
+        .unwrap();
+    // A new current key; the row is still under the old one.
+    let new_spec = format!("{},{}", Keyring::generate_spec("k2"), t.keys);
+    let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
+    let rotated = IntegrationsService::new(
+        t.service.pool().clone(),
+        Keyring::parse(&new_spec).unwrap(),
+        ProviderRegistry::from_toml(&t.fake.registry_toml(PROVIDERS), "test", &env).unwrap(),
+        TokenClient::new(&TokenClientConfig::default()).unwrap(),
+        ServiceConfig::default(),
+    );
+    let stored = rotated
+        .connect(&u, &p, &a, &tokens("at-2"), None)
+        .await
+        .unwrap();
+    assert_eq!(stored.account_id, "no-rt");
+    let tok = rotated.access_token(&p, &a).await.unwrap();
+    assert_eq!(secret_text(&tok.token), "at-2");
+}
