@@ -153,7 +153,6 @@ fn quote_ident(name: &str) -> String {
 
 /// A fresh, uniquely named database on the test server, dropped (with
 /// `DROP DATABASE ... WITH (FORCE)`) when this value is dropped.
-#[derive(Debug)]
 pub struct TestDatabase {
     /// The database's URL: the server URL with the database name replaced
     /// (query parameters kept).
@@ -162,6 +161,15 @@ pub struct TestDatabase {
     pub name: String,
     /// The URL used to create and drop the database.
     admin_url: String,
+}
+
+/// Shows the database name only: the URLs may hold the server's password.
+impl std::fmt::Debug for TestDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestDatabase")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TestDatabase {

@@ -156,7 +156,7 @@ pub struct ApiKeySummary {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// The name is empty, too long or has other characters.
-    #[error("invalid API key name '{}': use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.', not only digits", shown(.0))]
+    #[error("invalid API key name '{}': use 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.', not only digits, not starting with 'ik_'", shown(.0))]
     InvalidName(String),
     /// No scope was given.
     #[error("an API key needs at least one scope; accepted: read, write, credentials, admin")]
@@ -179,7 +179,7 @@ impl AuthError {
 
 /// A user-supplied value for an error message; a value shaped like a key
 /// (pasted in the wrong place) is not repeated.
-fn shown(value: &str) -> &str {
+pub(crate) fn shown(value: &str) -> &str {
     if value.starts_with(KEY_PREFIX) && value.len() >= DISPLAY_PREFIX_LEN {
         "<redacted: looks like an API key>"
     } else {
@@ -188,14 +188,16 @@ fn shown(value: &str) -> &str {
 }
 
 /// Checks a key name: 1 to [`MAX_NAME_LEN`] ASCII letters, digits, `-`, `_`
-/// or `.`, and not only digits (so `revoke 42` always means the id).
+/// or `.`, not only digits (so `revoke 42` always means the id), and not
+/// starting with `ik_` (a pasted key would end up in listings and logs).
 pub fn validate_name(name: &str) -> Result<(), AuthError> {
     let valid = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !name.bytes().all(|b| b.is_ascii_digit());
+        && !name.bytes().all(|b| b.is_ascii_digit())
+        && !name.starts_with(KEY_PREFIX);
     if valid {
         Ok(())
     } else {
@@ -349,8 +351,12 @@ impl ApiKeys {
     /// The key's identity and scopes when `presented` is an active key,
     /// `None` otherwise (malformed, unknown or revoked). Answers are cached
     /// for the TTL, so a key revoked by another process keeps working here
-    /// for at most that long.
-    pub async fn verify(&self, presented: &str) -> Result<Option<Arc<ApiKeyInfo>>, db_pool::Error> {
+    /// for at most that long. A database failure is shared by every
+    /// verification that waited on the same lookup.
+    pub async fn verify(
+        &self,
+        presented: &str,
+    ) -> Result<Option<Arc<ApiKeyInfo>>, Arc<db_pool::Error>> {
         if !looks_like_key(presented) {
             self.counters().malformed.increment(1);
             return Ok(None);
@@ -361,7 +367,7 @@ impl ApiKeys {
             return Ok(Some(info));
         }
         let answer = match &self.cache {
-            None => self.load(&hash).await?,
+            None => self.load(&hash).await.map_err(Arc::new)?,
             Some(cache) => match cache.get(&hash).await {
                 Some(hit) => hit,
                 // Boxed: the lookup's future is large and the hit path
@@ -369,7 +375,7 @@ impl ApiKeys {
                 None => {
                     let load: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
                         Box::pin(self.load(&hash));
-                    cache.try_get_with(hash, load).await.map_err(unshare)?
+                    cache.try_get_with(hash, load).await?
                 }
             },
         };
@@ -505,55 +511,6 @@ impl ApiKeys {
     }
 }
 
-/// The database error of a load shared by concurrent verifications: the
-/// error itself when this caller holds the last reference, else a copy.
-/// Copies are exact except for statement and client failures, which keep
-/// their code, hint and message but lose the SQLSTATE accessor and source.
-fn unshare(e: Arc<db_pool::Error>) -> db_pool::Error {
-    use db_pool::Error as E;
-    let e = match Arc::try_unwrap(e) {
-        Ok(e) => return e,
-        Err(shared) => shared,
-    };
-    match &*e {
-        E::Config(c) => E::Config(c.clone()),
-        E::Unreachable { address, reason } => E::Unreachable {
-            address: address.clone(),
-            reason: reason.clone(),
-        },
-        E::AuthenticationFailed { address, user } => E::AuthenticationFailed {
-            address: address.clone(),
-            user: user.clone(),
-        },
-        E::DatabaseDoesNotExist { database, address } => E::DatabaseDoesNotExist {
-            database: database.clone(),
-            address: address.clone(),
-        },
-        E::Tls(m) => E::Tls(m.clone()),
-        E::PoolTimeout {
-            timeout_secs,
-            connection_limit,
-            in_use,
-            waiting,
-        } => E::PoolTimeout {
-            timeout_secs: *timeout_secs,
-            connection_limit: *connection_limit,
-            in_use: *in_use,
-            waiting: *waiting,
-        },
-        E::TooManyConnections(m) => E::TooManyConnections(m.clone()),
-        E::SocketTimeout(d) => E::SocketTimeout(*d),
-        E::ConnectionClosed => E::ConnectionClosed,
-        E::PoolClosed => E::PoolClosed,
-        E::RowCount(n) => E::RowCount(*n),
-        E::Parameter(m) => E::Parameter(m.clone()),
-        other @ (E::Query { .. } | E::Client(_)) => {
-            let text = other.to_string();
-            E::Parameter(text.strip_prefix("P2010: ").unwrap_or(&text).to_string())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,6 +632,10 @@ mod tests {
                 "{bad}"
             );
         }
+        // A pasted key is refused, and the error does not repeat it.
+        let key = generate_key();
+        let err = validate_name(key.expose_secret()).unwrap_err();
+        assert!(!err.to_string().contains(key.expose_secret()), "{err}");
     }
 
     #[test]
@@ -704,21 +665,5 @@ mod tests {
         let debug = format!("{keys:?}");
         assert!(!debug.contains(&hex(&hash)), "{debug}");
         assert!(!debug.contains("pw"), "{debug}");
-    }
-
-    #[tokio::test]
-    async fn shared_errors_keep_their_code_and_message() {
-        let e = Arc::new(db_pool::Error::PoolTimeout {
-            timeout_secs: 10,
-            connection_limit: 5,
-            in_use: 5,
-            waiting: 3,
-        });
-        let other = e.clone();
-        let copy = unshare(e);
-        assert_eq!(copy.to_string(), other.to_string());
-        assert!(copy.is_transient());
-        drop(copy);
-        assert!(matches!(unshare(other), db_pool::Error::PoolTimeout { .. }));
     }
 }

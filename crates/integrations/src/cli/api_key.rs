@@ -155,12 +155,12 @@ async fn revoke(keys: &ApiKeys, args: RevokeArgs) -> ExitCode {
         Ok(0) => {
             eprintln!(
                 "error: no active API key has the id or name '{}' (see `integrations api-key list`)",
-                args.key
+                crate::auth::shown(&args.key)
             );
             ExitCode::FAILURE
         }
         Ok(_) => {
-            println!("revoked API key '{}'", args.key);
+            println!("revoked API key '{}'", crate::auth::shown(&args.key));
             eprintln!(
                 "servers that verified it recently accept it for at most {} s more",
                 keys.verify_ttl().as_secs()

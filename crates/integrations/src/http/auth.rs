@@ -43,7 +43,12 @@ impl FromRequestParts<AppState> for Caller {
             })
             .map(str::trim)
             .ok_or_else(ApiError::unauthorized)?;
-        match state.keys.verify(presented).await? {
+        let verified = state
+            .keys
+            .verify(presented)
+            .await
+            .map_err(|e| ApiError::from(e.as_ref()))?;
+        match verified {
             Some(info) => {
                 tracing::Span::current().record("api_key", info.name.as_str());
                 Ok(Caller(info))

@@ -66,9 +66,8 @@ async fn start(
     ApiJson(body): ApiJson<ConnectRequest>,
 ) -> Result<Json<ConnectStarted>, ApiError> {
     caller.require(Scope::Write)?;
-    let bad = |e: crate::domain::InvalidInput| ApiError::bad_request(e.to_string());
-    let provider = ProviderName::parse(&provider).map_err(bad)?;
-    let user = UserId::parse(&body.user_id).map_err(bad)?;
+    let provider = ProviderName::parse(&provider)?;
+    let user = UserId::parse(&body.user_id)?;
     let started = state
         .service
         .start_connect(&user, &provider, &body.redirect_uri)

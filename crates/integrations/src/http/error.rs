@@ -140,10 +140,17 @@ impl From<&db_pool::Error> for ApiError {
     }
 }
 
+/// A path or body value that failed validation: 400 naming the field.
+impl From<crate::domain::InvalidInput> for ApiError {
+    fn from(e: crate::domain::InvalidInput) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
         match e {
-            ServiceError::Invalid(e) => ApiError::bad_request(e.to_string()),
+            ServiceError::Invalid(e) => ApiError::from(e),
             ServiceError::UnknownProvider(e) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }

@@ -47,7 +47,7 @@ async fn list(
     ApiPath(user_id): ApiPath<String>,
 ) -> Result<axum::response::Response, ApiError> {
     caller.require(Scope::Read)?;
-    let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let user = UserId::parse(&user_id)?;
     // The cache keeps each user's rendering: a hit writes the kept bytes.
     let list = state.service.status(&user).await?;
     Ok((
@@ -60,7 +60,7 @@ async fn list(
 /// The body of `PUT`: the token response as the provider returned it
 /// (`access_token`, `refresh_token`, `expires_in` or `expires_at`, `scope`
 /// or `scopes`, `token_type`), plus optional `metadata`.
-#[derive(Debug, ToSchema)]
+#[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct TokenBody {
     /// The access token.
@@ -88,11 +88,10 @@ fn ids(
     provider: &str,
     account: &str,
 ) -> Result<(UserId, ProviderName, AccountId), ApiError> {
-    let bad = |e: crate::domain::InvalidInput| ApiError::bad_request(e.to_string());
     Ok((
-        UserId::parse(user).map_err(bad)?,
-        ProviderName::parse(provider).map_err(bad)?,
-        AccountId::parse(account).map_err(bad)?,
+        UserId::parse(user)?,
+        ProviderName::parse(provider)?,
+        AccountId::parse(account)?,
     ))
 }
 

@@ -119,9 +119,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-        .layer(middleware::from_fn(record_metrics))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn(deadline))
+        // Outside the deadline, so requests it answers 503 are counted.
+        .layer(middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req
@@ -215,17 +216,21 @@ fn handles(
     method: &axum::http::Method,
     status: u16,
 ) -> (metrics::Histogram, metrics::Counter) {
-    static HANDLES: std::sync::OnceLock<std::sync::Mutex<Handles>> = std::sync::OnceLock::new();
-    let mut all = HANDLES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    static HANDLES: std::sync::OnceLock<std::sync::RwLock<Handles>> = std::sync::OnceLock::new();
+    let all = HANDLES.get_or_init(Default::default);
+    // Read-locked on every request; written once per new (route, method,
+    // status).
     if let Some(h) = all
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(route)
         .and_then(|m| m.get(&(method.clone(), status)))
     {
         return h.clone();
     }
+    let mut all = all
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let labels = [("method", method.to_string()), ("route", route.to_string())];
     let histogram = metrics::histogram!("http_request_duration_seconds", &labels);
     let counter = metrics::counter!(

@@ -33,11 +33,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 fn key(provider: &str, account: &str) -> Result<(ProviderName, AccountId), ApiError> {
-    let bad = |e: crate::domain::InvalidInput| ApiError::bad_request(e.to_string());
-    Ok((
-        ProviderName::parse(provider).map_err(bad)?,
-        AccountId::parse(account).map_err(bad)?,
-    ))
+    Ok((ProviderName::parse(provider)?, AccountId::parse(account)?))
 }
 
 /// A usable access token.

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use rand::RngCore;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
 use super::{IntegrationsService, ServiceError};
@@ -138,7 +138,7 @@ impl IntegrationsService {
             .decrypt(&deleted.key_id, value, &Self::aad(p, a, aad_field))
         {
             Ok(plain) => {
-                let token = SecretString::from(String::from_utf8_lossy(&plain).into_owned());
+                let token = super::secret(plain);
                 if let Err(e) = self.tokens.revoke(registered, &token, hint).await {
                     tracing::warn!(error = %e, "revoking the token at the provider failed; the integration is deleted");
                 }

@@ -27,7 +27,7 @@ pub use refresher::{Refresher, ScanReport};
 pub use status::{CacheStats, UserStatus};
 
 use crate::crypto::{CryptoError, Keyring};
-use crate::domain::{InvalidInput, Status};
+use crate::domain::InvalidInput;
 use crate::oauth::{OAuthError, ProviderRegistry, TokenClient, UnknownProvider};
 
 /// Tunables, with the seed's figures as defaults.
@@ -273,10 +273,11 @@ impl IntegrationsService {
     }
 }
 
-/// The status name for errors that need reconnecting.
-fn reconnect_status(status: Status) -> &'static str {
-    match status {
-        Status::Revoked => "revoked",
-        _ => "expired",
+/// A decrypted token as a secret: its bytes are moved, not copied (a
+/// copy would be freed without being cleared).
+fn secret(plain: Vec<u8>) -> SecretString {
+    match String::from_utf8(plain) {
+        Ok(text) => SecretString::from(text),
+        Err(e) => SecretString::from(String::from_utf8_lossy(e.as_bytes()).into_owned()),
     }
 }

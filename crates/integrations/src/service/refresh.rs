@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use tokio::sync::SemaphorePermit;
 
-use super::{reconnect_status, AccessToken, Flight, IntegrationsService, ServiceError};
+use super::{secret, AccessToken, Flight, IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status};
 use crate::oauth::OAuthError;
 use crate::store::integrations::{self as rows, Claimed, Failure, Refreshed, TokenRow};
@@ -85,7 +85,7 @@ impl IntegrationsService {
         if row.status == Status::Revoked {
             return Err(ServiceError::NeedsReconnect {
                 provider: p.to_string(),
-                status: reconnect_status(row.status),
+                status: "revoked",
             });
         }
         let now = Utc::now();
@@ -349,8 +349,4 @@ fn not_found(p: &str, a: &str) -> ServiceError {
         provider: p.to_string(),
         account_id: a.to_string(),
     }
-}
-
-fn secret(plain: Vec<u8>) -> SecretString {
-    SecretString::from(String::from_utf8_lossy(&plain).into_owned())
 }

@@ -113,6 +113,10 @@ impl IntegrationsService {
                     tracing::warn!(error = %e, hint = e.hint(), "background refresh scan failed")
                 }
             }
+            // Abandoned connect flows leave their states behind.
+            if let Err(e) = self.purge_expired_states().await {
+                tracing::warn!(error = %e, "purging expired OAuth states failed");
+            }
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(cfg.interval) => {}

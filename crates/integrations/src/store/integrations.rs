@@ -294,16 +294,6 @@ pub struct Claimed {
     pub generation: i64,
 }
 
-fn claimed(r: &Row) -> Claimed {
-    Claimed {
-        id: r.get(0),
-        user_id: r.get(1),
-        refresh_token: r.get(2),
-        key_id: r.get(3),
-        generation: r.get(4),
-    }
-}
-
 const CLAIM: &str =
     "UPDATE integrations SET refresh_lease_until = now() + make_interval(secs => $3), \
                      refresh_lease_owner = $4 \
@@ -327,7 +317,7 @@ pub async fn claim(
         .query_opt(CLAIM, &[&provider, &account_id, &lease_secs, &owner])
         .await?
         .as_ref()
-        .map(claimed))
+        .map(|r| claimed_at(r, 0)))
 }
 
 // The claimed rows come straight from the UPDATE; the others (leased by
