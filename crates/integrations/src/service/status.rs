@@ -313,7 +313,8 @@ impl IntegrationsService {
     /// [`MAX_PIPELINE`] queued users at a time and reads them in one round
     /// trip (the same statement, pipelined), until the queue is empty. A
     /// miss starts a loader when none runs, or when the queue holds more
-    /// than a full pipeline for each (at most `connection_limit` loaders):
+    /// than a full pipeline for each (at most half of `connection_limit`,
+    /// rounded up, leaving the rest to refreshes and writes):
     /// under load, a few long pipelines cost the server and PostgreSQL far
     /// less than one round trip per user (see BENCHMARKS.md). A lone miss is
     /// loaded alone, at once: nothing waits to fill a batch. Loaders are
@@ -323,6 +324,7 @@ impl IntegrationsService {
         self.cache.loads.fetch_add(1, Ordering::Relaxed);
         self.cache.counters().1.increment(1);
         let config = self.pool.config();
+        let max_loaders = config.connection_limit.div_ceil(2);
         let queued_at = Instant::now();
         let (done, mut answer) = oneshot::channel();
         let id = {
@@ -335,7 +337,7 @@ impl IntegrationsService {
                 done,
             });
             if misses.loaders == 0
-                || (misses.loaders < config.connection_limit
+                || (misses.loaders < max_loaders
                     && misses.queue.len() > misses.loaders * MAX_PIPELINE)
             {
                 misses.loaders += 1;
@@ -364,7 +366,7 @@ impl IntegrationsService {
                         Some(misses.queue.len() + 1)
                     }
                     Some(_) => {
-                        if misses.loaders < config.connection_limit {
+                        if misses.loaders < max_loaders {
                             misses.loaders += 1;
                             self.start_loader();
                         }
