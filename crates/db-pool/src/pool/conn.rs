@@ -298,7 +298,9 @@ impl Conn {
     /// costs one round trip instead of one per set. PostgreSQL runs them in
     /// order, each on its own (one failing does not fail the others).
     /// `each(i, rows)` gets set `i`'s result as soon as it arrives, in
-    /// order. `socket_timeout` bounds the whole batch. With
+    /// order. `socket_timeout` bounds the whole batch; the query-time
+    /// histogram and the slow-query log see each execution at the batch's
+    /// mean. With
     /// `pgbouncer=true` (no named statements) the executions run one after
     /// another instead. The error is the connection's (or the statement's
     /// preparation): sets not yet given to `each` then have no result.
@@ -349,7 +351,17 @@ impl Conn {
             }
             Ok(())
         };
-        guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
+        let executions = u32::try_from(param_sets.len()).unwrap_or(u32::MAX);
+        guard_many(
+            shared,
+            &mut conn.flags,
+            client,
+            conn.pid,
+            sql,
+            executions,
+            fut,
+        )
+        .await
     }
 
     async fn run(&mut self, sql: &str, params: &[Param<'_>], want: Want) -> Result<Output, Error> {
@@ -425,6 +437,20 @@ async fn guard<T>(
     sql: &str,
     fut: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
+    guard_many(shared, flags, client, backend_pid, sql, 1, fut).await
+}
+
+/// [`guard`] for `executions` runs of one statement in one future (a
+/// pipeline): each is recorded, and judged slow, at their mean duration.
+async fn guard_many<T>(
+    shared: &Shared,
+    flags: &mut Flags,
+    client: &Client,
+    backend_pid: i32,
+    sql: &str,
+    executions: u32,
+    fut: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
     flags.in_flight = true;
     let started = Instant::now();
     let result = match shared.config.socket_timeout {
@@ -440,8 +466,10 @@ async fn guard<T>(
         None => fut.await,
     };
     flags.in_flight = false;
-    let took = started.elapsed();
-    shared.observer.query_time.record(took);
+    let took = started.elapsed() / executions.max(1);
+    for _ in 0..executions.max(1) {
+        shared.observer.query_time.record(took);
+    }
     if let Some(threshold) = shared.config.slow_query_threshold {
         if took >= threshold {
             shared
@@ -453,6 +481,7 @@ async fn guard<T>(
                 duration_ms = took.as_secs_f64() * 1000.0,
                 backend_pid,
                 statement = sql,
+                executions,
                 slow_query_threshold_ms = threshold.as_millis() as u64,
                 "slow query (run EXPLAIN ANALYZE on it)"
             );

@@ -102,3 +102,23 @@ async fn a_pipeline_runs_each_set_once_in_order_and_isolates_failures() {
     let row = conn.query_one("SELECT 1::int4", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 1);
 }
+
+#[tokio::test]
+async fn a_pipeline_is_judged_slow_per_execution_not_as_a_whole() {
+    let db = TestDatabase::create().await;
+    let (pool, _) = pool(&db, "connection_limit=1&slow_query_threshold=150");
+    let mut conn = pool.get().await.unwrap();
+    let sleep = 0.05f64;
+    let params: [db_pool::Param<'_>; 1] = [&sleep];
+    let sets = [&params[..]; 4];
+    let mut ok = 0;
+    conn.query_pipelined("SELECT pg_sleep($1)", &sets, |_, r| {
+        r.unwrap();
+        ok += 1;
+    })
+    .await
+    .unwrap();
+    assert_eq!(ok, 4);
+    // 4 x 50 ms is 200 ms in all, but no execution took 150 ms.
+    assert_eq!(pool.stats().slow_queries, 0);
+}
