@@ -516,6 +516,8 @@ impl TestApp {
             self.keys.all.clone(),
             self.keys.read.clone(),
             self.encryption_keys.split(':').nth(1).unwrap().to_string(),
+            // The provider's client secret.
+            "fake-secret".to_string(),
         ];
         let forbidden_text = [
             "panicked",
@@ -551,6 +553,23 @@ impl TestApp {
                     !reply.text.contains(text),
                     "{method} {path} answered {text:?}: {}",
                     reply.text
+                );
+            }
+            for (name, value) in &reply.headers {
+                for secret in always.iter().chain(&access) {
+                    assert!(
+                        !String::from_utf8_lossy(value.as_bytes()).contains(secret.as_str()),
+                        "{method} {path}: header {name} leaks a secret"
+                    );
+                }
+            }
+        }
+        // Nor does any line the server logged, access tokens included.
+        for line in self.server.logs() {
+            for secret in always.iter().chain(&access) {
+                assert!(
+                    !line.contains(secret.as_str()),
+                    "the server logged a secret: {line}"
                 );
             }
         }
