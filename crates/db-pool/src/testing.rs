@@ -108,6 +108,15 @@ pub fn with_database(url: &str, database: &str) -> String {
     url.into()
 }
 
+/// `url` with `params` (`a=1&b=2`, may be empty) added to its query string.
+pub fn with_params(url: &str, params: &str) -> String {
+    if params.is_empty() {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
 /// `url` with only the query parameters `tokio_postgres` accepts, so it can
 /// be passed to [`tokio_postgres::connect`].
 ///

@@ -7,15 +7,9 @@ use std::time::Duration;
 
 use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::diagnostics::{self, Activity, DoctorOptions, DoctorReport, Status};
-use db_pool::testing::{tokio_postgres_url, TestDatabase};
+use db_pool::testing::{tokio_postgres_url, with_params, TestDatabase};
 use db_pool::{Pool, PoolConfig};
 use tokio_postgres::{Client, NoTls};
-
-/// `url` with more query parameters.
-fn with_params(url: &str, params: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
-}
 
 /// A plain tokio-postgres client showing `app` as its application_name.
 async fn client(db: &TestDatabase, app: &str) -> Client {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use db_pool::cluster::{ClusterOptions, LocalCluster};
-use db_pool::testing::TestDatabase;
+use db_pool::testing::{with_params, TestDatabase};
 use db_pool::{Pool, PoolConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
@@ -23,8 +23,11 @@ fn app() -> String {
 fn pool(url: &str, params: &str) -> (Pool, String) {
     prometheus();
     let app = app();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let cfg = PoolConfig::parse(&format!("{url}{sep}application_name={app}&{params}")).unwrap();
+    let cfg = PoolConfig::parse(&with_params(
+        url,
+        &format!("application_name={app}&{params}"),
+    ))
+    .unwrap();
     (Pool::new(cfg).unwrap(), app)
 }
 

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use db_pool::testing::TestDatabase;
+use db_pool::testing::{with_params, TestDatabase};
 use db_pool::{Conn, Pool, PoolConfig};
 use serde_json::Value;
 
@@ -33,12 +33,6 @@ fn json(out: &Output) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// `url` with more query parameters.
-fn with_params(url: &str, params: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
 }
 
 /// A pool whose connections show `app` as their application_name.

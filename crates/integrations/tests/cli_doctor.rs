@@ -5,7 +5,7 @@
 use std::process::{Command, Output};
 
 use db_pool::cluster::{ClusterOptions, LocalCluster};
-use db_pool::testing::TestDatabase;
+use db_pool::testing::{with_params, TestDatabase};
 use serde_json::Value;
 
 fn doctor(url: &str, args: &[&str]) -> Output {
@@ -50,12 +50,6 @@ fn line<'a>(text: &'a str, name: &str) -> &'a str {
                 .is_some_and(|rest| rest.starts_with(&format!("{name} ")))
         })
         .unwrap_or_else(|| panic!("no {name} line in\n{text}"))
-}
-
-/// `url` with more query parameters.
-fn with_params(url: &str, params: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
 }
 
 /// A private server with 20 connection slots, 3 of them reserved.

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+pub use db_pool::testing::with_params;
 use db_pool::testing::TestDatabase;
 use db_pool::{Pool, PoolConfig};
 use tokio_postgres::Client;
@@ -9,12 +10,6 @@ use tokio_postgres::Client;
 /// A unique application_name, so a test counts only its own connections.
 pub fn unique_app() -> String {
     format!("t_{:08x}", rand::random::<u32>())
-}
-
-/// `url` with more query parameters.
-pub fn with_params(url: &str, params: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
 }
 
 /// A pool on `db` with extra URL parameters and a unique application_name.

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+pub use db_pool::testing::with_params;
 use db_pool::testing::TestDatabase;
 use db_pool::{Pool, PoolConfig};
 use integrations::auth::{ApiKeys, Scope};
@@ -331,15 +332,6 @@ pub struct TestApp {
     sent_tokens: Mutex<Vec<String>>,
     pub db: Option<TestDatabase>,
     _dir: tempfile::TempDir,
-}
-
-/// `url` with `params` appended to its query string.
-pub fn with_params(url: &str, params: &str) -> String {
-    if params.is_empty() {
-        return url.to_string();
-    }
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{params}")
 }
 
 /// A client that does not follow redirects and ignores proxy variables.

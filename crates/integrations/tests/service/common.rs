@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use db_pool::testing::TestDatabase;
+use db_pool::testing::{with_params, TestDatabase};
 use db_pool::{Pool, PoolConfig};
 use integrations::crypto::Keyring;
 use integrations::domain::{AccountId, ProviderName, UserId};
@@ -92,8 +92,7 @@ async fn build(
     params: &str,
     config: ServiceConfig,
 ) -> Arc<IntegrationsService> {
-    let sep = if db.url.contains('?') { '&' } else { '?' };
-    let pool = Pool::new(PoolConfig::parse(&format!("{}{sep}{params}", db.url)).unwrap()).unwrap();
+    let pool = Pool::new(PoolConfig::parse(&with_params(&db.url, params)).unwrap()).unwrap();
     let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
     let registry =
         ProviderRegistry::from_toml(&fake.registry_toml(PROVIDERS), "test providers", &env)
