@@ -69,7 +69,9 @@ impl fmt::Debug for TokenSet {
             .field("expires_at", &self.expires_at)
             .field("scopes", &self.scopes)
             .field("token_type", &self.token_type)
-            .field("extra", &self.extra)
+            // Field names only: providers nest credentials in other fields
+            // (Slack's `authed_user.access_token`).
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -477,7 +479,8 @@ mod tests {
     #[test]
     fn debug_redacts_tokens() {
         let t = TokenSet::from_response(
-            &json!({"access_token": "at-very-secret", "refresh_token": "rt-very-secret"}),
+            &json!({"access_token": "at-very-secret", "refresh_token": "rt-very-secret",
+                    "authed_user": {"access_token": "xoxp-very-secret"}}),
             now(),
             HOUR,
         )
@@ -485,5 +488,6 @@ mod tests {
         let d = format!("{t:?}");
         assert!(!d.contains("very-secret"), "{d}");
         assert!(d.contains("[REDACTED]"));
+        assert!(d.contains("authed_user"), "{d}");
     }
 }
