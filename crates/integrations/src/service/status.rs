@@ -120,12 +120,12 @@ impl StatusCache {
 /// Stripes of the write counters that detect a load overlapping a write.
 const WRITE_STRIPES: usize = 64;
 
-/// Most users loaded in one pipelined round trip.
-pub const MAX_PIPELINE: usize = 16;
+/// Most users loaded in one statement.
+pub const MAX_BATCH: usize = 16;
 
 /// How long a queued miss waits for a loader to take it before it starts
 /// another (when the pool has room): long enough that a busy loader's next
-/// pipeline usually takes it, short enough that a loader stuck on a slow
+/// batch usually takes it, short enough that a loader stuck on a slow
 /// query holds nobody else back for long.
 const LOADER_PATIENCE: Duration = Duration::from_millis(20);
 
@@ -158,13 +158,13 @@ impl Misses {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The oldest misses whose callers still wait, up to [`MAX_PIPELINE`];
+    /// The oldest misses whose callers still wait, up to [`MAX_BATCH`];
     /// empty when there are none, and then `slot` is given back (under the
     /// same lock, so no miss is queued with no loader left).
     fn take_batch(&self, slot: &mut LoaderSlot) -> Vec<Pending> {
         let mut misses = self.lock();
         let mut batch = Vec::new();
-        while batch.len() < MAX_PIPELINE {
+        while batch.len() < MAX_BATCH {
             match misses.queue.pop_front() {
                 Some(pending) if pending.done.is_closed() => {}
                 Some(pending) => batch.push(pending),
@@ -195,7 +195,7 @@ impl Drop for LoaderSlot {
     }
 }
 
-/// A loader: takes a connection and loads queued misses, a pipeline at a
+/// A loader: takes a connection and loads queued misses, a batch at a
 /// time, until none are left.
 async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
     let mut slot = LoaderSlot {
@@ -232,20 +232,17 @@ async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
     }
 }
 
-/// Loads a batch of misses in one round trip and answers each as soon as
-/// its rows arrive. `false` when the connection failed (those not answered
-/// yet get its error).
+/// Loads a batch of misses in one statement and answers each. `false` when
+/// the statement failed (every caller then gets its error, and the loader
+/// goes on with a connection checked out anew).
 async fn load_batch(conn: &mut Conn, batch: Vec<Pending>) -> bool {
     let (users, mut waiting): (Vec<String>, Vec<_>) =
         batch.into_iter().map(|p| (p.user_id, Some(p.done))).unzip();
     let ids: Vec<&str> = users.iter().map(String::as_str).collect();
     let loaded = store::integrations::show_for_users(conn, &ids, |i, views| {
-        let result = match views {
-            Ok(views) => UserStatus::render(ids[i], views)
-                .map(Arc::new)
-                .map_err(|e| ServiceError::Internal(format!("rendering the status failed: {e}"))),
-            Err(db) => Err(db.into()),
-        };
+        let result = UserStatus::render(ids[i], views)
+            .map(Arc::new)
+            .map_err(|e| ServiceError::Internal(format!("rendering the status failed: {e}")));
         // Its caller may have gone: nothing to answer then.
         if let Some(done) = waiting[i].take() {
             let _ = done.send(result);
@@ -310,13 +307,13 @@ impl IntegrationsService {
     ///
     /// Misses are loaded by loader tasks that drain one queue: a miss
     /// queues itself and waits for its answer. A loader takes up to
-    /// [`MAX_PIPELINE`] queued users at a time and reads them in one round
-    /// trip (the same statement, pipelined), until the queue is empty. A
-    /// miss starts a loader when none runs, or when the queue holds more
-    /// than a full pipeline for each (at most half of `connection_limit`,
-    /// rounded up, leaving the rest to refreshes and writes):
-    /// under load, a few long pipelines cost the server and PostgreSQL far
-    /// less than one round trip per user (see BENCHMARKS.md). A lone miss is
+    /// [`MAX_BATCH`] queued users at a time and reads them in one
+    /// statement, until the queue is empty. A miss starts a loader when
+    /// none runs, or when the queue holds more than a full batch for each
+    /// (at most half of `connection_limit`, rounded up, leaving the rest to
+    /// refreshes and writes): under load, a few batches cost the server and
+    /// PostgreSQL far less than one round trip per user (see
+    /// BENCHMARKS.md). A lone miss is
     /// loaded alone, at once: nothing waits to fill a batch. Loaders are
     /// tasks of their own, so a caller that goes away never cancels a read
     /// (or a connection being opened) that others wait for.
@@ -338,7 +335,7 @@ impl IntegrationsService {
             });
             if misses.loaders == 0
                 || (misses.loaders < max_loaders
-                    && misses.queue.len() > misses.loaders * MAX_PIPELINE)
+                    && misses.queue.len() > misses.loaders * MAX_BATCH)
             {
                 misses.loaders += 1;
                 self.start_loader();
