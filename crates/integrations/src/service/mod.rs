@@ -187,7 +187,7 @@ pub struct IntegrationsService {
     keys: Arc<Keyring>,
     providers: Arc<ProviderRegistry>,
     tokens: TokenClient,
-    cache: status::StatusCache,
+    cache: Arc<status::StatusCache>,
     flights: Mutex<Flights>,
     config: ServiceConfig,
 }
@@ -227,7 +227,10 @@ impl IntegrationsService {
         config: ServiceConfig,
     ) -> IntegrationsService {
         IntegrationsService {
-            cache: status::StatusCache::new(config.status_cache_ttl, config.status_cache_capacity),
+            cache: Arc::new(status::StatusCache::new(
+                config.status_cache_ttl,
+                config.status_cache_capacity,
+            )),
             pool,
             keys: Arc::new(keys),
             providers: Arc::new(providers),

@@ -1,17 +1,26 @@
 //! `status(user_id)`: the user's integrations without tokens, from a cache
 //! with the seed's 5-minute TTL.
 //!
-//! Built on moka: bounded, and concurrent misses for one user run one load
-//! (`try_get_with`). Every write for a user invalidates that user's entry.
+//! The cache is quick_cache's (bounded, S3-FIFO eviction): a hit is a shard
+//! read lock and one hash lookup, about four times cheaper than moka's,
+//! which records every read for its eviction policy and does its
+//! housekeeping on the reader's time (14% of the server's time on the cached
+//! path; see BENCHMARKS.md). quick_cache has no TTL of its own: each entry
+//! keeps when it was loaded, and one older than the TTL is a miss (its next
+//! load replaces it, or newer entries evict it).
+//!
+//! Misses are loaded by loader tasks, several users per statement;
+//! concurrent misses for one user share one load, and its error. Every
+//! write for a user forgets that user's entry, and a load that overlapped a
+//! write is not kept.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use db_pool::Conn;
-use moka::future::Cache;
 use tokio::sync::oneshot;
 
 use super::{IntegrationsService, ServiceError};
@@ -65,16 +74,24 @@ impl UserStatus {
     }
 }
 
+/// A cache entry: the status and when it was loaded.
+#[derive(Clone)]
+struct Cached {
+    status: Arc<UserStatus>,
+    loaded_at: Instant,
+}
+
+/// The status cache and its loaders' queue, shared with the loader tasks.
 pub(super) struct StatusCache {
     /// `None` when caching is off (capacity or TTL 0): every read loads.
-    cache: Option<Cache<String, Arc<UserStatus>>>,
+    entries: Option<quick_cache::sync::Cache<String, Cached>>,
+    ttl: Duration,
     hits: AtomicU64,
     loads: AtomicU64,
-    /// Misses waiting to be loaded (see `load_status`).
-    misses: Arc<Misses>,
+    /// Loads queued or running (see `load_status`).
+    misses: Mutex<MissQueue>,
     /// Writes seen, by user hash: a load that overlapped a write for its
-    /// user may have read the rows before it, and moka's `invalidate` does
-    /// not stop such a load from inserting afterwards.
+    /// user may have read the rows before it, and is not kept.
     writes: [AtomicU64; WRITE_STRIPES],
     /// The hit and miss counters' metric handles, looked up once (at first
     /// use, when the recorder is installed): `counter!` hashes its key on
@@ -85,18 +102,22 @@ pub(super) struct StatusCache {
 impl StatusCache {
     pub fn new(ttl: Duration, capacity: u64) -> StatusCache {
         StatusCache {
-            cache: (capacity > 0 && !ttl.is_zero()).then(|| {
-                Cache::builder()
-                    .time_to_live(ttl)
-                    .max_capacity(capacity)
-                    .build()
+            entries: (capacity > 0 && !ttl.is_zero()).then(|| {
+                quick_cache::sync::Cache::new(usize::try_from(capacity).unwrap_or(usize::MAX))
             }),
+            ttl,
             hits: AtomicU64::new(0),
             loads: AtomicU64::new(0),
-            misses: Arc::default(),
+            misses: Mutex::default(),
             writes: std::array::from_fn(|_| AtomicU64::new(0)),
             handles: OnceLock::new(),
         }
+    }
+
+    /// The cached status of `user_id`, unless absent or older than the TTL.
+    fn get(&self, user_id: &str) -> Option<Arc<UserStatus>> {
+        let cached = self.entries.as_ref()?.get(user_id)?;
+        (cached.loaded_at.elapsed() < self.ttl).then_some(cached.status)
     }
 
     /// The write counter of `user_id`'s stripe.
@@ -114,6 +135,83 @@ impl StatusCache {
                 metrics::counter!("integrations_status_cache_misses_total"),
             )
         })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MissQueue> {
+        self.misses.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The oldest queued loads that someone still waits for, up to
+    /// [`MAX_BATCH`], as `(id, user_id)`; empty when there are none, and
+    /// then `slot` is given back (under the same lock, so no load is queued
+    /// with no loader left).
+    fn take_batch(&self, slot: &mut LoaderSlot) -> Vec<(u64, String)> {
+        let mut misses = self.lock();
+        let misses = &mut *misses;
+        let mut batch = Vec::new();
+        while batch.len() < MAX_BATCH {
+            let Some(id) = misses.queue.pop_front() else {
+                break;
+            };
+            let Some(load) = misses.loads.get_mut(&id) else {
+                continue;
+            };
+            load.waiters.retain(|w| !w.is_closed());
+            if load.waiters.is_empty() {
+                // Everyone who asked went away.
+                misses.forget(id);
+                continue;
+            }
+            load.taken = true;
+            batch.push((id, load.user_id.clone()));
+        }
+        if batch.is_empty() {
+            misses.loaders -= 1;
+            slot.held = false;
+        }
+        batch
+    }
+
+    /// Gives each load's answer to everyone waiting for it, and keeps the
+    /// statuses loaded with no write for their user since they were queued.
+    fn answer(
+        &self,
+        answers: impl IntoIterator<Item = (u64, Result<Arc<UserStatus>, ServiceError>)>,
+    ) {
+        let done: Vec<_> = {
+            let mut misses = self.lock();
+            answers
+                .into_iter()
+                .filter_map(|(id, answer)| Some((misses.forget(id)?, answer)))
+                .collect()
+        };
+        for (load, answer) in done {
+            if let (Some(entries), Ok(status)) = (&self.entries, &answer) {
+                let writes = self.writes(&load.user_id);
+                if writes.load(Ordering::Acquire) == load.writes_seen {
+                    let user_id = load.user_id.clone();
+                    entries.insert(
+                        user_id,
+                        Cached {
+                            status: status.clone(),
+                            loaded_at: Instant::now(),
+                        },
+                    );
+                    // Checked again after inserting: a write that counted
+                    // itself in between may have removed the entry before
+                    // it was there.
+                    if writes.load(Ordering::Acquire) != load.writes_seen {
+                        entries.remove(&load.user_id);
+                    }
+                }
+            }
+            for waiter in load.waiters {
+                let _ = waiter.send(match &answer {
+                    Ok(status) => Ok(status.clone()),
+                    Err(e) => Err(e.shared()),
+                });
+            }
+        }
     }
 }
 
@@ -133,49 +231,38 @@ fn loader_stopped() -> ServiceError {
     ServiceError::Internal("the status loader stopped before answering".into())
 }
 
-/// A miss waiting to be loaded, and where its answer goes.
-struct Pending {
-    id: u64,
+/// A user's load, queued or running, and who waits for it.
+struct Load {
     user_id: String,
-    done: oneshot::Sender<Result<Arc<UserStatus>, ServiceError>>,
+    /// The user's write counter when the load was queued.
+    writes_seen: u64,
+    queued_at: Instant,
+    /// Whether a loader took it: its rows may have been read already.
+    taken: bool,
+    waiters: Vec<oneshot::Sender<Result<Arc<UserStatus>, ServiceError>>>,
 }
 
-/// The misses queue and how many loaders drain it.
-#[derive(Default)]
-struct Misses {
-    state: Mutex<MissQueue>,
-}
-
+/// The loads and the loaders that run them.
 #[derive(Default)]
 struct MissQueue {
-    queue: VecDeque<Pending>,
+    /// Ids of the loads no loader took yet, oldest first.
+    queue: VecDeque<u64>,
+    /// Every load queued or running.
+    loads: HashMap<u64, Load>,
+    /// Each user's newest load, which later misses for the user join.
+    by_user: HashMap<String, u64>,
     loaders: usize,
     next_id: u64,
 }
 
-impl Misses {
-    fn lock(&self) -> std::sync::MutexGuard<'_, MissQueue> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The oldest misses whose callers still wait, up to [`MAX_BATCH`];
-    /// empty when there are none, and then `slot` is given back (under the
-    /// same lock, so no miss is queued with no loader left).
-    fn take_batch(&self, slot: &mut LoaderSlot) -> Vec<Pending> {
-        let mut misses = self.lock();
-        let mut batch = Vec::new();
-        while batch.len() < MAX_BATCH {
-            match misses.queue.pop_front() {
-                Some(pending) if pending.done.is_closed() => {}
-                Some(pending) => batch.push(pending),
-                None => break,
-            }
+impl MissQueue {
+    /// Removes a load (answered, abandoned or timed out).
+    fn forget(&mut self, id: u64) -> Option<Load> {
+        let load = self.loads.remove(&id)?;
+        if self.by_user.get(&load.user_id) == Some(&id) {
+            self.by_user.remove(&load.user_id);
         }
-        if batch.is_empty() {
-            misses.loaders -= 1;
-            slot.held = false;
-        }
-        batch
+        Some(load)
     }
 }
 
@@ -183,23 +270,23 @@ impl Misses {
 /// queue empty, or when the loader ends otherwise (a panic, the runtime
 /// shutting down): waiters then start new loaders.
 struct LoaderSlot {
-    misses: Arc<Misses>,
+    cache: Arc<StatusCache>,
     held: bool,
 }
 
 impl Drop for LoaderSlot {
     fn drop(&mut self) {
         if self.held {
-            self.misses.lock().loaders -= 1;
+            self.cache.lock().loaders -= 1;
         }
     }
 }
 
 /// A loader: takes a connection and loads queued misses, a batch at a
 /// time, until none are left.
-async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
+async fn run_loader(pool: db_pool::Pool, cache: Arc<StatusCache>) {
     let mut slot = LoaderSlot {
-        misses: misses.clone(),
+        cache: cache.clone(),
         held: true,
     };
     loop {
@@ -209,23 +296,22 @@ async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
                 // No connection (P2024, P1001...): the oldest waiters get
                 // the error, then the next try serves the rest.
                 let e = ServiceError::from(e);
-                let batch = misses.take_batch(&mut slot);
+                let batch = cache.take_batch(&mut slot);
                 if batch.is_empty() {
                     return;
                 }
-                for pending in batch {
-                    let _ = pending.done.send(Err(e.shared()));
-                }
+                cache.answer(batch.into_iter().map(|(id, _)| (id, Err(e.shared()))));
                 continue;
             }
         };
         loop {
-            let batch = misses.take_batch(&mut slot);
+            let batch = cache.take_batch(&mut slot);
             if batch.is_empty() {
                 return;
             }
-            if !load_batch(&mut conn, batch).await {
-                // The connection failed: go on with another one.
+            if !load_batch(&cache, &mut conn, batch).await {
+                // The statement failed: go on with a connection checked
+                // out anew (the pool drops this one if it is broken).
                 break;
             }
         }
@@ -233,30 +319,28 @@ async fn run_loader(pool: db_pool::Pool, misses: Arc<Misses>) {
 }
 
 /// Loads a batch of misses in one statement and answers each. `false` when
-/// the statement failed (every caller then gets its error, and the loader
-/// goes on with a connection checked out anew).
-async fn load_batch(conn: &mut Conn, batch: Vec<Pending>) -> bool {
-    let (users, mut waiting): (Vec<String>, Vec<_>) =
-        batch.into_iter().map(|p| (p.user_id, Some(p.done))).unzip();
-    let ids: Vec<&str> = users.iter().map(String::as_str).collect();
+/// the statement failed (every caller then gets its error).
+async fn load_batch(cache: &StatusCache, conn: &mut Conn, batch: Vec<(u64, String)>) -> bool {
+    let ids: Vec<&str> = batch.iter().map(|(_, user)| user.as_str()).collect();
+    let mut answers = Vec::with_capacity(batch.len());
     let loaded = store::integrations::show_for_users(conn, &ids, |i, views| {
-        let result = UserStatus::render(ids[i], views)
+        let rendered = UserStatus::render(ids[i], views)
             .map(Arc::new)
             .map_err(|e| ServiceError::Internal(format!("rendering the status failed: {e}")));
-        // Its caller may have gone: nothing to answer then.
-        if let Some(done) = waiting[i].take() {
-            let _ = done.send(result);
-        }
+        answers.push((batch[i].0, rendered));
     })
     .await;
-    let Err(e) = loaded else {
-        return true;
-    };
-    let e = ServiceError::from(e);
-    for done in waiting.into_iter().flatten() {
-        let _ = done.send(Err(e.shared()));
+    match loaded {
+        Ok(()) => {
+            cache.answer(answers);
+            true
+        }
+        Err(e) => {
+            let e = ServiceError::from(e);
+            cache.answer(batch.iter().map(|(id, _)| (*id, Err(e.shared()))));
+            false
+        }
     }
-    false
 }
 
 /// Cache counters.
@@ -266,7 +350,8 @@ pub struct CacheStats {
     pub hits: u64,
     /// Reads that loaded from the database (concurrent misses count once).
     pub misses: u64,
-    /// Users cached now (approximate).
+    /// Users cached now (expired entries included until replaced or
+    /// evicted).
     pub entries: u64,
 }
 
@@ -275,92 +360,98 @@ impl IntegrationsService {
     /// `status_cache_ttl` (5 minutes by default).
     #[tracing::instrument(skip_all, fields(user_id = %user_id))]
     pub async fn status(&self, user_id: &UserId) -> Result<Arc<UserStatus>, ServiceError> {
-        let cache = &self.cache;
-        let Some(entries) = &cache.cache else {
-            return self.load_status(user_id.as_str()).await;
-        };
-        if let Some(hit) = entries.get(user_id.as_str()).await {
-            cache.hits.fetch_add(1, Ordering::Relaxed);
-            cache.counters().0.increment(1);
+        if let Some(hit) = self.cache.get(user_id.as_str()) {
+            self.cache.hits.fetch_add(1, Ordering::Relaxed);
+            self.cache.counters().0.increment(1);
             return Ok(hit);
         }
-        // Boxed so the hit path's future stays small (it is moved on every
-        // request); concurrent misses for one user share this one load.
-        let load: std::pin::Pin<
-            Box<dyn std::future::Future<Output = Result<_, ServiceError>> + Send + '_>,
-        > = Box::pin(self.load_status(user_id.as_str()));
-        let writes = cache.writes(user_id.as_str());
-        let before = writes.load(Ordering::Acquire);
-        let loaded = entries
-            .try_get_with(user_id.as_str().to_string(), load)
-            .await
-            .map_err(|shared| shared.shared());
-        if writes.load(Ordering::Acquire) != before {
-            // A write for this user (or one sharing its stripe) overlapped
-            // the load: what was cached may predate it.
-            entries.invalidate(user_id.as_str()).await;
-        }
-        loaded
+        self.load_status(user_id.as_str()).await
     }
 
     /// Reads a user's integrations and renders them, straight from the rows.
     ///
     /// Misses are loaded by loader tasks that drain one queue: a miss
-    /// queues itself and waits for its answer. A loader takes up to
-    /// [`MAX_BATCH`] queued users at a time and reads them in one
-    /// statement, until the queue is empty. A miss starts a loader when
-    /// none runs, or when the queue holds more than a full batch for each
-    /// (at most half of `connection_limit`, rounded up, leaving the rest to
-    /// refreshes and writes): under load, a few batches cost the server and
-    /// PostgreSQL far less than one round trip per user (see
-    /// BENCHMARKS.md). A lone miss is
-    /// loaded alone, at once: nothing waits to fill a batch. Loaders are
-    /// tasks of their own, so a caller that goes away never cancels a read
-    /// (or a connection being opened) that others wait for.
+    /// queues a load and waits for its answer, or joins the user's load
+    /// already queued (or running, when no write for the user came since it
+    /// was queued). A loader takes up to [`MAX_BATCH`] queued loads at a
+    /// time and reads them in one statement, until the queue is empty. A
+    /// miss starts a loader when none runs, or when the queue holds more
+    /// than a full batch for each (at most half of `connection_limit`,
+    /// rounded up, leaving the rest to refreshes and writes): under load, a
+    /// few batches cost the server and PostgreSQL far less than one round
+    /// trip per user (see BENCHMARKS.md). A lone miss is loaded alone, at
+    /// once: nothing waits to fill a batch. Loaders are tasks of their own,
+    /// so a caller that goes away never cancels a read (or a connection
+    /// being opened) that others wait for.
     async fn load_status(&self, user_id: &str) -> Result<Arc<UserStatus>, ServiceError> {
-        self.cache.loads.fetch_add(1, Ordering::Relaxed);
-        self.cache.counters().1.increment(1);
+        let cache = &self.cache;
         let config = self.pool.config();
         let max_loaders = config.connection_limit.div_ceil(2);
-        let queued_at = Instant::now();
         let (done, mut answer) = oneshot::channel();
         let id = {
-            let mut misses = self.cache.misses.lock();
-            misses.next_id += 1;
-            let id = misses.next_id;
-            misses.queue.push_back(Pending {
-                id,
-                user_id: user_id.to_string(),
-                done,
+            let mut misses = cache.lock();
+            let writes_now = cache.writes(user_id).load(Ordering::Acquire);
+            let joinable = misses.by_user.get(user_id).copied().filter(|id| {
+                misses
+                    .loads
+                    .get(id)
+                    .is_some_and(|load| !load.taken || load.writes_seen == writes_now)
             });
-            if misses.loaders == 0
-                || (misses.loaders < max_loaders
-                    && misses.queue.len() > misses.loaders * MAX_BATCH)
-            {
-                misses.loaders += 1;
-                self.start_loader();
+            match joinable.and_then(|id| Some((id, misses.loads.get_mut(&id)?))) {
+                Some((id, load)) => {
+                    load.waiters.push(done);
+                    id
+                }
+                None => {
+                    cache.loads.fetch_add(1, Ordering::Relaxed);
+                    cache.counters().1.increment(1);
+                    misses.next_id += 1;
+                    let id = misses.next_id;
+                    misses.loads.insert(
+                        id,
+                        Load {
+                            user_id: user_id.to_string(),
+                            writes_seen: writes_now,
+                            queued_at: Instant::now(),
+                            taken: false,
+                            waiters: vec![done],
+                        },
+                    );
+                    misses.by_user.insert(user_id.to_string(), id);
+                    misses.queue.push_back(id);
+                    if misses.loaders == 0
+                        || (misses.loaders < max_loaders
+                            && misses.queue.len() > misses.loaders * MAX_BATCH)
+                    {
+                        misses.loaders += 1;
+                        self.start_loader();
+                    }
+                    id
+                }
             }
-            id
         };
         loop {
             if let Ok(loaded) = tokio::time::timeout(LOADER_PATIENCE, &mut answer).await {
                 return loaded.unwrap_or_else(|_| Err(loader_stopped()));
             }
-            // Not taken yet: the loaders are slow (a long query, a lock).
-            // Another loader, if the pool has room; past pool_timeout, the
-            // pool's own error.
+            // Not answered yet. Not taken either: the loaders are slow (a
+            // long query, a lock): another loader, if the pool has room;
+            // past pool_timeout, the pool's own error for everyone waiting.
             let timed_out = {
-                let mut misses = self.cache.misses.lock();
-                match misses.queue.iter().position(|p| p.id == id) {
-                    // Taken: its loader answers (socket_timeout bounds that).
+                let mut misses = cache.lock();
+                match misses.loads.get(&id) {
+                    // Taken (its loader answers; socket_timeout bounds
+                    // that), or answered meanwhile.
                     None => None,
-                    Some(at)
+                    Some(load) if load.taken => None,
+                    Some(load)
                         if config
                             .pool_timeout
-                            .is_some_and(|limit| queued_at.elapsed() >= limit) =>
+                            .is_some_and(|limit| load.queued_at.elapsed() >= limit) =>
                     {
-                        misses.queue.remove(at);
-                        Some(misses.queue.len() + 1)
+                        misses.queue.retain(|queued| *queued != id);
+                        let queued = misses.queue.len() + 1;
+                        misses.forget(id).map(|load| (load, queued))
                     }
                     Some(_) => {
                         if misses.loaders < max_loaders {
@@ -371,15 +462,18 @@ impl IntegrationsService {
                     }
                 }
             };
-            let Some(queued) = timed_out else {
-                return answer.await.unwrap_or_else(|_| Err(loader_stopped()));
-            };
-            return Err(self.pool.gave_up_waiting(queued).into());
+            if let Some((load, queued)) = timed_out {
+                let e = ServiceError::from(self.pool.gave_up_waiting(queued));
+                for waiter in load.waiters {
+                    let _ = waiter.send(Err(e.shared()));
+                }
+            }
+            return answer.await.unwrap_or_else(|_| Err(loader_stopped()));
         }
     }
 
     fn start_loader(&self) {
-        tokio::spawn(run_loader(self.pool.clone(), self.cache.misses.clone()));
+        tokio::spawn(run_loader(self.pool.clone(), self.cache.clone()));
     }
 
     /// The status of one integration (not cached).
@@ -399,16 +493,20 @@ impl IntegrationsService {
 
     /// Forgets a user's cached status (after every write for that user).
     pub async fn invalidate(&self, user_id: &str) {
-        if let Some(entries) = &self.cache.cache {
+        if let Some(entries) = &self.cache.entries {
             self.cache.writes(user_id).fetch_add(1, Ordering::Release);
-            entries.invalidate(user_id).await;
+            entries.remove(user_id);
         }
     }
 
     /// Hits, misses and entries of the status cache; also exported as
     /// `integrations_status_cache_*` metrics.
     pub fn cache_stats(&self) -> CacheStats {
-        let entries = self.cache.cache.as_ref().map_or(0, Cache::entry_count);
+        let entries = self
+            .cache
+            .entries
+            .as_ref()
+            .map_or(0, |entries| entries.len() as u64);
         metrics::gauge!("integrations_status_cache_entries").set(entries as f64);
         CacheStats {
             hits: self.cache.hits.load(Ordering::Relaxed),
