@@ -162,11 +162,11 @@ async fn serve(
         TokenClient::new(&TokenClientConfig::default())?,
         settings.service.clone(),
     ));
-    let state = AppState {
-        service: service.clone(),
-        keys: Arc::new(ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL)),
-        metrics: Some(metrics),
-    };
+    let state = AppState::new(
+        service.clone(),
+        Arc::new(ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL)),
+        Some(metrics),
+    );
 
     let stop_refresher = CancellationToken::new();
     let refresher = (!args.no_refresher).then(|| {

@@ -44,15 +44,41 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 /// Longest a request may take before it is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What every handler can reach.
+/// What every handler can reach: cloned for every request, so one `Arc`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The contents of [`AppState`].
+pub struct Shared {
     /// The operations.
     pub service: Arc<IntegrationsService>,
     /// API key verification.
     pub keys: Arc<ApiKeys>,
     /// The Prometheus recorder, when installed.
     pub metrics: Option<PrometheusHandle>,
+}
+
+impl AppState {
+    /// The state of an application over `service`.
+    pub fn new(
+        service: Arc<IntegrationsService>,
+        keys: Arc<ApiKeys>,
+        metrics: Option<PrometheusHandle>,
+    ) -> AppState {
+        AppState(Arc::new(Shared {
+            service,
+            keys,
+            metrics,
+        }))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 #[derive(OpenApi)]
