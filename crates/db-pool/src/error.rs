@@ -78,16 +78,23 @@ pub enum Error {
     PoolClosed,
 
     /// The statement failed on the server (`P2010`): syntax, constraint,
-    /// permission... The SQLSTATE and the server's message are kept.
+    /// permission... The SQLSTATE, the server's message and the names of
+    /// the constraint, table and column it concerns are kept; the server's
+    /// DETAIL is not, since it quotes row values ("Failing row contains
+    /// (...)", "Key (...)=(...)"): tokens, even encrypted, and ids never
+    /// reach an error, a log or `Debug` through it.
     #[error("P2010: Raw query failed. Code: `{sqlstate}`. Message: `{message}`")]
     Query {
         /// The five-character SQLSTATE.
         sqlstate: String,
-        /// The server's message (never contains parameter values).
+        /// The server's message (statement parameters are never in it).
         message: String,
-        /// The server's error, for callers that need the details.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The violated constraint, for integrity errors.
+        constraint: Option<String>,
+        /// The table concerned, when the server names one.
+        table: Option<String>,
+        /// The column concerned, when the server names one.
+        column: Option<String>,
     },
 
     /// `query_one`/`query_opt` got another number of rows.
@@ -151,6 +158,14 @@ impl Error {
                 | Error::ConnectionClosed
                 | Error::SocketTimeout(_)
         )
+    }
+
+    /// The constraint a server-side error violated, if it names one.
+    pub fn constraint(&self) -> Option<&str> {
+        match self {
+            Error::Query { constraint, .. } => constraint.as_deref(),
+            _ => None,
+        }
     }
 
     /// The SQLSTATE of a server-side error, if there is one.

@@ -508,7 +508,9 @@ pub(crate) fn query_error(e: tokio_postgres::Error) -> Error {
         return Error::Query {
             sqlstate: code.to_string(),
             message: db.message().to_string(),
-            source: e,
+            constraint: db.constraint().map(str::to_string),
+            table: db.table().map(str::to_string),
+            column: db.column().map(str::to_string),
         };
     }
     if e.to_string().contains("closed") {

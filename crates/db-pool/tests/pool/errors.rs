@@ -88,6 +88,53 @@ async fn server_errors_keep_their_sqlstate() {
     conn.query("SELECT 1", &[]).await.unwrap();
 }
 
+#[tokio::test]
+async fn server_errors_never_carry_row_values() {
+    let db = TestDatabase::create().await;
+    let (pool, _) = pool(&db, "");
+    let mut conn = pool.get().await.unwrap();
+    conn.batch_execute(
+        "CREATE TABLE vault (name text UNIQUE, secret text CHECK (length(secret) < 5))",
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "INSERT INTO vault VALUES ($1, $2)",
+        &[&"only-name-1", &"abc"],
+    )
+    .await
+    .unwrap();
+    // PostgreSQL's DETAIL quotes the failing row and the duplicate key.
+    let check = conn
+        .execute(
+            "INSERT INTO vault VALUES ($1, $2)",
+            &[&"only-name-2", &"tok-SECRET-value"],
+        )
+        .await
+        .unwrap_err();
+    let unique = conn
+        .execute("INSERT INTO vault VALUES ($1, $2)", &[&"only-name-1", &"x"])
+        .await
+        .unwrap_err();
+    for (err, sqlstate, constraint) in [
+        (&check, "23514", "vault_secret_check"),
+        (&unique, "23505", "vault_name_key"),
+    ] {
+        assert_eq!(err.sqlstate(), Some(sqlstate));
+        assert_eq!(err.constraint(), Some(constraint));
+        let mut shown = format!("{err} {err:?}");
+        let mut source = std::error::Error::source(err);
+        while let Some(s) = source {
+            shown.push_str(&format!(" {s} {s:?}"));
+            source = s.source();
+        }
+        assert!(shown.contains(constraint), "{shown}");
+        for value in ["tok-SECRET-value", "only-name-1", "only-name-2"] {
+            assert!(!shown.contains(value), "{value} in: {shown}");
+        }
+    }
+}
+
 /// A private server with 3 connection slots for ordinary roles.
 async fn small_server() -> (LocalCluster, String) {
     let cluster = LocalCluster::start_temporary(

@@ -10,17 +10,7 @@ pub const NAME_ACTIVE_INDEX: &str = "api_keys_name_active";
 /// Whether `e` is the unique violation (SQLSTATE 23505) of
 /// [`NAME_ACTIVE_INDEX`]: an active key with that name exists.
 pub fn is_duplicate_active_name(e: &Error) -> bool {
-    match e {
-        Error::Query {
-            sqlstate,
-            message,
-            source,
-        } if sqlstate == "23505" => match source.as_db_error().and_then(|db| db.constraint()) {
-            Some(constraint) => constraint == NAME_ACTIVE_INDEX,
-            None => message.contains(NAME_ACTIVE_INDEX),
-        },
-        _ => false,
-    }
+    e.sqlstate() == Some("23505") && e.constraint() == Some(NAME_ACTIVE_INDEX)
 }
 
 const INSERT: &str = "INSERT INTO api_keys (name, key_hash, prefix, scopes) \
