@@ -48,13 +48,15 @@ pub struct ScanReport {
 impl IntegrationsService {
     /// One scan: claims due integrations page by page and refreshes them,
     /// until none is left or `cancel` fires (checked between pages, so a
-    /// page in progress finishes).
+    /// page in progress finishes). Integrations of providers no longer
+    /// configured are left alone (not claimed every scan only to fail).
     pub async fn refresh_due(
         &self,
         cfg: &Refresher,
         cancel: &CancellationToken,
     ) -> Result<ScanReport, db_pool::Error> {
         let mut report = ScanReport::default();
+        let providers = self.providers.names();
         loop {
             if cancel.is_cancelled() {
                 return Ok(report);
@@ -67,6 +69,7 @@ impl IntegrationsService {
                     cfg.page,
                     self.config.lease.as_secs_f64(),
                     &self.config.instance_id,
+                    &providers,
                 )
                 .await?
             };

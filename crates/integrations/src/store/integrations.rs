@@ -374,6 +374,7 @@ const CLAIM_DUE: &str = "UPDATE integrations i SET refresh_lease_until = now() +
                          FROM (SELECT id FROM integrations \
                                WHERE status = 'connected' AND refresh_token IS NOT NULL \
                                  AND expires_at < now() + make_interval(secs => $1) \
+                                 AND provider = ANY($5) \
                                  AND (next_refresh_at IS NULL OR next_refresh_at <= now()) \
                                  AND (refresh_lease_until IS NULL OR refresh_lease_until < now()) \
                                ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) due \
@@ -381,17 +382,22 @@ const CLAIM_DUE: &str = "UPDATE integrations i SET refresh_lease_until = now() +
                          RETURNING i.provider, i.account_id, i.id, i.user_id, i.refresh_token, i.key_id, \
                                    i.refresh_generation";
 
-/// Claims up to `page` integrations that expire within `margin_secs`, for
-/// the background refresher. Two instances never claim the same row.
+/// Claims up to `page` integrations of `providers` that expire within
+/// `margin_secs`, for the background refresher. Two instances never claim
+/// the same row.
 pub async fn claim_due(
     conn: &mut Conn,
     margin_secs: f64,
     page: i64,
     lease_secs: f64,
     owner: &str,
+    providers: &[&str],
 ) -> Result<Vec<((String, String), Claimed)>, Error> {
     Ok(conn
-        .query(CLAIM_DUE, &[&margin_secs, &page, &lease_secs, &owner])
+        .query(
+            CLAIM_DUE,
+            &[&margin_secs, &page, &lease_secs, &owner, &providers],
+        )
         .await?
         .iter()
         .map(|r| ((r.get(0), r.get(1)), claimed_at(r, 2)))

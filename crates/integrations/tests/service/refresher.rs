@@ -44,6 +44,45 @@ async fn due_tokens_are_refreshed_and_others_left_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrations_of_providers_no_longer_configured_are_not_claimed() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "due", 120).await;
+    // A row left by a provider since removed from the configuration.
+    let mut conn = t.service.pool().get().await.unwrap();
+    conn.execute(
+        "INSERT INTO integrations (user_id, provider, account_id, access_token, refresh_token, \
+         key_id, expires_at, scopes) \
+         SELECT user_id, 'removed', 'gone', access_token, refresh_token, key_id, expires_at, scopes \
+         FROM integrations WHERE account_id = 'due'",
+        &[],
+    )
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        let report = t
+            .service
+            .refresh_due(&scan(), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert!(report.attempted <= 1, "{report:?}");
+    }
+    let owner: Option<String> = conn
+        .query_one(
+            "SELECT refresh_lease_owner FROM integrations WHERE provider = 'removed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, None, "never claimed");
+    assert_eq!(
+        t.fake.refreshes.load(Ordering::SeqCst),
+        1,
+        "the configured one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_refreshers_never_refresh_the_same_row() {
     let t = TestService::start().await;
     for i in 0..60 {
