@@ -79,21 +79,20 @@ fn generate_key_prints_a_usable_key_alone_on_stdout() {
     assert!(Keyring::parse(spec.trim()).is_ok());
 }
 
-#[tokio::test]
-async fn rotate_keys_reencrypts_with_the_first_key() {
-    let db = TestDatabase::create().await;
-    let old = Keyring::generate_spec("old");
+/// `n` GitHub integrations of user `u` (accounts `acct0`...), encrypted
+/// with the keys of `spec`.
+async fn seed_encrypted(db: &TestDatabase, spec: &str, n: usize) {
     let pool = Pool::new(PoolConfig::parse(&db.url).unwrap()).unwrap();
     integrations::store::migrations::run(&pool).await.unwrap();
     let env = |_: &str| Some("x".to_string());
     let service = IntegrationsService::new(
         pool.clone(),
-        Keyring::parse(&old).unwrap(),
+        Keyring::parse(spec).unwrap(),
         ProviderRegistry::load(None, &env).unwrap(),
         TokenClient::new(&TokenClientConfig::default()).unwrap(),
         ServiceConfig::default(),
     );
-    for i in 0..7 {
+    for i in 0..n {
         let tokens = TokenSet::from_response(
             &serde_json::json!({"access_token": format!("a{i}"), "refresh_token": format!("r{i}")}),
             chrono::Utc::now(),
@@ -111,6 +110,72 @@ async fn rotate_keys_reencrypts_with_the_first_key() {
             .await
             .unwrap();
     }
+    pool.close(std::time::Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn rotate_keys_leaves_an_unreadable_row_names_it_and_fails() {
+    let db = TestDatabase::create().await;
+    let old = Keyring::generate_spec("old");
+    seed_encrypted(&db, &old, 5).await;
+    let client = db.connect().await;
+    let corrupt: i64 = client
+        .query_one(
+            "UPDATE integrations SET access_token = set_byte(access_token, 20, 0) \
+             WHERE account_id = 'acct2' RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let keys = format!("{},{old}", Keyring::generate_spec("new"));
+    let out = run(
+        &["rotate-keys", "--batch", "2"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("INTEGRATIONS_ENCRYPTION_KEYS", &keys),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stdout(&out).contains("re-encrypted 4 integration(s) with key 'new'"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr.contains(&format!(
+            "1 integration(s) could not be decrypted and were left as they are (ids {corrupt})"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("could not be decrypted with key 'old'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: keep their key"), "{stderr}");
+    let left: Vec<String> = client
+        .query(
+            "SELECT account_id FROM integrations WHERE key_id <> 'new'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        ["acct2"],
+        "only the unreadable row is left under the old key"
+    );
+}
+
+#[tokio::test]
+async fn rotate_keys_reencrypts_with_the_first_key() {
+    let db = TestDatabase::create().await;
+    let old = Keyring::generate_spec("old");
+    seed_encrypted(&db, &old, 7).await;
     let keys = format!("{},{old}", Keyring::generate_spec("new"));
     let out = run(
         &["rotate-keys", "--batch", "3"],

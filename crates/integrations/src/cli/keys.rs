@@ -83,12 +83,32 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
         }
         .await;
         match result {
-            Ok((report, current)) => {
+            Ok((report, current)) if report.unreadable == 0 => {
                 println!(
                     "re-encrypted {} integration(s) with key '{current}' in {} batch(es); older keys can now be removed",
                     report.reencrypted, report.batches
                 );
                 ExitCode::SUCCESS
+            }
+            Ok((report, current)) => {
+                println!(
+                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es)",
+                    report.reencrypted, report.batches
+                );
+                let ids: Vec<String> = report.unreadable_ids.iter().map(i64::to_string).collect();
+                let more = if report.unreadable > ids.len() as u64 {
+                    ", ..."
+                } else {
+                    ""
+                };
+                eprintln!(
+                    "error: {} integration(s) could not be decrypted and were left as they are (ids {}{more}): {}\n\
+                     hint: keep their key in INTEGRATIONS_ENCRYPTION_KEYS; reconnect or delete those integrations, then run rotate-keys again",
+                    report.unreadable,
+                    ids.join(", "),
+                    report.first_failure.as_deref().unwrap_or("unknown failure"),
+                );
+                ExitCode::FAILURE
             }
             Err(e) => super::report_failure(&e),
         }

@@ -9,16 +9,27 @@ use super::{IntegrationsService, ServiceError};
 use crate::store::integrations as rows;
 
 /// What a rotation did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RotationReport {
     /// Rows re-encrypted.
     pub reencrypted: u64,
     /// Batches (transactions) used.
     pub batches: u64,
+    /// Rows that could not be decrypted (altered, or under a key that is
+    /// not configured), left as they are.
+    pub unreadable: u64,
+    /// The ids of the first [`MAX_REPORTED_IDS`] of them.
+    pub unreadable_ids: Vec<i64>,
+    /// Why the first of them failed.
+    pub first_failure: Option<String>,
 }
 
+/// How many unreadable rows a report names.
+pub const MAX_REPORTED_IDS: usize = 20;
+
 impl IntegrationsService {
-    /// Re-encrypts every integration not under the current key.
+    /// Re-encrypts every integration not under the current key. A row that
+    /// cannot be decrypted is left as it is and reported; the others go on.
     pub async fn rotate_keys(&self, batch: i64) -> Result<RotationReport, ServiceError> {
         let current = self.keys.current_id().to_string();
         let mut report = RotationReport::default();
@@ -33,24 +44,17 @@ impl IntegrationsService {
             let mut tx = conn.transaction().await?;
             let mut done = 0;
             for row in &page {
-                let (p, a) = (&row.provider, &row.account_id);
-                let mut access = self.keys.decrypt(
-                    &row.key_id,
-                    &row.access_token,
-                    &Self::aad(p, a, "access"),
-                )?;
-                let new_access = self.keys.encrypt(&access, &Self::aad(p, a, "access"));
-                access.zeroize();
-                let new_refresh = match &row.refresh_token {
-                    Some(v) => {
-                        let mut plain =
-                            self.keys
-                                .decrypt(&row.key_id, v, &Self::aad(p, a, "refresh"))?;
-                        let enc = self.keys.encrypt(&plain, &Self::aad(p, a, "refresh"));
-                        plain.zeroize();
-                        Some(enc)
+                let (new_access, new_refresh) = match self.reencrypt(row) {
+                    Ok(values) => values,
+                    Err(e) => {
+                        tracing::warn!(id = row.id, error = %e, "rotate-keys: row left as it is");
+                        report.unreadable += 1;
+                        if report.unreadable_ids.len() < MAX_REPORTED_IDS {
+                            report.unreadable_ids.push(row.id);
+                        }
+                        report.first_failure.get_or_insert_with(|| e.to_string());
+                        continue;
                     }
-                    None => None,
                 };
                 let sql_ok = tx_reencrypt(
                     &mut tx,
@@ -70,6 +74,31 @@ impl IntegrationsService {
             report.batches += 1;
             tracing::info!(reencrypted = report.reencrypted, "rotate-keys progress");
         }
+    }
+
+    /// A row's tokens encrypted with the current key.
+    fn reencrypt(
+        &self,
+        row: &rows::Encrypted,
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), crate::crypto::CryptoError> {
+        let (p, a) = (&row.provider, &row.account_id);
+        let mut access =
+            self.keys
+                .decrypt(&row.key_id, &row.access_token, &Self::aad(p, a, "access"))?;
+        let new_access = self.keys.encrypt(&access, &Self::aad(p, a, "access"));
+        access.zeroize();
+        let new_refresh = match &row.refresh_token {
+            Some(v) => {
+                let mut plain = self
+                    .keys
+                    .decrypt(&row.key_id, v, &Self::aad(p, a, "refresh"))?;
+                let enc = self.keys.encrypt(&plain, &Self::aad(p, a, "refresh"));
+                plain.zeroize();
+                Some(enc)
+            }
+            None => None,
+        };
+        Ok((new_access, new_refresh))
     }
 }
 
