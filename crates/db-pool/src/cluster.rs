@@ -171,6 +171,8 @@ pub enum ClusterError {
         pid: i32,
         /// The data directory.
         data_dir: PathBuf,
+        /// The TCP port it listens on (from its `postmaster.pid`), if known.
+        port: Option<u16>,
     },
     /// The server account cannot reach the data directory.
     #[error(
@@ -566,6 +568,12 @@ fn owner_is_gone(dir: &Path) -> bool {
 fn postmaster_pid(pgdata: &Path) -> Option<i32> {
     let contents = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
     contents.lines().next()?.trim().parse().ok()
+}
+
+/// The port in a `postmaster.pid` (its fourth line).
+fn postmaster_port(pgdata: &Path) -> Option<u16> {
+    let contents = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    contents.lines().nth(3)?.trim().parse().ok()
 }
 
 /// Removes temporary directories left behind by dead processes. Best effort.
@@ -1054,6 +1062,7 @@ impl LocalCluster {
                         return Err(ClusterError::AlreadyRunning {
                             pid,
                             data_dir: self.pgdata.clone(),
+                            port: postmaster_port(&self.pgdata),
                         });
                     }
                     // The pid was reused by an unrelated process.

@@ -237,8 +237,9 @@ async fn second_open_of_a_running_cluster_is_refused() {
         .unwrap();
     let second = LocalCluster::open_or_init(dir.path(), ClusterOptions::default()).await;
     match second {
-        Err(ClusterError::AlreadyRunning { pid, .. }) => {
+        Err(ClusterError::AlreadyRunning { pid, port, .. }) => {
             assert_eq!(Some(u32::try_from(pid).unwrap()), first.pid());
+            assert_eq!(port, Some(first.port()), "where to reach it");
         }
         other => panic!("expected AlreadyRunning, got {other:?}"),
     }

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use db_pool::Pool;
 use secrecy::ExposeSecret;
 
+use super::embedded::{EmbeddedArgs, IfRunning};
 use super::DatabaseArgs;
 use crate::auth::{ApiKeySummary, ApiKeys, AuthError, Scope, DEFAULT_VERIFY_TTL};
 
@@ -33,6 +34,9 @@ struct CreateArgs {
     #[command(flatten)]
     db: DatabaseArgs,
 
+    #[command(flatten)]
+    embedded: EmbeddedArgs,
+
     /// The key's name, unique among active keys: 1 to 64 letters, digits,
     /// '-', '_' or '.', not only digits (e.g. ci-deploy).
     #[arg(long, value_parser = parse_name)]
@@ -50,6 +54,9 @@ struct ListArgs {
     #[command(flatten)]
     db: DatabaseArgs,
 
+    #[command(flatten)]
+    embedded: EmbeddedArgs,
+
     /// Print the keys as one JSON array instead of a table.
     #[arg(long)]
     json: bool,
@@ -60,6 +67,9 @@ struct ListArgs {
 struct RevokeArgs {
     #[command(flatten)]
     db: DatabaseArgs,
+
+    #[command(flatten)]
+    embedded: EmbeddedArgs,
 
     /// The key to revoke: its id (as shown by `api-key list`) or its name.
     #[arg(value_name = "ID_OR_NAME")]
@@ -77,20 +87,47 @@ fn parse_scope(scope: &str) -> Result<Scope, crate::auth::UnknownScope> {
 /// Runs the command: 0 on success, 1 on failure (including a duplicate name
 /// and a revoke that matched no active key), 2 on invalid input.
 pub fn run(args: ApiKeyArgs) -> ExitCode {
-    let db = match &args.command {
-        ApiKeyCommand::Create(a) => &a.db,
-        ApiKeyCommand::List(a) => &a.db,
-        ApiKeyCommand::Revoke(a) => &a.db,
+    let (db, embedded) = match &args.command {
+        ApiKeyCommand::Create(a) => (&a.db, &a.embedded),
+        ApiKeyCommand::List(a) => (&a.db, &a.embedded),
+        ApiKeyCommand::Revoke(a) => (&a.db, &a.embedded),
     };
-    let cfg = match super::pool_config(db) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
+    // Without DATABASE_URL: the embedded database `serve` uses.
+    let cfg = match db.database_url {
+        Some(_) => match super::pool_config(db) {
+            Ok(cfg) => Some(cfg),
+            Err(code) => return code,
+        },
+        None => None,
     };
+    let (data_dir, profile) = (embedded.data_dir.clone(), db.profile.clone());
     super::block_on(async move {
+        let (cfg, cluster) = match cfg {
+            Some(cfg) => (cfg, None),
+            None => {
+                match super::embedded::open(&data_dir, profile.as_deref(), IfRunning::Join).await {
+                    Ok(embedded) => {
+                        eprintln!(
+                            "no DATABASE_URL: using the embedded PostgreSQL in {} (port {})",
+                            data_dir.display(),
+                            embedded.port
+                        );
+                        (embedded.cfg, embedded.cluster)
+                    }
+                    Err(e) => return super::report_failure(&e),
+                }
+            }
+        };
         let pool = match Pool::new(cfg) {
             Ok(pool) => pool,
             Err(e) => return super::report_failure(&e.into()),
         };
+        if cluster.is_some() {
+            // A database this command started may never have been served.
+            if let Err(e) = crate::store::migrations::run(&pool).await {
+                return super::report_failure(&e);
+            }
+        }
         let keys = ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL);
         let code = match args.command {
             ApiKeyCommand::Create(a) => create(&pool, &keys, a).await,
@@ -98,6 +135,11 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
             ApiKeyCommand::Revoke(a) => revoke(&keys, a).await,
         };
         pool.close(Duration::from_secs(5)).await;
+        if let Some(mut cluster) = cluster {
+            if let Err(e) = cluster.stop().await {
+                eprintln!("warning: stopping the embedded PostgreSQL: {e}");
+            }
+        }
         code
     })
 }

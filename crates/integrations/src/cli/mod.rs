@@ -9,6 +9,7 @@ pub mod api_key;
 pub mod bench;
 pub mod config;
 pub mod doctor;
+pub mod embedded;
 pub mod keys;
 pub mod migrate;
 pub mod serve;

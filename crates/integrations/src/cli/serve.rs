@@ -3,14 +3,12 @@
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use db_pool::cluster::{ClusterError, ClusterOptions, LocalCluster};
 use db_pool::{Pool, PoolConfig};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio_util::sync::CancellationToken;
@@ -39,10 +37,8 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
 
-    /// Where the embedded PostgreSQL keeps its data when DATABASE_URL is not
-    /// set (kept between runs), with the development encryption key beside it.
-    #[arg(long, default_value = "./.integrations")]
-    data_dir: PathBuf,
+    #[command(flatten)]
+    embedded: super::embedded::EmbeddedArgs,
 
     /// Seconds requests in flight may take to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30)]
@@ -116,11 +112,23 @@ async fn serve(
     let (cluster, pool_cfg, keys) = match pool_cfg {
         Some(cfg) => (None, cfg, settings.keyring()?),
         None => {
-            let (cluster, cfg) = embedded_database(&args.data_dir, &args.db).await?;
+            let data_dir = &args.embedded.data_dir;
+            let embedded = super::embedded::open(
+                data_dir,
+                args.db.profile.as_deref(),
+                super::embedded::IfRunning::Refuse,
+            )
+            .await?;
+            tracing::info!(
+                data_dir = %data_dir.display(),
+                port = embedded.port,
+                "no DATABASE_URL: using the embedded PostgreSQL (data kept between runs); set DATABASE_URL for production"
+            );
+            let (cluster, cfg) = (embedded.cluster, embedded.cfg);
             let keys = match settings.encryption_keys {
                 Some(_) => settings.keyring()?,
                 None => {
-                    let path = args.data_dir.join("encryption.key");
+                    let path = data_dir.join("encryption.key");
                     let (keys, created) = Keyring::load_or_create(&path)?;
                     if created {
                         tracing::warn!(path = %path.display(), "development mode: created an encryption key; set INTEGRATIONS_ENCRYPTION_KEYS in production");
@@ -130,7 +138,7 @@ async fn serve(
                     keys
                 }
             };
-            (Some(cluster), cfg, keys)
+            (cluster, cfg, keys)
         }
     };
     tracing::info!(
@@ -215,58 +223,6 @@ async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Starts (creating on first run) the embedded PostgreSQL in `data_dir` and
-/// returns the pool configuration for its `integrations` database.
-async fn embedded_database(
-    data_dir: &std::path::Path,
-    db: &DatabaseArgs,
-) -> anyhow::Result<(LocalCluster, PoolConfig)> {
-    let cluster = match LocalCluster::open_or_init(
-        &data_dir.join("postgres"),
-        ClusterOptions::default(),
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(e @ ClusterError::BinariesNotFound { .. }) => {
-            anyhow::bail!("{e}\nno DATABASE_URL is set, so `serve` would run an embedded PostgreSQL, but its server binaries are not installed: install Debian's `postgresql` package (apt-get install postgresql) or set DATABASE_URL")
-        }
-        Err(e) => return Err(e).context("starting the embedded PostgreSQL"),
-    };
-    tracing::info!(
-        data_dir = %data_dir.display(),
-        port = cluster.port(),
-        "no DATABASE_URL: using the embedded PostgreSQL (data kept between runs); set DATABASE_URL for production"
-    );
-    let (client, connection) = tokio_postgres_connect(&cluster.url("postgres")).await?;
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_database WHERE datname = 'integrations'",
-            &[],
-        )
-        .await?
-        .is_some();
-    if !exists {
-        client.batch_execute("CREATE DATABASE integrations").await?;
-    }
-    drop(client);
-    connection.abort();
-    let url = format!("{}?sslmode=disable", cluster.url("integrations"));
-    let cfg = crate::settings::pool_config(Some(&url), db.profile.as_deref())?;
-    Ok((cluster, cfg))
-}
-
-async fn tokio_postgres_connect(
-    url: &str,
-) -> anyhow::Result<(db_pool::tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
-    let (client, connection) =
-        db_pool::tokio_postgres::connect(url, db_pool::tokio_postgres::NoTls).await?;
-    let task = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok((client, task))
 }
 
 /// SIGTERM and SIGINT (Ctrl-C), registered when created.

@@ -65,6 +65,19 @@ fn processes_using(dir: &Path) -> Vec<String> {
     found
 }
 
+/// `integrations api-key <args> --data-dir <data_dir>`, with no DATABASE_URL.
+fn api_key(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_integrations"))
+        .current_dir(data_dir.parent().unwrap())
+        .arg("api-key")
+        .args(args)
+        .args(["--data-dir", data_dir.to_str().unwrap()])
+        .env_remove("DATABASE_URL")
+        .env_remove("INTEGRATIONS_ENCRYPTION_KEYS")
+        .output()
+        .unwrap()
+}
+
 /// The lines logged before the "listening" line.
 fn startup_lines(server: &ServerProcess) -> Vec<String> {
     server
@@ -110,28 +123,23 @@ async fn embedded_mode_keeps_integrations_and_its_key_across_restarts() {
         .unwrap();
     assert_eq!(ready.status(), 200);
 
-    // An API key through the command line, against the embedded database.
-    let port = embedded_port(&first);
-    let database_url =
-        format!("postgresql://postgres@127.0.0.1:{port}/integrations?sslmode=disable");
-    let out = Command::new(env!("CARGO_BIN_EXE_integrations"))
-        .current_dir(dir.path())
-        .args([
-            "api-key",
+    // An API key through the command line, with no DATABASE_URL: the
+    // embedded database the server runs.
+    let out = api_key(
+        &data_dir,
+        &[
             "create",
             "--name",
             "embedded",
             "--scopes",
             "read,write,credentials",
-        ])
-        .env("DATABASE_URL", &database_url)
-        .env_remove("INTEGRATIONS_ENCRYPTION_KEYS")
-        .output()
-        .unwrap();
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains(&format!("(port {})", embedded_port(&first))),
+        "not the server's database: {stderr}"
     );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let key = stdout.lines().last().unwrap().trim().to_string();
@@ -208,6 +216,20 @@ async fn embedded_mode_keeps_integrations_and_its_key_across_restarts() {
         Some(0),
         "{exit}:\n{}",
         second.logs().join("\n")
+    );
+
+    // With no server running, the command starts the embedded database for
+    // itself, and stops it.
+    let out = api_key(&data_dir, &["list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("embedded"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 
     // No PostgreSQL left running on the data directory.
