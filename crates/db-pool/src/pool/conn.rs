@@ -529,11 +529,7 @@ impl Drop for Conn {
             return;
         };
         obj.returned = Instant::now();
-        if obj.flags.in_flight || obj.flags.broken || obj.client.is_closed() {
-            if obj.flags.in_flight {
-                // The caller was cancelled mid-statement: stop it on the server.
-                self.shared.cancel(&obj.client);
-            }
+        if self.shared.unusable(&obj) {
             let conn = Object::take(obj);
             conn.closing(CloseReason::Broken);
             drop(conn);

@@ -224,13 +224,7 @@ impl Shared {
 
     /// Checks a connection about to be handed out again.
     pub async fn recycle(&self, conn: &mut ClientConn) -> Result<(), CloseReason> {
-        if conn.flags.broken || conn.client.is_closed() {
-            return Err(CloseReason::Broken);
-        }
-        if conn.flags.in_flight {
-            // The caller was cancelled mid-query: the server may still be
-            // running it. Cancel it there and do not reuse the connection.
-            self.cancel(&conn.client);
+        if self.unusable(conn) {
             return Err(CloseReason::Broken);
         }
         if conn.lifetime.is_some_and(|l| conn.created.elapsed() >= l) {
@@ -259,6 +253,17 @@ impl Shared {
                 .map_err(|_| CloseReason::Broken)?;
         }
         Ok(())
+    }
+
+    /// Whether a returned connection must be discarded: broken, closed, or
+    /// returned mid-statement (its caller was cancelled: the server may
+    /// still be running the statement, so it is cancelled there too).
+    pub fn unusable(&self, conn: &ClientConn) -> bool {
+        if conn.flags.in_flight {
+            self.cancel(&conn.client);
+            return true;
+        }
+        conn.flags.broken || conn.client.is_closed()
     }
 
     /// Sends a cancel request for whatever the connection is running.
