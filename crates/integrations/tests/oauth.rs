@@ -137,6 +137,15 @@ async fn token(
             StatusCode::BAD_REQUEST,
             json!({"error": "invalid_grant", "error_description": "Token has been expired or revoked."}),
         ),
+        // X's answers: a revoked refresh token, and a malformed request.
+        "x_revoked" => json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "error_description": "Value passed for the token was invalid."}),
+        ),
+        "x_bad_request" => json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "error_description": "Missing required parameter [grant_type]."}),
+        ),
         "invalid_client" => json_response(
             StatusCode::UNAUTHORIZED,
             json!({"error": "invalid_client", "error_description": "The OAuth client was not found."}),
@@ -294,6 +303,14 @@ scope_separator = ","
 pkce = false
 expires_in_default = 86400
 account_id = {{ from = "token", pointer = "/open_id" }}
+
+[x-like]
+authorize_url = "{base}/authorize"
+token_url = "{base}/token"
+client_id = "x"
+client_secret_env = "POST_SECRET"
+client_auth = "basic"
+revoked_when = [{{ error = "invalid_request", description_contains = "TOKEN WAS INVALID" }}]
 
 [redirecting]
 authorize_url = "{base}/authorize"
@@ -491,6 +508,7 @@ async fn invalid_grant_means_the_grant_is_gone() {
     assert_eq!(
         e,
         OAuthError::InvalidGrant {
+            error: "invalid_grant".into(),
             description: Some("Token has been expired or revoked.".into())
         }
     );
@@ -498,6 +516,52 @@ async fn invalid_grant_means_the_grant_is_gone() {
     // TikTok-style: the error comes with HTTP 200.
     let e = h.refresh("tiktok-like", "tiktok_error").await.unwrap_err();
     assert!(matches!(e, OAuthError::InvalidGrant { .. }), "{e:?}");
+}
+
+#[tokio::test]
+async fn revoked_when_reads_a_provider_specific_answer_as_a_revoked_grant() {
+    let h = harness().await;
+    let e = h.refresh("x-like", "x_revoked").await.unwrap_err();
+    assert_eq!(
+        e,
+        OAuthError::InvalidGrant {
+            error: "invalid_request".into(),
+            description: Some("Value passed for the token was invalid.".into())
+        }
+    );
+    assert!(e.is_invalid_grant());
+    assert!(e.to_string().contains("(invalid_request)"), "{e}");
+    // The same code with another description is a rejection, not a
+    // revocation (a configuration mistake must not revoke integrations).
+    let e = h.refresh("x-like", "x_bad_request").await.unwrap_err();
+    assert!(
+        matches!(e, OAuthError::Rejected { status: 400, .. }),
+        "{e:?}"
+    );
+    // A provider without the rule: a rejection.
+    let e = h.refresh("basic", "x_revoked").await.unwrap_err();
+    assert!(
+        matches!(e, OAuthError::Rejected { status: 400, .. }),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn revoked_when_rejects_empty_fields() {
+    let toml = r#"
+[p]
+authorize_url = "https://example.com/a"
+token_url = "https://example.com/t"
+client_id = "c"
+client_secret_env = "S"
+client_auth = "basic"
+revoked_when = [{ error = "" }]
+"#;
+    let e = ProviderRegistry::from_toml(toml, "test.toml", &env).unwrap_err();
+    assert!(
+        e.to_string().contains("provider 'p': field 'revoked_when'"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -872,6 +936,12 @@ fn the_shipped_registry_has_the_documented_endpoints() {
         "https://open.tiktokapis.com/v2/oauth/token/"
     );
     assert_eq!(url("x").1, "https://api.twitter.com/2/oauth2/token");
+    let x_revoked = &r.get("x").unwrap().revoked_when;
+    assert!(x_revoked[0].matches(
+        "invalid_request",
+        Some("Value passed for the token was invalid.")
+    ));
+    assert!(!x_revoked[0].matches("invalid_request", Some("Missing required parameter")));
 
     let google = r.get("google").unwrap();
     assert_eq!(google.authorize_params["access_type"], "offline");

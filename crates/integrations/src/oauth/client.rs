@@ -37,14 +37,18 @@ const MAX_DESCRIPTION: usize = 300;
 /// Why an OAuth call failed, sorted by what the caller should do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OAuthError {
-    /// The provider answered `invalid_grant`: the refresh token (or code) is
+    /// The provider answered `invalid_grant` (or an answer its registry
+    /// entry's `revoked_when` lists): the refresh token (or code) is
     /// revoked, expired or already used. Mark the integration revoked; the
     /// user must connect again.
     #[error(
-        "the provider no longer accepts this grant (invalid_grant){}",
+        "the provider no longer accepts this grant ({error}){}",
         describe(description)
     )]
     InvalidGrant {
+        /// The provider's `error` code: `invalid_grant`, or the one its
+        /// `revoked_when` matched.
+        error: String,
         /// The provider's `error_description`, if any.
         description: Option<String>,
     },
@@ -288,7 +292,7 @@ impl TokenClient {
         // Some providers (TikTok) answer errors with 200.
         if json.get("access_token").is_none() {
             if let Some((error, description)) = oauth_error(&json, &scrub) {
-                return Err(classify(reply.status, error, description));
+                return Err(classify(p, reply.status, error, description));
             }
         }
         let tokens = TokenSet::from_response(&json, Utc::now(), p.expiry)
@@ -453,7 +457,7 @@ fn status_error(p: &Provider, url: &Url, reply: &Reply, scrub: &[&str]) -> OAuth
     }
     if status.is_client_error() {
         let (error, description) = parsed.unwrap_or_else(|| ("unspecified".to_string(), None));
-        return classify(status, error, description);
+        return classify(p, status, error, description);
     }
     OAuthError::Rejected {
         status: status.as_u16(),
@@ -466,9 +470,18 @@ fn status_error(p: &Provider, url: &Url, reply: &Reply, scrub: &[&str]) -> OAuth
     }
 }
 
-fn classify(status: StatusCode, error: String, description: Option<String>) -> OAuthError {
-    if error == "invalid_grant" {
-        OAuthError::InvalidGrant { description }
+fn classify(
+    p: &Provider,
+    status: StatusCode,
+    error: String,
+    description: Option<String>,
+) -> OAuthError {
+    if error == "invalid_grant"
+        || p.revoked_when
+            .iter()
+            .any(|rule| rule.matches(&error, description.as_deref()))
+    {
+        OAuthError::InvalidGrant { error, description }
     } else {
         OAuthError::Rejected {
             status: status.as_u16(),

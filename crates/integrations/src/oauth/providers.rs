@@ -71,6 +71,31 @@ pub struct AccountIdRule {
     pub pointer: String,
 }
 
+/// An error answer that means the grant is gone (the user must connect
+/// again), besides the standard `invalid_grant`: some providers answer a
+/// revoked refresh token otherwise (X: `invalid_request`, "Value passed for
+/// the token was invalid.").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedWhen {
+    /// The `error` code.
+    pub error: String,
+    /// Text the `error_description` must contain (case-insensitive), so a
+    /// code that also means a configuration mistake is not read as a
+    /// revocation; `None`: the code alone.
+    pub description_contains: Option<String>,
+}
+
+impl RevokedWhen {
+    /// Whether an error answer matches.
+    pub fn matches(&self, error: &str, description: Option<&str>) -> bool {
+        self.error == error
+            && self.description_contains.as_ref().is_none_or(|needle| {
+                description.is_some_and(|d| d.to_lowercase().contains(&needle.to_lowercase()))
+            })
+    }
+}
+
 /// One OAuth provider. `Debug` shows which credentials are configured, never
 /// the secret.
 #[derive(Clone)]
@@ -105,6 +130,8 @@ pub struct Provider {
     pub expiry: Expiry,
     /// How to learn the account id, if configured.
     pub account_id: Option<AccountIdRule>,
+    /// Error answers that mean the grant is gone, besides `invalid_grant`.
+    pub revoked_when: Vec<RevokedWhen>,
     client_id: Option<String>,
     client_id_env: Option<String>,
     client_secret: Option<SecretString>,
@@ -136,6 +163,7 @@ impl fmt::Debug for Provider {
             .field("refresh_params", &self.refresh_params)
             .field("expiry", &self.expiry)
             .field("account_id", &self.account_id)
+            .field("revoked_when", &self.revoked_when)
             .finish()
     }
 }
@@ -360,6 +388,8 @@ struct Entry {
     #[serde(default)]
     never_expires: bool,
     account_id: Option<AccountIdRule>,
+    #[serde(default)]
+    revoked_when: Vec<RevokedWhen>,
 }
 
 fn default_client_id_param() -> String {
@@ -446,6 +476,16 @@ impl Entry {
             }
         }
 
+        if let Some(rule) = self.revoked_when.iter().find(|r| {
+            r.error.trim().is_empty()
+                || r.description_contains
+                    .as_deref()
+                    .is_some_and(|d| d.trim().is_empty())
+        }) {
+            return Err(format!(
+                "field 'revoked_when': {rule:?}: 'error' and 'description_contains' must not be empty"
+            ));
+        }
         let expiry = match (self.expires_in_default, self.never_expires) {
             (Some(_), true) => {
                 return Err("set either 'expires_in_default' or 'never_expires', not both".into())
@@ -486,6 +526,7 @@ impl Entry {
             refresh_params: self.refresh_params,
             expiry,
             account_id: self.account_id,
+            revoked_when: self.revoked_when,
             client_id,
             client_id_env: self.client_id_env,
             client_secret,
