@@ -3,7 +3,7 @@
 //! `integrations api-key create|list|revoke` through the binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use db_pool::testing::TestDatabase;
@@ -11,6 +11,10 @@ use db_pool::{Pool, PoolConfig};
 use integrations::auth::{ApiKeys, AuthError, Scope, DEFAULT_VERIFY_TTL};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
+
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{stderr, stdout};
 
 /// A fresh migrated database and a pool on it.
 async fn setup() -> (TestDatabase, Pool) {
@@ -225,23 +229,10 @@ async fn names_and_scopes_are_validated_before_the_database() {
 // ---- the binary ----
 
 fn cli(args: &[&str], url: &str) -> Output {
-    let dir = tempfile::tempdir().unwrap(); // no stray .env
-    Command::new(env!("CARGO_BIN_EXE_integrations"))
-        .current_dir(dir.path())
-        .arg("api-key")
-        .args(args)
-        .env_remove("DATABASE_PROFILE")
-        .env("DATABASE_URL", url)
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
+    let args: Vec<&str> = std::iter::once("api-key")
+        .chain(args.iter().copied())
+        .collect();
+    cli::run(&args, &[("DATABASE_URL", url)])
 }
 
 /// Creates a key through the binary on a fresh (unmigrated) database and

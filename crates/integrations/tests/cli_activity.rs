@@ -10,15 +10,14 @@ use db_pool::testing::{with_params, TestDatabase};
 use db_pool::{Conn, Pool, PoolConfig};
 use serde_json::Value;
 
+#[path = "support/cli.rs"]
+mod cli;
+
 fn command(url: &str, args: &[&str]) -> (Command, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap(); // no stray .env
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
-    cmd.current_dir(dir.path())
-        .arg("activity")
-        .args(args)
-        .env("DATABASE_URL", url)
-        .env_remove("DATABASE_PROFILE");
-    (cmd, dir)
+    let args: Vec<&str> = std::iter::once("activity")
+        .chain(args.iter().copied())
+        .collect();
+    cli::command(&args, &[("DATABASE_URL", url)])
 }
 
 fn activity(url: &str, args: &[&str]) -> Output {

@@ -1,20 +1,18 @@
 //! `integrations bench` against a real server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use db_pool::testing::TestDatabase;
 
+#[path = "support/cli.rs"]
+mod cli;
+
 fn bench(url: &str, args: &[&str]) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    Command::new(env!("CARGO_BIN_EXE_integrations"))
-        .current_dir(dir.path())
-        .arg("bench")
-        .args(args)
-        .env("DATABASE_URL", url)
-        .env_remove("DATABASE_PROFILE")
-        .output()
-        .unwrap()
+    let args: Vec<&str> = std::iter::once("bench")
+        .chain(args.iter().copied())
+        .collect();
+    cli::run(&args, &[("DATABASE_URL", url)])
 }
 
 fn json(out: &Output) -> serde_json::Value {

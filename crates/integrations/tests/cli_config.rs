@@ -1,25 +1,22 @@
 //! `integrations config`: the effective settings, without a server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+use std::process::Output;
+
+#[path = "support/cli.rs"]
+mod cli;
 
 fn config(url: Option<&str>, profile: Option<&str>, json: bool) -> Output {
-    let dir = tempfile::tempdir().unwrap(); // no stray .env
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
-    cmd.current_dir(dir.path())
-        .arg("config")
-        .env_remove("DATABASE_URL")
-        .env_remove("DATABASE_PROFILE");
-    if json {
-        cmd.arg("--json");
-    }
-    if let Some(url) = url {
-        cmd.env("DATABASE_URL", url);
-    }
-    if let Some(p) = profile {
-        cmd.env("DATABASE_PROFILE", p);
-    }
-    cmd.output().unwrap()
+    let args: &[&str] = if json {
+        &["config", "--json"]
+    } else {
+        &["config"]
+    };
+    let envs: Vec<(&str, &str)> = [("DATABASE_URL", url), ("DATABASE_PROFILE", profile)]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+    cli::run(args, &envs)
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -153,15 +150,12 @@ fn dotenv_is_read_but_the_environment_wins() {
     )
     .unwrap();
     let run = |env_url: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
-        cmd.current_dir(dir.path())
-            .args(["config", "--json"])
-            .env_remove("DATABASE_URL")
-            .env_remove("DATABASE_PROFILE");
-        if let Some(u) = env_url {
-            cmd.env("DATABASE_URL", u);
-        }
-        json(&cmd.output().unwrap())
+        let envs: Vec<(&str, &str)> = env_url.map(|u| ("DATABASE_URL", u)).into_iter().collect();
+        json(
+            &cli::command_in(dir.path(), &["config", "--json"], &envs)
+                .output()
+                .unwrap(),
+        )
     };
     let v = run(None);
     assert_eq!(v["database"], "filedb");

@@ -2,30 +2,25 @@
 //! private one with few connection slots.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::testing::{with_params, TestDatabase};
 use serde_json::Value;
 
-fn doctor(url: &str, args: &[&str]) -> Output {
-    let dir = tempfile::tempdir().unwrap(); // no stray .env
-    Command::new(env!("CARGO_BIN_EXE_integrations"))
-        .current_dir(dir.path())
-        .arg("doctor")
-        .args(args)
-        .env("DATABASE_URL", url)
-        .env_remove("DATABASE_PROFILE")
-        .output()
-        .unwrap()
-}
+#[path = "support/cli.rs"]
+mod cli;
+use cli::stdout;
 
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
+fn doctor(url: &str, args: &[&str]) -> Output {
+    let args: Vec<&str> = std::iter::once("doctor")
+        .chain(args.iter().copied())
+        .collect();
+    cli::run(&args, &[("DATABASE_URL", url)])
 }
 
 fn all_output(out: &Output) -> String {
-    format!("{}{}", stdout(out), String::from_utf8_lossy(&out.stderr))
+    format!("{}{}", stdout(out), cli::stderr(out))
 }
 
 fn json(out: &Output) -> Value {

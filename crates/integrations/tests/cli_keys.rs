@@ -1,8 +1,6 @@
 //! `integrations migrate`, `generate-key` and `rotate-keys` through the binary.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
-
 use db_pool::testing::TestDatabase;
 use db_pool::{Pool, PoolConfig};
 use integrations::crypto::Keyring;
@@ -10,22 +8,9 @@ use integrations::domain::{AccountId, ProviderName, UserId};
 use integrations::oauth::{Expiry, ProviderRegistry, TokenClient, TokenClientConfig, TokenSet};
 use integrations::service::{IntegrationsService, ServiceConfig};
 
-fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
-    cmd.current_dir(dir.path())
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("INTEGRATIONS_ENCRYPTION_KEYS");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).to_string()
-}
+#[path = "support/cli.rs"]
+mod cli;
+use cli::{run, stdout};
 
 #[tokio::test]
 async fn migrate_applies_once_then_reports_up_to_date() {
