@@ -229,10 +229,7 @@ async fn names_and_scopes_are_validated_before_the_database() {
 // ---- the binary ----
 
 fn cli(args: &[&str], url: &str) -> Output {
-    let args: Vec<&str> = std::iter::once("api-key")
-        .chain(args.iter().copied())
-        .collect();
-    cli::run(&args, &[("DATABASE_URL", url)])
+    cli::run_against(url, "api-key", args)
 }
 
 /// Creates a key through the binary on a fresh (unmigrated) database and

@@ -14,10 +14,7 @@ use serde_json::Value;
 mod cli;
 
 fn command(url: &str, args: &[&str]) -> (Command, tempfile::TempDir) {
-    let args: Vec<&str> = std::iter::once("activity")
-        .chain(args.iter().copied())
-        .collect();
-    cli::command(&args, &[("DATABASE_URL", url)])
+    cli::against(url, "activity", args)
 }
 
 fn activity(url: &str, args: &[&str]) -> Output {

@@ -9,10 +9,7 @@ use db_pool::testing::TestDatabase;
 mod cli;
 
 fn bench(url: &str, args: &[&str]) -> Output {
-    let args: Vec<&str> = std::iter::once("bench")
-        .chain(args.iter().copied())
-        .collect();
-    cli::run(&args, &[("DATABASE_URL", url)])
+    cli::run_against(url, "bench", args)
 }
 
 fn json(out: &Output) -> serde_json::Value {

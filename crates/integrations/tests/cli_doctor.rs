@@ -13,10 +13,7 @@ mod cli;
 use cli::stdout;
 
 fn doctor(url: &str, args: &[&str]) -> Output {
-    let args: Vec<&str> = std::iter::once("doctor")
-        .chain(args.iter().copied())
-        .collect();
-    cli::run(&args, &[("DATABASE_URL", url)])
+    cli::run_against(url, "doctor", args)
 }
 
 fn all_output(out: &Output) -> String {

@@ -39,6 +39,20 @@ pub fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
     cmd.output().unwrap()
 }
 
+/// `integrations <subcommand> <args>` against the database at `url`.
+pub fn against(url: &str, subcommand: &str, args: &[&str]) -> (Command, tempfile::TempDir) {
+    let args: Vec<&str> = std::iter::once(subcommand)
+        .chain(args.iter().copied())
+        .collect();
+    command(&args, &[("DATABASE_URL", url)])
+}
+
+/// Runs `integrations <subcommand> <args>` against the database at `url`.
+pub fn run_against(url: &str, subcommand: &str, args: &[&str]) -> Output {
+    let (mut cmd, _dir) = against(url, subcommand, args);
+    cmd.output().unwrap()
+}
+
 /// Standard output, as text.
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
