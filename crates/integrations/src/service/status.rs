@@ -318,9 +318,30 @@ async fn run_loader(pool: db_pool::Pool, cache: Arc<StatusCache>) {
     }
 }
 
+/// Loads taken by a loader and not answered yet: if the loader stops
+/// without answering them (a panic, its task dropped), their waiters get
+/// an error instead of waiting for ever, and later misses do not join them.
+struct Taken<'a> {
+    cache: &'a StatusCache,
+    ids: Vec<u64>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.ids.is_empty() {
+            self.cache
+                .answer(self.ids.drain(..).map(|id| (id, Err(loader_stopped()))));
+        }
+    }
+}
+
 /// Loads a batch of misses in one statement and answers each. `false` when
 /// the statement failed (every caller then gets its error).
 async fn load_batch(cache: &StatusCache, conn: &mut Conn, batch: Vec<(u64, String)>) -> bool {
+    let mut taken = Taken {
+        cache,
+        ids: batch.iter().map(|(id, _)| *id).collect(),
+    };
     let ids: Vec<&str> = batch.iter().map(|(_, user)| user.as_str()).collect();
     let mut answers = Vec::with_capacity(batch.len());
     let loaded = store::integrations::show_for_users(conn, &ids, |i, views| {
@@ -330,6 +351,7 @@ async fn load_batch(cache: &StatusCache, conn: &mut Conn, batch: Vec<(u64, Strin
         answers.push((batch[i].0, rendered));
     })
     .await;
+    taken.ids.clear();
     match loaded {
         Ok(()) => {
             cache.answer(answers);
@@ -399,6 +421,11 @@ impl IntegrationsService {
             });
             match joinable.and_then(|id| Some((id, misses.loads.get_mut(&id)?))) {
                 Some((id, load)) => {
+                    if !load.taken {
+                        // Its rows are not read yet: they will show every
+                        // write counted so far, and may be kept.
+                        load.writes_seen = writes_now;
+                    }
                     load.waiters.push(done);
                     id
                 }
@@ -493,8 +520,10 @@ impl IntegrationsService {
 
     /// Forgets a user's cached status (after every write for that user).
     pub async fn invalidate(&self, user_id: &str) {
+        // Counted with the cache off too: a later miss must not join a load
+        // that may have read the rows before this write.
+        self.cache.writes(user_id).fetch_add(1, Ordering::Release);
         if let Some(entries) = &self.cache.entries {
-            self.cache.writes(user_id).fetch_add(1, Ordering::Release);
             entries.remove(user_id);
         }
     }

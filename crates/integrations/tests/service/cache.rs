@@ -106,6 +106,44 @@ async fn concurrent_misses_share_a_failed_load_and_its_error() {
     assert_eq!(t.service.cache_stats().misses - before, 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cache_off_a_read_after_a_write_sees_it_while_others_read() {
+    let config = ServiceConfig {
+        status_cache_capacity: 0,
+        ..ServiceConfig::default()
+    };
+    let t = std::sync::Arc::new(TestService::start_with("connection_limit=4", config).await);
+    t.seed("u1", "good", "a-0", 3600).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Other readers of the same user keep loads running, for the reads
+    // after each write to join if they wrongly could.
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (t, stop) = (t.clone(), stop.clone());
+            tokio::spawn(async move {
+                let u = user_id("u1");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    t.service.status(&u).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let u = user_id("u1");
+    for n in 1..=60 {
+        let account = format!("a-{n}");
+        t.seed("u1", "good", &account, 3600).await;
+        let list = t.service.status(&u).await.unwrap().integrations().unwrap();
+        assert!(
+            list.iter().any(|s| s.account_id == account),
+            "write {n} not seen by the read after it"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn entries_expire_after_the_ttl() {
     let config = ServiceConfig {
