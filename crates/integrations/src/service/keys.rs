@@ -1,7 +1,9 @@
 //! `rotate-keys`: re-encrypts every row with the current key, in batches,
 //! each in its own short transaction; resumable (rows already under the
-//! current key are skipped), safe beside running refreshes (a row changed
-//! meanwhile is left to the refresh, which encrypts with the current key).
+//! current key are skipped), safe beside running refreshes: a row changed
+//! between its read and its update keeps the refresh's tokens (written
+//! under the current key, or under the old one by an instance not yet
+//! restarted with the new keys; the next run re-encrypts those).
 
 use secrecy::zeroize::Zeroize;
 
@@ -56,15 +58,9 @@ impl IntegrationsService {
                         continue;
                     }
                 };
-                let sql_ok = tx_reencrypt(
-                    &mut tx,
-                    row.id,
-                    &row.key_id,
-                    &new_access,
-                    new_refresh.as_deref(),
-                    &current,
-                )
-                .await?;
+                let sql_ok =
+                    tx_reencrypt(&mut tx, row, &new_access, new_refresh.as_deref(), &current)
+                        .await?;
                 if sql_ok {
                     done += 1;
                 }
@@ -102,10 +98,11 @@ impl IntegrationsService {
     }
 }
 
+/// Writes a row's new ciphertexts unless a refresh changed it since it was
+/// read (then the refresh's tokens stay).
 async fn tx_reencrypt(
     tx: &mut db_pool::Transaction<'_>,
-    id: i64,
-    old_key: &str,
+    row: &rows::Encrypted,
     access: &[u8],
     refresh: Option<&[u8]>,
     new_key: &str,
@@ -113,7 +110,14 @@ async fn tx_reencrypt(
     Ok(tx
         .execute(
             rows::REENCRYPT,
-            &[&id, &old_key, &access, &refresh, &new_key],
+            &[
+                &row.id,
+                &row.key_id,
+                &access,
+                &refresh,
+                &new_key,
+                &row.access_token,
+            ],
         )
         .await?
         == 1)

@@ -597,9 +597,12 @@ pub async fn under_other_key(
         .collect())
 }
 
-/// Replaces a row's ciphertexts if it is still under the old key ($2): a
-/// refresh in between already re-encrypted it. Parameters: id, old key,
-/// access token, refresh token, new key.
+/// Replaces a row's ciphertexts if it still holds the ones that were read
+/// ($2, $6): a refresh in between wrote newer tokens (under the current
+/// key, or under the old one by an instance not restarted with the new
+/// keys yet), which must not be overwritten with the older ones.
+/// Parameters: id, old key, access token, refresh token, new key, the
+/// access token ciphertext that was read.
 pub const REENCRYPT: &str =
     "UPDATE integrations SET access_token = $3, refresh_token = $4, key_id = $5 \
-                             WHERE id = $1 AND key_id = $2";
+                             WHERE id = $1 AND key_id = $2 AND access_token = $6";

@@ -177,6 +177,49 @@ async fn rotate_keys_reencrypts_every_row_and_is_resumable() {
 }
 
 #[tokio::test]
+async fn rotation_never_overwrites_tokens_a_refresh_wrote_after_it_read_them() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "a1", 3600).await;
+    let mut conn = t.service.pool().get().await.unwrap();
+    let read = integrations::store::integrations::under_other_key(&mut conn, "k-new", 0, 10)
+        .await
+        .unwrap();
+    // Meanwhile an instance still on the old keys refreshes: new tokens,
+    // under the old key.
+    t.service
+        .refresh(&provider_name("good"), &account_id("a1"))
+        .await
+        .unwrap();
+    let row = &read[0];
+    let updated = conn
+        .execute(
+            integrations::store::integrations::REENCRYPT,
+            &[
+                &row.id,
+                &row.key_id,
+                &b"stale re-encrypted".as_slice(),
+                &row.refresh_token,
+                &"k-new",
+                &row.access_token,
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated, 0, "the refresh's tokens stay");
+    drop(conn);
+    let token = t
+        .service
+        .access_token(&provider_name("good"), &account_id("a1"))
+        .await
+        .unwrap();
+    assert_ne!(
+        secret_text(&token.token),
+        "at-seed-a1",
+        "the refreshed token"
+    );
+}
+
+#[tokio::test]
 async fn an_account_belongs_to_one_user() {
     let t = TestService::start().await;
     t.seed("u1", "good", "shared", 3600).await;
