@@ -259,11 +259,14 @@ impl Shared {
     /// returned mid-statement (its caller was cancelled: the server may
     /// still be running the statement, so it is cancelled there too).
     pub fn unusable(&self, conn: &ClientConn) -> bool {
+        if conn.flags.broken || conn.client.is_closed() {
+            return true;
+        }
         if conn.flags.in_flight {
             self.cancel(&conn.client);
             return true;
         }
-        conn.flags.broken || conn.client.is_closed()
+        false
     }
 
     /// Sends a cancel request for whatever the connection is running.

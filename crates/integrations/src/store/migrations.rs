@@ -28,7 +28,7 @@ pub async fn run(pool: &Pool) -> anyhow::Result<Applied> {
         .await;
     conn.batch_execute("SELECT pg_advisory_unlock(7366432001)")
         .await?;
-    let report = report?;
+    let report = report.map_err(migration_error)?;
     Ok(Applied {
         applied: report
             .applied_migrations()
@@ -36,4 +36,25 @@ pub async fn run(pool: &Pool) -> anyhow::Result<Applied> {
             .map(|m| m.to_string())
             .collect(),
     })
+}
+
+/// refinery's error quotes the server's error whole, DETAIL included, which
+/// can hold row values (a constraint added over existing rows names the
+/// failing row): keep refinery's context, the SQLSTATE and the message.
+fn migration_error(e: refinery::Error) -> anyhow::Error {
+    let refinery::error::Kind::Connection(context, source) = e.kind() else {
+        return anyhow::anyhow!("{e}");
+    };
+    match source
+        .downcast_ref::<db_pool::tokio_postgres::Error>()
+        .and_then(|e| e.as_db_error())
+    {
+        Some(db) => anyhow::anyhow!(
+            "{context}: the server refused it ({}): {}",
+            db.code().code(),
+            db.message()
+        ),
+        // Not a server error (a closed connection...): no row values.
+        None => anyhow::anyhow!("{context}: {source}"),
+    }
 }
