@@ -19,10 +19,7 @@ pub fn load_dotenv() -> Result<(), String> {
 
 /// Builds the pool configuration from a URL and an optional profile name.
 pub fn pool_config(url: Option<&str>, profile: Option<&str>) -> Result<PoolConfig, ConfigError> {
-    let profile = match profile.map(str::trim).filter(|p| !p.is_empty()) {
-        Some(p) => Some(p.parse::<Profile>()?),
-        None => None,
-    };
+    let profile = parse_profile(profile)?;
     let url = url.ok_or(ConfigError::Missing)?;
     PoolConfig::parse_with(
         url,
@@ -31,6 +28,15 @@ pub fn pool_config(url: Option<&str>, profile: Option<&str>) -> Result<PoolConfi
             application_name: APPLICATION_NAME.to_string(),
         },
     )
+}
+
+/// `DATABASE_PROFILE`, if set (blank: none).
+pub fn parse_profile(profile: Option<&str>) -> Result<Option<Profile>, ConfigError> {
+    profile
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .transpose()
 }
 
 /// The service's own settings (beyond the pool), from the environment.

@@ -369,3 +369,19 @@ fn cli_help_explains_each_option() {
         assert!(help.contains(word), "{help}");
     }
 }
+
+#[test]
+fn without_database_url_an_invalid_profile_is_refused_before_any_server_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let out = cli::run(
+        &["api-key", "list", "--data-dir", data_dir.to_str().unwrap()],
+        &[("DATABASE_PROFILE", "bogus")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("bogus"), "{}", stderr(&out));
+    assert!(
+        !data_dir.exists(),
+        "no database created for an invalid command"
+    );
+}

@@ -98,7 +98,19 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
             Ok(cfg) => Some(cfg),
             Err(code) => return code,
         },
-        None => None,
+        None => {
+            // Checked before a server is started for nothing.
+            if let Err(e) = crate::settings::parse_profile(db.profile.as_deref()) {
+                return super::invalid_config(&e);
+            }
+            if !embedded.data_dir.join("postgres").exists() {
+                eprintln!(
+                    "note: no embedded database in {} yet: creating one (is this the directory `serve` runs in? see --data-dir)",
+                    embedded.data_dir.display()
+                );
+            }
+            None
+        }
     };
     let (data_dir, profile) = (embedded.data_dir.clone(), db.profile.clone());
     super::block_on(async move {

@@ -87,15 +87,18 @@ pub fn run() -> ExitCode {
 /// invalid input prints the P1013 error and its hint and returns exit 2.
 pub fn pool_config(db: &DatabaseArgs) -> Result<db_pool::PoolConfig, ExitCode> {
     let cfg = crate::settings::pool_config(db.database_url.as_deref(), db.profile.as_deref())
-        .map_err(|e| {
-            eprintln!("{e}");
-            eprintln!("hint: {}", e.hint());
-            ExitCode::from(EXIT_INVALID_INPUT)
-        })?;
+        .map_err(|e| invalid_config(&e))?;
     for p in &cfg.ignored_parameters {
         eprintln!("warning: unknown DATABASE_URL parameter '{p}' is ignored");
     }
     Ok(cfg)
+}
+
+/// Reports an invalid database setting with its hint: exit 2.
+pub fn invalid_config(e: &db_pool::ConfigError) -> ExitCode {
+    eprintln!("{e}");
+    eprintln!("hint: {}", e.hint());
+    ExitCode::from(EXIT_INVALID_INPUT)
 }
 
 /// Runs an async command on a multi-threaded runtime (one worker per core).
