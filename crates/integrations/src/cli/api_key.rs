@@ -114,7 +114,7 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
     };
     let (data_dir, profile) = (embedded.data_dir.clone(), db.profile.clone());
     super::block_on(async move {
-        let (cfg, cluster) = match cfg {
+        let (cfg, embedded) = match cfg {
             Some(cfg) => (cfg, None),
             None => {
                 match super::embedded::open(&data_dir, profile.as_deref(), IfRunning::Join).await {
@@ -124,7 +124,7 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
                             data_dir.display(),
                             embedded.port
                         );
-                        (embedded.cfg, embedded.cluster)
+                        (embedded.cfg.clone(), Some(embedded))
                     }
                     Err(e) => return super::report_failure(&e),
                 }
@@ -134,7 +134,7 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
             Ok(pool) => pool,
             Err(e) => return super::report_failure(&e.into()),
         };
-        if cluster.is_some() {
+        if embedded.as_ref().is_some_and(|e| e.cluster.is_some()) {
             // A database this command started may never have been served.
             if let Err(e) = crate::store::migrations::run(&pool).await {
                 return super::report_failure(&e);
@@ -147,9 +147,9 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
             ApiKeyCommand::Revoke(a) => revoke(&keys, a).await,
         };
         pool.close(Duration::from_secs(5)).await;
-        if let Some(mut cluster) = cluster {
-            if let Err(e) = cluster.stop().await {
-                eprintln!("warning: stopping the embedded PostgreSQL: {e}");
+        if let Some(embedded) = embedded {
+            if let Err(e) = embedded.stop(Duration::from_secs(10)).await {
+                eprintln!("warning: stopping the embedded PostgreSQL: {e:#}");
             }
         }
         code

@@ -4,8 +4,8 @@
 //! directory started for the command and stopped after it.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use db_pool::cluster::{ClusterError, ClusterOptions, LocalCluster};
 use db_pool::PoolConfig;
@@ -39,6 +39,10 @@ pub enum IfRunning {
     Refuse,
 }
 
+/// Attempts at starting or joining, when `IfRunning::Join`: another
+/// command may be starting or stopping the same server at the same moment.
+const ATTEMPTS: u32 = 5;
+
 /// Starts (creating on first run) the embedded PostgreSQL in `data_dir`, or
 /// joins the one already running there when `if_running` allows, and
 /// returns the pool configuration for its `integrations` database (created
@@ -48,12 +52,44 @@ pub async fn open(
     profile: Option<&str>,
     if_running: IfRunning,
 ) -> anyhow::Result<Embedded> {
-    let (cluster, port) = match LocalCluster::open_or_init(
-        &data_dir.join("postgres"),
-        ClusterOptions::default(),
-    )
-    .await
-    {
+    let mut attempt = 1;
+    loop {
+        match try_open(data_dir, if_running).await {
+            Ok((cluster, port, client)) => {
+                let server = format!("postgresql://postgres@127.0.0.1:{port}");
+                ensure_database(client).await?;
+                let url = format!("{server}/integrations?sslmode=disable");
+                let cfg = crate::settings::pool_config(Some(&url), profile)?;
+                return Ok(Embedded { cluster, cfg, port });
+            }
+            Err(Attempt::Final(e)) => return Err(e),
+            Err(Attempt::Again(e)) if attempt >= ATTEMPTS || if_running == IfRunning::Refuse => {
+                return Err(e)
+            }
+            Err(Attempt::Again(_)) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 + rand::random::<u64>() % 400)).await;
+            }
+        }
+    }
+}
+
+/// Why an attempt failed: for good, or perhaps because another command
+/// was starting or stopping the server meanwhile.
+enum Attempt {
+    Final(anyhow::Error),
+    Again(anyhow::Error),
+}
+
+type Connected = (db_pool::tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
+async fn try_open(
+    data_dir: &Path,
+    if_running: IfRunning,
+) -> Result<(Option<LocalCluster>, u16, Connected), Attempt> {
+    let opened =
+        LocalCluster::open_or_init(&data_dir.join("postgres"), ClusterOptions::default()).await;
+    let (cluster, port) = match opened {
         Ok(cluster) => {
             let port = cluster.port();
             (Some(cluster), port)
@@ -62,20 +98,35 @@ pub async fn open(
             port: Some(port), ..
         }) if if_running == IfRunning::Join => (None, port),
         Err(e @ ClusterError::BinariesNotFound { .. }) => {
-            anyhow::bail!("{e}\nno DATABASE_URL is set, so an embedded PostgreSQL would be used, but its server binaries are not installed: install Debian's `postgresql` package (apt-get install postgresql) or set DATABASE_URL")
+            return Err(Attempt::Final(anyhow::anyhow!("{e}\nno DATABASE_URL is set, so an embedded PostgreSQL would be used, but its server binaries are not installed: install Debian's `postgresql` package (apt-get install postgresql) or set DATABASE_URL")));
         }
-        Err(e) => return Err(e).context("starting the embedded PostgreSQL"),
+        Err(e @ ClusterError::AlreadyRunning { .. }) => {
+            return Err(Attempt::Final(
+                anyhow::Error::new(e).context("starting the embedded PostgreSQL"),
+            ))
+        }
+        Err(e) => {
+            return Err(Attempt::Again(
+                anyhow::Error::new(e).context("starting the embedded PostgreSQL"),
+            ))
+        }
     };
-    let server = format!("postgresql://postgres@127.0.0.1:{port}");
-    let (client, connection) = db_pool::tokio_postgres::connect(
-        &format!("{server}/postgres?sslmode=disable"),
-        db_pool::tokio_postgres::NoTls,
-    )
-    .await
-    .with_context(|| format!("connecting to the embedded PostgreSQL on port {port}"))?;
-    let connection = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
+    match db_pool::tokio_postgres::connect(&url, db_pool::tokio_postgres::NoTls).await {
+        Ok((client, connection)) => {
+            let task = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            Ok((cluster, port, (client, task)))
+        }
+        Err(e) => Err(Attempt::Again(anyhow::Error::new(e).context(format!(
+            "connecting to the embedded PostgreSQL on port {port}"
+        )))),
+    }
+}
+
+/// Creates the `integrations` database when missing.
+async fn ensure_database((client, connection): Connected) -> anyhow::Result<()> {
     let exists = client
         .query_opt(
             "SELECT 1 FROM pg_database WHERE datname = 'integrations'",
@@ -88,7 +139,45 @@ pub async fn open(
     }
     drop(client);
     connection.abort();
-    let url = format!("{server}/integrations?sslmode=disable");
-    let cfg = crate::settings::pool_config(Some(&url), profile)?;
-    Ok(Embedded { cluster, cfg, port })
+    Ok(())
+}
+
+impl Embedded {
+    /// Stops the server if this process started it, once no other client
+    /// uses it (another command that joined it), waiting up to `patience`.
+    pub async fn stop(self, patience: Duration) -> anyhow::Result<()> {
+        let Some(mut cluster) = self.cluster else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + patience;
+        let url = format!("{}?sslmode=disable", cluster.url("postgres"));
+        if let Ok((client, connection)) =
+            db_pool::tokio_postgres::connect(&url, db_pool::tokio_postgres::NoTls).await
+        {
+            let connection = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            while tokio::time::Instant::now() < deadline {
+                let others: i64 = match client
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity \
+                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .await
+                {
+                    Ok(row) => row.get(0),
+                    Err(_) => break,
+                };
+                if others == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            drop(client);
+            connection.abort();
+        }
+        cluster.stop().await?;
+        Ok(())
+    }
 }
