@@ -156,7 +156,7 @@ impl StatusCache {
             let Some(load) = misses.loads.get_mut(&id) else {
                 continue;
             };
-            load.waiters.retain(|w| !w.is_closed());
+            load.waiters.retain(|w| !w.done.is_closed());
             if load.waiters.is_empty() {
                 // Everyone who asked went away.
                 misses.forget(id);
@@ -170,6 +170,34 @@ impl StatusCache {
             slot.held = false;
         }
         batch
+    }
+
+    /// Gives `slot` back if no load is queued (under the lock, as in
+    /// `take_batch`); whether it did.
+    fn release_if_idle(&self, slot: &mut LoaderSlot) -> bool {
+        let mut misses = self.lock();
+        // Loads whose callers all went away do not count.
+        let abandoned: Vec<u64> = misses
+            .queue
+            .iter()
+            .copied()
+            .filter(|id| {
+                misses
+                    .loads
+                    .get(id)
+                    .is_none_or(|load| load.waiters.iter().all(|w| w.done.is_closed()))
+            })
+            .collect();
+        for id in abandoned {
+            misses.queue.retain(|queued| *queued != id);
+            misses.forget(id);
+        }
+        if !misses.queue.is_empty() {
+            return false;
+        }
+        misses.loaders -= 1;
+        slot.held = false;
+        true
     }
 
     /// Gives each load's answer to everyone waiting for it, and keeps the
@@ -206,7 +234,7 @@ impl StatusCache {
                 }
             }
             for waiter in load.waiters {
-                let _ = waiter.send(match &answer {
+                let _ = waiter.done.send(match &answer {
                     Ok(status) => Ok(status.clone()),
                     Err(e) => Err(e.shared()),
                 });
@@ -236,10 +264,15 @@ struct Load {
     user_id: String,
     /// The user's write counter when the load was queued.
     writes_seen: u64,
-    queued_at: Instant,
     /// Whether a loader took it: its rows may have been read already.
     taken: bool,
-    waiters: Vec<oneshot::Sender<Result<Arc<UserStatus>, ServiceError>>>,
+    waiters: Vec<Waiter>,
+}
+
+/// A caller waiting for a load, since it asked.
+struct Waiter {
+    done: oneshot::Sender<Result<Arc<UserStatus>, ServiceError>>,
+    since: Instant,
 }
 
 /// The loads and the loaders that run them.
@@ -292,9 +325,17 @@ async fn run_loader(pool: db_pool::Pool, cache: Arc<StatusCache>) {
     loop {
         let mut conn = match pool.get().await {
             Ok(conn) => conn,
+            Err(db_pool::Error::PoolTimeout { .. }) => {
+                // The pool stays busy: each caller gives up on its own
+                // clock (see `load_status`); try again for the others.
+                if cache.release_if_idle(&mut slot) {
+                    return;
+                }
+                continue;
+            }
             Err(e) => {
-                // No connection (P2024, P1001...): the oldest waiters get
-                // the error, then the next try serves the rest.
+                // No connection (P1001...): the oldest waiters get the
+                // error, then the next try serves the rest.
                 let e = ServiceError::from(e);
                 let batch = cache.take_batch(&mut slot);
                 if batch.is_empty() {
@@ -410,6 +451,7 @@ impl IntegrationsService {
         let config = self.pool.config();
         let max_loaders = config.connection_limit.div_ceil(2);
         let (done, mut answer) = oneshot::channel();
+        let since = Instant::now();
         let id = {
             let mut misses = cache.lock();
             let writes_now = cache.writes(user_id).load(Ordering::Acquire);
@@ -426,7 +468,7 @@ impl IntegrationsService {
                         // write counted so far, and may be kept.
                         load.writes_seen = writes_now;
                     }
-                    load.waiters.push(done);
+                    load.waiters.push(Waiter { done, since });
                     id
                 }
                 None => {
@@ -439,9 +481,8 @@ impl IntegrationsService {
                         Load {
                             user_id: user_id.to_string(),
                             writes_seen: writes_now,
-                            queued_at: Instant::now(),
                             taken: false,
-                            waiters: vec![done],
+                            waiters: vec![Waiter { done, since }],
                         },
                     );
                     misses.by_user.insert(user_id.to_string(), id);
@@ -463,10 +504,13 @@ impl IntegrationsService {
             }
             // Not answered yet. Not taken either: the loaders are slow (a
             // long query, a lock): another loader, if the pool has room;
-            // past pool_timeout, the pool's own error for everyone waiting.
-            let timed_out = {
+            // once this caller has waited pool_timeout, the pool's own error
+            // for it and every caller of the load who waited as long (those
+            // who came later wait their own time).
+            let gave_up = {
                 let mut misses = cache.lock();
-                match misses.loads.get(&id) {
+                let queued = misses.queue.len();
+                match misses.loads.get_mut(&id) {
                     // Taken (its loader answers; socket_timeout bounds
                     // that), or answered meanwhile.
                     None => None,
@@ -474,11 +518,19 @@ impl IntegrationsService {
                     Some(load)
                         if config
                             .pool_timeout
-                            .is_some_and(|limit| load.queued_at.elapsed() >= limit) =>
+                            .is_some_and(|limit| since.elapsed() >= limit) =>
                     {
-                        misses.queue.retain(|queued| *queued != id);
-                        let queued = misses.queue.len() + 1;
-                        misses.forget(id).map(|load| (load, queued))
+                        let limit = config.pool_timeout.unwrap_or_default();
+                        let (expired, waiting): (Vec<_>, Vec<_>) =
+                            std::mem::take(&mut load.waiters)
+                                .into_iter()
+                                .partition(|w| w.since.elapsed() >= limit);
+                        load.waiters = waiting;
+                        if load.waiters.is_empty() {
+                            misses.queue.retain(|queued| *queued != id);
+                            misses.forget(id);
+                        }
+                        Some((expired, queued))
                     }
                     Some(_) => {
                         if misses.loaders < max_loaders {
@@ -489,10 +541,10 @@ impl IntegrationsService {
                     }
                 }
             };
-            if let Some((load, queued)) = timed_out {
+            if let Some((expired, queued)) = gave_up {
                 let e = ServiceError::from(self.pool.gave_up_waiting(queued));
-                for waiter in load.waiters {
-                    let _ = waiter.send(Err(e.shared()));
+                for waiter in expired {
+                    let _ = waiter.done.send(Err(e.shared()));
                 }
             }
             return answer.await.unwrap_or_else(|_| Err(loader_stopped()));

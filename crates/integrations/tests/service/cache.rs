@@ -144,6 +144,41 @@ async fn with_the_cache_off_a_read_after_a_write_sees_it_while_others_read() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_joining_a_waiting_load_waits_its_own_pool_timeout() {
+    let t = std::sync::Arc::new(
+        TestService::start_with(
+            "connection_limit=1&pool_timeout=3",
+            ServiceConfig {
+                status_cache_capacity: 0,
+                ..ServiceConfig::default()
+            },
+        )
+        .await,
+    );
+    t.seed("u1", "good", "a1", 3600).await;
+    let held = t.service.pool().get().await.unwrap();
+    let early = {
+        let t = t.clone();
+        tokio::spawn(async move { t.service.status(&user_id("u1")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let late = {
+        let t = t.clone();
+        tokio::spawn(async move { t.service.status(&user_id("u1")).await })
+    };
+    // The early caller gives up at 3 s; the connection comes back at 3.5 s,
+    // within the late caller's own 3 s (until 4.5 s).
+    match early.await.unwrap() {
+        Err(integrations::service::ServiceError::Db(e)) => assert_eq!(e.code(), "P2024"),
+        other => panic!("expected P2024 for the early caller, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    let list = late.await.unwrap().unwrap().integrations().unwrap();
+    assert_eq!(list.len(), 1, "the late caller was served");
+}
+
 #[tokio::test]
 async fn entries_expire_after_the_ttl() {
     let config = ServiceConfig {
