@@ -293,77 +293,6 @@ impl Conn {
         guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
-    /// Runs one statement once per parameter set, pipelined: every
-    /// execution is sent before the first result is read, so the batch
-    /// costs one round trip instead of one per set. PostgreSQL runs them in
-    /// order, each on its own (one failing does not fail the others).
-    /// `each(i, rows)` gets set `i`'s result as soon as it arrives, in
-    /// order. `socket_timeout` bounds the whole batch; the query-time
-    /// histogram and the slow-query log see each execution at the batch's
-    /// mean. With
-    /// `pgbouncer=true` (no named statements) the executions run one after
-    /// another instead. The error is the connection's (or the statement's
-    /// preparation): sets not yet given to `each` then have no result.
-    pub async fn query_pipelined(
-        &mut self,
-        sql: &str,
-        param_sets: &[&[Param<'_>]],
-        mut each: impl FnMut(usize, Result<Vec<Row>, Error>),
-    ) -> Result<(), Error> {
-        if param_sets.is_empty() {
-            return Ok(());
-        }
-        if self.shared.config.pgbouncer {
-            for (i, params) in param_sets.iter().enumerate() {
-                let result = self.query(sql, params).await;
-                if matches!(
-                    result,
-                    Err(Error::ConnectionClosed | Error::SocketTimeout(_))
-                ) {
-                    return result.map(|_| ());
-                }
-                each(i, result);
-            }
-            return Ok(());
-        }
-        let (shared, conn) = self.ready().await?;
-        let counters = &shared.counters;
-        let client = &conn.client;
-        let statements = &mut conn.statements;
-        let fut = async {
-            let stmt = match statements.as_mut() {
-                Some(cache) => cached_statement(cache, counters, client, sql).await?,
-                None => client.prepare(sql).await.map_err(query_error)?,
-            };
-            // tokio-postgres pipelines requests made concurrently on one
-            // client: polling them together sends them all first.
-            use futures_util::StreamExt;
-            let mut results = param_sets
-                .iter()
-                .map(|params| client.query(&stmt, params))
-                .collect::<futures_util::stream::FuturesOrdered<_>>()
-                .enumerate();
-            while let Some((i, result)) = results.next().await {
-                match result.map_err(query_error) {
-                    Err(Error::ConnectionClosed) => return Err(Error::ConnectionClosed),
-                    result => each(i, result),
-                }
-            }
-            Ok(())
-        };
-        let executions = u32::try_from(param_sets.len()).unwrap_or(u32::MAX);
-        guard_many(
-            shared,
-            &mut conn.flags,
-            client,
-            conn.pid,
-            sql,
-            executions,
-            fut,
-        )
-        .await
-    }
-
     async fn run(&mut self, sql: &str, params: &[Param<'_>], want: Want) -> Result<Output, Error> {
         let (shared, conn) = self.ready().await?;
         let counters = &shared.counters;
@@ -437,20 +366,6 @@ async fn guard<T>(
     sql: &str,
     fut: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
-    guard_many(shared, flags, client, backend_pid, sql, 1, fut).await
-}
-
-/// [`guard`] for `executions` runs of one statement in one future (a
-/// pipeline): each is recorded, and judged slow, at their mean duration.
-async fn guard_many<T>(
-    shared: &Shared,
-    flags: &mut Flags,
-    client: &Client,
-    backend_pid: i32,
-    sql: &str,
-    executions: u32,
-    fut: impl std::future::Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
     flags.in_flight = true;
     let started = Instant::now();
     let result = match shared.config.socket_timeout {
@@ -466,10 +381,8 @@ async fn guard_many<T>(
         None => fut.await,
     };
     flags.in_flight = false;
-    let took = started.elapsed() / executions.max(1);
-    for _ in 0..executions.max(1) {
-        shared.observer.query_time.record(took);
-    }
+    let took = started.elapsed();
+    shared.observer.query_time.record(took);
     if let Some(threshold) = shared.config.slow_query_threshold {
         if took >= threshold {
             shared
@@ -481,7 +394,6 @@ async fn guard_many<T>(
                 duration_ms = took.as_secs_f64() * 1000.0,
                 backend_pid,
                 statement = sql,
-                executions,
                 slow_query_threshold_ms = threshold.as_millis() as u64,
                 "slow query (run EXPLAIN ANALYZE on it)"
             );
