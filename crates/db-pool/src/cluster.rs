@@ -566,14 +566,13 @@ fn owner_is_gone(dir: &Path) -> bool {
 
 /// The pid recorded in a `postmaster.pid` lock file.
 fn postmaster_pid(pgdata: &Path) -> Option<i32> {
-    let contents = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-    contents.lines().next()?.trim().parse().ok()
+    postmaster_line(pgdata, 0)
 }
 
-/// The port in a `postmaster.pid` (its fourth line).
-fn postmaster_port(pgdata: &Path) -> Option<u16> {
+/// Line `n` of a `postmaster.pid`, parsed (0: the pid, 3: the port).
+fn postmaster_line<T: std::str::FromStr>(pgdata: &Path, n: usize) -> Option<T> {
     let contents = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
-    contents.lines().nth(3)?.trim().parse().ok()
+    contents.lines().nth(n)?.trim().parse().ok()
 }
 
 /// Removes temporary directories left behind by dead processes. Best effort.
@@ -1062,7 +1061,7 @@ impl LocalCluster {
                         return Err(ClusterError::AlreadyRunning {
                             pid,
                             data_dir: self.pgdata.clone(),
-                            port: postmaster_port(&self.pgdata),
+                            port: postmaster_line(&self.pgdata, 3),
                         });
                     }
                     // The pid was reused by an unrelated process.

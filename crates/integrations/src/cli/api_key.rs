@@ -114,7 +114,7 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
     };
     let (data_dir, profile) = (embedded.data_dir.clone(), db.profile.clone());
     super::block_on(async move {
-        let (cfg, embedded) = match cfg {
+        let (cfg, started) = match cfg {
             Some(cfg) => (cfg, None),
             None => {
                 match super::embedded::open(&data_dir, profile.as_deref(), IfRunning::Join).await {
@@ -124,7 +124,7 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
                             data_dir.display(),
                             embedded.port
                         );
-                        (embedded.cfg.clone(), Some(embedded))
+                        (embedded.cfg, embedded.cluster)
                     }
                     Err(e) => return super::report_failure(&e),
                 }
@@ -134,21 +134,24 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
             Ok(pool) => pool,
             Err(e) => return super::report_failure(&e.into()),
         };
-        if embedded.as_ref().is_some_and(|e| e.cluster.is_some()) {
-            // A database this command started may never have been served.
+        // `create` may be the first use of a database; so may any command
+        // on an embedded database it started.
+        if matches!(args.command, ApiKeyCommand::Create(_)) || started.is_some() {
             if let Err(e) = crate::store::migrations::run(&pool).await {
                 return super::report_failure(&e);
             }
         }
         let keys = ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL);
         let code = match args.command {
-            ApiKeyCommand::Create(a) => create(&pool, &keys, a).await,
+            ApiKeyCommand::Create(a) => create(&keys, a).await,
             ApiKeyCommand::List(a) => list(&keys, a).await,
             ApiKeyCommand::Revoke(a) => revoke(&keys, a).await,
         };
         pool.close(Duration::from_secs(5)).await;
-        if let Some(embedded) = embedded {
-            if let Err(e) = embedded.stop(Duration::from_secs(10)).await {
+        if let Some(cluster) = started {
+            if let Err(e) =
+                super::embedded::stop_when_unused(cluster, Duration::from_secs(10)).await
+            {
                 eprintln!("warning: stopping the embedded PostgreSQL: {e:#}");
             }
         }
@@ -156,10 +159,7 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
     })
 }
 
-async fn create(pool: &Pool, keys: &ApiKeys, args: CreateArgs) -> ExitCode {
-    if let Err(e) = crate::store::migrations::run(pool).await {
-        return super::report_failure(&e);
-    }
+async fn create(keys: &ApiKeys, args: CreateArgs) -> ExitCode {
     match keys.create(&args.name, &args.scopes).await {
         Ok((key, info)) => {
             let prefix = key

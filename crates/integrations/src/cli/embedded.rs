@@ -111,14 +111,9 @@ async fn try_open(
             ))
         }
     };
-    let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres?sslmode=disable");
-    match db_pool::tokio_postgres::connect(&url, db_pool::tokio_postgres::NoTls).await {
-        Ok((client, connection)) => {
-            let task = tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            Ok((cluster, port, (client, task)))
-        }
+    let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
+    match connect(&url).await {
+        Ok(connected) => Ok((cluster, port, connected)),
         Err(e) => Err(Attempt::Again(anyhow::Error::new(e).context(format!(
             "connecting to the embedded PostgreSQL on port {port}"
         )))),
@@ -142,42 +137,42 @@ async fn ensure_database((client, connection): Connected) -> anyhow::Result<()> 
     Ok(())
 }
 
-impl Embedded {
-    /// Stops the server if this process started it, once no other client
-    /// uses it (another command that joined it), waiting up to `patience`.
-    pub async fn stop(self, patience: Duration) -> anyhow::Result<()> {
-        let Some(mut cluster) = self.cluster else {
-            return Ok(());
-        };
-        let deadline = tokio::time::Instant::now() + patience;
-        let url = format!("{}?sslmode=disable", cluster.url("postgres"));
-        if let Ok((client, connection)) =
-            db_pool::tokio_postgres::connect(&url, db_pool::tokio_postgres::NoTls).await
-        {
-            let connection = tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            while tokio::time::Instant::now() < deadline {
-                let others: i64 = match client
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity \
-                         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-                        &[],
-                    )
-                    .await
-                {
-                    Ok(row) => row.get(0),
-                    Err(_) => break,
-                };
-                if others == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+/// Stops a server this process started, once no other client uses it
+/// (another command that joined it), waiting up to `patience`.
+pub async fn stop_when_unused(mut cluster: LocalCluster, patience: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    if let Ok((client, connection)) = connect(&cluster.url("postgres")).await {
+        while tokio::time::Instant::now() < deadline {
+            let others = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .map(|row| row.get::<_, i64>(0));
+            if !matches!(others, Ok(n) if n > 0) {
+                break;
             }
-            drop(client);
-            connection.abort();
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        cluster.stop().await?;
-        Ok(())
+        drop(client);
+        connection.abort();
     }
+    cluster.stop().await?;
+    Ok(())
+}
+
+/// A plain connection to the embedded server's `url`, its driver task
+/// running.
+async fn connect(url: &str) -> Result<Connected, db_pool::tokio_postgres::Error> {
+    let (client, connection) = db_pool::tokio_postgres::connect(
+        &format!("{url}?sslmode=disable"),
+        db_pool::tokio_postgres::NoTls,
+    )
+    .await?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, task))
 }

@@ -14,8 +14,8 @@ use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath};
 use super::AppState;
 use crate::auth::Scope;
-pub use crate::domain::IntegrationView;
-use crate::domain::{AccountId, IntegrationList, ProviderName, UserId};
+
+use crate::domain::{AccountId, IntegrationList, IntegrationView, ProviderName, UserId};
 use crate::oauth::TokenSet;
 
 /// The routes of this resource.

@@ -15,9 +15,9 @@ use utoipa_axum::routes;
 use super::auth::Caller;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath};
-use super::integrations::IntegrationView;
 use super::AppState;
 use crate::auth::Scope;
+use crate::domain::IntegrationView;
 use crate::domain::{AccountId, ProviderName};
 use crate::service::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
 

@@ -1,9 +1,8 @@
 //! The `integrations` table.
 
 use chrono::{DateTime, Utc};
-use db_pool::{Conn, Error, Row};
-
 use db_pool::types::Json;
+use db_pool::{Conn, Error, Row};
 use serde_json::value::RawValue;
 
 use crate::domain::{IntegrationStatus, IntegrationView, Metadata, Scopes, Status};
