@@ -85,15 +85,21 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
         match result {
             Ok((report, current)) if report.unreadable == 0 => {
                 println!(
-                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es); older keys can now be removed",
-                    report.reencrypted, report.batches
+                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es) and {} connect flow(s) in progress{}; older keys can now be removed",
+                    report.reencrypted,
+                    report.batches,
+                    report.flows_reencrypted,
+                    dropped(report.flows_dropped),
                 );
                 ExitCode::SUCCESS
             }
             Ok((report, current)) => {
                 println!(
-                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es)",
-                    report.reencrypted, report.batches
+                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es) and {} connect flow(s) in progress{}",
+                    report.reencrypted,
+                    report.batches,
+                    report.flows_reencrypted,
+                    dropped(report.flows_dropped),
                 );
                 let ids: Vec<String> = report.unreadable_ids.iter().map(i64::to_string).collect();
                 let more = if report.unreadable > ids.len() as u64 {
@@ -113,4 +119,13 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
             Err(e) => super::report_failure(&e),
         }
     })
+}
+
+/// The flows a rotation dropped, when any.
+fn dropped(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" ({n} unreadable connect flow(s) dropped: those users start again)")
+    }
 }

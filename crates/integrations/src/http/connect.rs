@@ -1,6 +1,7 @@
 //! The OAuth connect flow over HTTP.
 
 use axum::extract::State;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -14,13 +15,15 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::AppState;
 use crate::auth::Scope;
-use crate::domain::{ProviderName, UserId};
+use crate::domain::{IntegrationView, ProviderName, UserId};
+use secrecy::ExposeSecret;
 
 /// The routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(start))
         .routes(routes!(callback))
+        .routes(routes!(complete))
 }
 
 /// Who connects, and where to send them afterwards.
@@ -28,17 +31,22 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct ConnectRequest {
     /// The application's user id.
     user_id: String,
-    /// Where the user is sent when the flow ends (absolute http(s) URL);
-    /// it receives `status=connected&provider=..&account_id=..` or
+    /// Where the user is sent when the provider answered (absolute http(s)
+    /// URL); it receives
+    /// `status=authorized&provider=..&account_id=..&completion_code=..`
+    /// (then confirm with `POST /v1/connect/complete`) or
     /// `status=error&error=<code>`.
     redirect_uri: String,
 }
 
-/// Where to send the user.
+/// Where to send the user, and the flow to keep.
 #[derive(Serialize, ToSchema)]
 pub struct ConnectStarted {
     /// The provider's authorize URL, with a single-use state and PKCE.
     authorize_url: String,
+    /// Keep it in the session of the user you are connecting; only a
+    /// browser that comes back holding it may complete the flow.
+    flow_id: String,
     /// When the state expires (10 minutes).
     expires_at: DateTime<Utc>,
 }
@@ -74,6 +82,7 @@ async fn start(
         .await?;
     Ok(Json(ConnectStarted {
         authorize_url: started.authorize_url,
+        flow_id: started.flow_id.expose_secret().to_string(),
         expires_at: started.expires_at,
     }))
 }
@@ -91,19 +100,37 @@ pub struct CallbackQuery {
 }
 
 /// Where the provider redirects the user (no API key: the user's browser
-/// comes here). Finishes the flow and redirects to the application's
-/// redirect_uri with the outcome.
+/// comes here). Exchanges the code, keeps the answer pending and redirects
+/// to the application's redirect_uri with `status=authorized` and a
+/// single-use completion code (never the provider's code), or
+/// `status=error`. Nothing is connected until the application confirms.
+/// The redirect carries no flow id on purpose: the application must take
+/// it from its user's session, so it cannot skip that check.
 #[utoipa::path(
     get,
     path = "/v1/oauth/callback",
     params(CallbackQuery),
     responses(
-        (status = 303, description = "Back to the application's redirect_uri with status=connected or status=error"),
+        (status = 303, description = "Back to the application's redirect_uri with status=authorized (then POST /v1/connect/complete) or status=error"),
         (status = 400, description = "Unknown, used or expired state", body = ErrorBody),
     ),
     tag = "connect"
 )]
 async fn callback(State(state): State<AppState>, ApiQuery(q): ApiQuery<CallbackQuery>) -> Response {
+    let mut response = callback_outcome(&state, q).await;
+    // The redirect's query carries the completion code: no Referer may
+    // take it (or this page's URL, which carried the provider's code)
+    // elsewhere, and no cache may keep it.
+    let headers = response.headers_mut();
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+async fn callback_outcome(state: &AppState, q: CallbackQuery) -> Response {
     let Some(state_value) = q.state else {
         return ApiError::bad_request("state is missing from the callback").into_response();
     };
@@ -112,13 +139,12 @@ async fn callback(State(state): State<AppState>, ApiQuery(q): ApiQuery<CallbackQ
         (_, error) => {
             // The user refused (or the provider failed): end the flow.
             let redirect = state.service.abandon_connect(&state_value).await;
-            let reason = error.unwrap_or_else(|| "missing_code".into());
+            let reason = oauth_error_code(error.as_deref());
             return match redirect {
-                Some(uri) => Redirect::to(&with_query(
-                    &uri,
-                    &[("status", "error"), ("error", &reason)],
-                ))
-                .into_response(),
+                Some(uri) => {
+                    Redirect::to(&with_query(&uri, &[("status", "error"), ("error", reason)]))
+                        .into_response()
+                }
                 None => ApiError::bad_request("the OAuth state is unknown or already used")
                     .into_response(),
             };
@@ -126,12 +152,13 @@ async fn callback(State(state): State<AppState>, ApiQuery(q): ApiQuery<CallbackQ
     };
     let finished = state.service.finish_connect(&state_value, &code).await;
     match (finished.redirect_uri, finished.result) {
-        (Some(uri), Ok(i)) => Redirect::to(&with_query(
+        (Some(uri), Ok(a)) => Redirect::to(&with_query(
             &uri,
             &[
-                ("status", "connected"),
-                ("provider", &i.provider),
-                ("account_id", &i.account_id),
+                ("status", "authorized"),
+                ("provider", &a.provider),
+                ("account_id", &a.account_id),
+                ("completion_code", a.completion_code.expose_secret()),
             ],
         ))
         .into_response(),
@@ -144,6 +171,76 @@ async fn callback(State(state): State<AppState>, ApiQuery(q): ApiQuery<CallbackQ
         (None, Err(e)) => ApiError::from(e).into_response(),
         (None, Ok(_)) => ApiError::bad_request("the OAuth state is unknown").into_response(),
     }
+}
+
+/// What the callback passes on of the provider's `error`: an RFC 6749
+/// (section 4.1.2.1) error code, otherwise `provider_error`; never the
+/// provider's text.
+fn oauth_error_code(error: Option<&str>) -> &'static str {
+    const CODES: [&str; 7] = [
+        "invalid_request",
+        "unauthorized_client",
+        "access_denied",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+    ];
+    match error {
+        None => "missing_code",
+        Some(e) => CODES
+            .iter()
+            .find(|c| **c == e)
+            .copied()
+            .unwrap_or("provider_error"),
+    }
+}
+
+/// The application's confirmation.
+#[derive(Deserialize, ToSchema)]
+pub struct CompleteRequest {
+    /// The flow id `POST /v1/connect/{provider}` returned, read from the
+    /// session of the user whose browser came back (never from the URL
+    /// alone).
+    flow_id: String,
+    /// The `completion_code` the browser brought back to the redirect_uri.
+    completion_code: String,
+    /// Optional: the application's user; when given it must be the user
+    /// the flow was started for.
+    #[serde(default)]
+    user_id: Option<String>,
+}
+
+/// Confirm a connect flow: stores the integration the provider authorised.
+/// Call it only after checking that the browser that came back to your
+/// redirect_uri holds `flow_id` in its session. Single use; the answer
+/// waits 10 minutes at most.
+#[utoipa::path(
+    post,
+    path = "/v1/connect/complete",
+    request_body = CompleteRequest,
+    responses(
+        (status = 200, description = "The integration, connected", body = IntegrationView<'static>),
+        (status = 400, description = "Unknown, completed, expired or mismatched flow (invalid_flow), or an invalid body", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 403, description = "The key lacks the write scope", body = ErrorBody),
+        (status = 409, description = "The account is connected to another user", body = ErrorBody),
+    ),
+    security(("api_key" = ["write"])),
+    tag = "connect"
+)]
+async fn complete(
+    caller: Caller,
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<CompleteRequest>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let user = body.user_id.as_deref().map(UserId::parse).transpose()?;
+    let status = state
+        .service
+        .complete_connect(&body.flow_id, &body.completion_code, user.as_ref())
+        .await?;
+    Ok(Json(IntegrationView::from(&status)).into_response())
 }
 
 fn with_query(uri: &str, pairs: &[(&str, &str)]) -> String {

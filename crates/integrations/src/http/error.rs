@@ -32,7 +32,7 @@ pub(crate) struct ErrorBody {
 pub(crate) struct ErrorDetail {
     /// Stable machine-readable code: `invalid_request`, `unauthorized`,
     /// `forbidden`, `not_found`, `method_not_allowed`, `conflict`,
-    /// `reconnect_required`, `refresh_failed`, `payload_too_large`,
+    /// `reconnect_required`, `refresh_failed`, `invalid_flow`, `payload_too_large`,
     /// `internal`, or a Prisma code (`P2024`, `P2037`, `P1001`, ...) for
     /// database errors.
     code: String,
@@ -175,6 +175,11 @@ impl From<ServiceError> for ApiError {
                 }
             }
             ServiceError::InvalidState(_) => ApiError::bad_request(e.to_string()),
+            ServiceError::InvalidFlow(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_flow", e.to_string()).hint(
+                    "send the flow_id kept in the user's session with the completion_code the browser brought back, within 10 minutes, once",
+                )
+            }
             ServiceError::OAuth(o) => {
                 tracing::warn!(error = %o, "OAuth request failed");
                 ApiError::new(StatusCode::BAD_GATEWAY, "oauth_failed", o.to_string())

@@ -1,34 +1,58 @@
 //! Connecting and disconnecting: storing a token response, deleting (and
-//! revoking), and the OAuth connect flow (authorize URL with a single-use
-//! state and PKCE; callback exchanging the code).
+//! revoking), and the OAuth connect flow: authorize URL with a single-use
+//! state and PKCE; callback exchanging the code and keeping the answer
+//! pending; the application's confirmation storing it.
+//!
+//! Why the confirmation: only the application knows which of its users a
+//! browser belongs to. Without it, an attacker could start a flow for
+//! their own user and send the authorize URL to a victim, whose account
+//! would then be linked to the attacker (login CSRF). With it, the browser
+//! that comes back must hold the flow id in the application's session.
 
 use chrono::{DateTime, Utc};
 use rand::RngCore;
-use secrecy::ExposeSecret;
+use secrecy::zeroize::Zeroizing;
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::{IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, InvalidInput, ProviderName, UserId};
 use crate::oauth::{authorize_url, pkce_pair, TokenSet};
-use crate::store::{integrations as rows, oauth_states};
+use crate::store::{integrations as rows, oauth_pending, oauth_states};
 
 /// The start of a connect flow.
 #[derive(Debug, Clone)]
 pub struct StartedConnect {
     /// Where to send the user.
     pub authorize_url: String,
+    /// The flow's id: the application keeps it in its user's session and
+    /// presents it to confirm the flow (only its hash is stored).
+    pub flow_id: SecretString,
     /// When the state expires.
     pub expires_at: DateTime<Utc>,
 }
 
-/// How a connect flow ended: where to send the user back (when the state
-/// was valid) and the outcome.
+/// The provider authorised the flow: what the application must confirm.
+#[derive(Debug)]
+pub struct AuthorizedConnect {
+    /// Provider.
+    pub provider: String,
+    /// The account the provider's tokens belong to.
+    pub account_id: String,
+    /// The single-use code the browser brings back to the application
+    /// (only its hash is stored).
+    pub completion_code: SecretString,
+}
+
+/// How the provider's side of a connect flow ended: where to send the user
+/// back (when the state was valid) and the outcome.
 #[derive(Debug)]
 pub struct FinishedConnect {
     /// The application's redirect URI from the state, when it was valid.
     pub redirect_uri: Option<String>,
-    /// The integration, or why it failed.
-    pub result: Result<IntegrationStatus, ServiceError>,
+    /// The answer waiting for the application's confirmation, or why the
+    /// flow failed.
+    pub result: Result<AuthorizedConnect, ServiceError>,
 }
 
 impl IntegrationsService {
@@ -149,8 +173,9 @@ impl IntegrationsService {
     }
 
     /// Starts the OAuth flow: a single-use `state` (stored hashed, with the
-    /// PKCE verifier encrypted, expiring after `state_ttl`) and the
-    /// provider's authorize URL.
+    /// PKCE verifier encrypted, expiring after `state_ttl`), the provider's
+    /// authorize URL, and the flow id the application keeps in its user's
+    /// session until it confirms the flow ([`Self::complete_connect`]).
     pub async fn start_connect(
         &self,
         user_id: &UserId,
@@ -165,17 +190,22 @@ impl IntegrationsService {
                 "the service has no OAuth callback URL; set INTEGRATIONS_CALLBACK_URL to this service's /v1/oauth/callback",
             )
         })?;
-        let mut raw = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut raw);
-        let state = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
-        let hash = Sha256::digest(state.as_bytes()).to_vec();
+        let state = random_token();
+        let flow_id = random_token();
+        let hash = sha256(state.expose_secret());
         let (verifier, challenge) = if p.pkce {
             let (v, c) = pkce_pair();
-            (Some(v), Some(c))
+            (Some(Zeroizing::new(v)), Some(c))
         } else {
             (None, None)
         };
-        let url = authorize_url(p, callback, &state, challenge.as_deref(), None)?;
+        let url = authorize_url(
+            p,
+            callback,
+            state.expose_secret(),
+            challenge.as_deref(),
+            None,
+        )?;
         let aad = state_aad(&hash);
         let encrypted = verifier.map(|v| self.keys.encrypt(v.as_bytes(), &aad));
         let ttl = self.config.state_ttl;
@@ -183,6 +213,7 @@ impl IntegrationsService {
         oauth_states::insert(
             &mut conn,
             &hash,
+            &sha256(flow_id.expose_secret()),
             user_id.as_str(),
             provider.as_str(),
             redirect_uri,
@@ -193,15 +224,19 @@ impl IntegrationsService {
         .await?;
         Ok(StartedConnect {
             authorize_url: url.to_string(),
-            expires_at: Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default(),
+            flow_id,
+            expires_at: expiry(ttl),
         })
     }
 
-    /// Finishes the OAuth flow: takes the state (single use), exchanges the
-    /// code, learns the account id and stores the integration. A reused,
+    /// The provider's answer (the callback): takes the state (single use),
+    /// exchanges the code and learns the account id, then keeps the tokens
+    /// as the flow's pending answer (encrypted, expiring after `state_ttl`)
+    /// behind a new single-use completion code. Nothing is connected until
+    /// the application confirms with [`Self::complete_connect`]. A reused,
     /// expired or forged state is refused.
     pub async fn finish_connect(&self, state: &str, code: &str) -> FinishedConnect {
-        let hash = Sha256::digest(state.as_bytes()).to_vec();
+        let hash = sha256(state);
         let taken = match self.pool.get().await {
             Ok(mut conn) => oauth_states::take(&mut conn, &hash).await,
             Err(e) => Err(e),
@@ -239,7 +274,7 @@ impl IntegrationsService {
     /// cannot be used again) without asking the provider anything, and
     /// returns where to send the user when the state was valid.
     pub async fn abandon_connect(&self, state: &str) -> Option<String> {
-        let hash = Sha256::digest(state.as_bytes()).to_vec();
+        let hash = sha256(state);
         let mut conn = self.pool.get().await.ok()?;
         let stored = oauth_states::take(&mut conn, &hash).await.ok()??;
         (stored.expires_at >= Utc::now()).then_some(stored.redirect_uri)
@@ -250,37 +285,205 @@ impl IntegrationsService {
         stored: oauth_states::State,
         code: &str,
         hash: &[u8],
-    ) -> Result<IntegrationStatus, ServiceError> {
-        let user_id = UserId::parse(&stored.user_id)?;
+    ) -> Result<AuthorizedConnect, ServiceError> {
         let provider = ProviderName::parse(&stored.provider)?;
         let p = self.providers.get(provider.as_str())?;
         let callback = self.config.callback_url.clone().unwrap_or_default();
         let verifier = match &stored.code_verifier {
-            Some(v) => Some(
-                String::from_utf8_lossy(&self.keys.decrypt(&stored.key_id, v, &state_aad(hash))?)
-                    .into_owned(),
-            ),
+            Some(v) => Some(Zeroizing::new(
+                self.keys
+                    .decrypt(&stored.key_id, v, &state_aad(hash))
+                    .map_err(|_| ServiceError::InvalidState(UNREADABLE))?,
+            )),
             None => None,
         };
+        let verifier = verifier
+            .as_ref()
+            .map(|v| std::str::from_utf8(v).map_err(|_| ServiceError::InvalidState(UNREADABLE)))
+            .transpose()?;
         let tokens = self
             .tokens
-            .exchange_code(p, code, &callback, verifier.as_deref())
+            .exchange_code(p, code, &callback, verifier)
             .await?;
         let account = AccountId::parse(&self.tokens.account_id(p, &tokens).await?)?;
-        self.connect(&user_id, &provider, &account, &tokens, None)
+        let completion_code = random_token();
+        let pending_aad = pending_aad(
+            &stored.flow_hash,
+            &stored.user_id,
+            provider.as_str(),
+            account.as_str(),
+        );
+        let sealed = self.keys.encrypt(&seal(&tokens)?, &pending_aad);
+        let mut conn = self.pool.get().await?;
+        oauth_pending::insert(
+            &mut conn,
+            &oauth_pending::NewPending {
+                flow_hash: &stored.flow_hash,
+                completion_hash: &sha256(completion_code.expose_secret()),
+                user_id: &stored.user_id,
+                provider: provider.as_str(),
+                account_id: account.as_str(),
+                tokens: &sealed,
+                key_id: self.keys.current_id(),
+                ttl_secs: self.config.state_ttl.as_secs_f64(),
+            },
+        )
+        .await?;
+        Ok(AuthorizedConnect {
+            provider: provider.as_str().to_string(),
+            account_id: account.as_str().to_string(),
+            completion_code,
+        })
+    }
+
+    /// The application's confirmation, the end of the connect flow: it
+    /// presents the flow id it kept in the session of the user whose
+    /// browser came back, with the completion code that browser brought.
+    /// Stores the pending answer as the integration (single use). When
+    /// `user_id` is given it must be the user the flow was started for.
+    #[tracing::instrument(skip_all)]
+    pub async fn complete_connect(
+        &self,
+        flow_id: &str,
+        completion_code: &str,
+        user_id: Option<&UserId>,
+    ) -> Result<IntegrationStatus, ServiceError> {
+        let flow_hash = sha256(flow_id);
+        let taken = {
+            let mut conn = self.pool.get().await?;
+            oauth_pending::take(
+                &mut conn,
+                &flow_hash,
+                &sha256(completion_code),
+                user_id.map(UserId::as_str),
+            )
+            .await?
+        };
+        let pending = taken.ok_or(ServiceError::InvalidFlow(
+            "unknown, already completed, or its completion code (or user) does not match",
+        ))?;
+        if pending.expires_at < Utc::now() {
+            return Err(ServiceError::InvalidFlow("expired"));
+        }
+        let aad = pending_aad(
+            &flow_hash,
+            &pending.user_id,
+            &pending.provider,
+            &pending.account_id,
+        );
+        let plain = Zeroizing::new(
+            self.keys
+                .decrypt(&pending.key_id, &pending.tokens, &aad)
+                .map_err(|_| ServiceError::InvalidFlow(UNREADABLE))?,
+        );
+        let tokens = unseal(&plain)?;
+        let user = UserId::parse(&pending.user_id)?;
+        let provider = ProviderName::parse(&pending.provider)?;
+        let account = AccountId::parse(&pending.account_id)?;
+        self.connect(&user, &provider, &account, &tokens, None)
             .await
     }
 
-    /// Deletes expired connect-flow states.
+    /// Deletes expired connect-flow states and pending answers nobody
+    /// confirmed in time.
     pub async fn purge_expired_states(&self) -> Result<u64, ServiceError> {
         let mut conn = self.pool.get().await?;
-        Ok(oauth_states::purge_expired(&mut conn).await?)
+        let states = oauth_states::purge_expired(&mut conn).await?;
+        Ok(states + oauth_pending::purge_expired(&mut conn).await?)
     }
 }
 
-fn state_aad(hash: &[u8]) -> String {
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    format!("oauth_state:{hex}")
+/// Why a flow encrypted under a key that is no longer configured fails.
+const UNREADABLE: &str =
+    "encrypted under a key this service no longer has (keys were rotated meanwhile)";
+
+/// 256 random bits, URL-safe: states, flow ids and completion codes.
+fn random_token() -> SecretString {
+    let mut raw = Zeroizing::new([0u8; 32]);
+    rand::thread_rng().fill_bytes(raw.as_mut());
+    SecretString::from(base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        raw.as_ref(),
+    ))
+}
+
+/// What is stored of a state, flow id or completion code: its SHA-256.
+fn sha256(value: &str) -> Vec<u8> {
+    Sha256::digest(value.as_bytes()).to_vec()
+}
+
+fn expiry(ttl: std::time::Duration) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(ttl).unwrap_or_default()
+}
+
+fn hex(hash: &[u8]) -> String {
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Binds an encrypted PKCE verifier to its state.
+pub(super) fn state_aad(hash: &[u8]) -> String {
+    format!("oauth_state:{}", hex(hash))
+}
+
+/// Binds a pending answer to its flow, user, provider and account: a row
+/// moved or edited in the database no longer decrypts.
+pub(super) fn pending_aad(
+    flow_hash: &[u8],
+    user_id: &str,
+    provider: &str,
+    account_id: &str,
+) -> String {
+    format!(
+        "oauth_pending:{}:{user_id}:{provider}:{account_id}",
+        hex(flow_hash)
+    )
+}
+
+/// The token response kept while a flow waits for the application.
+#[derive(serde::Serialize)]
+struct SealOut<'a> {
+    access_token: &'a str,
+    refresh_token: Option<&'a str>,
+    expires_at: Option<DateTime<Utc>>,
+    scopes: &'a [String],
+    token_type: &'a str,
+}
+
+#[derive(serde::Deserialize)]
+struct SealIn {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+    scopes: Vec<String>,
+    token_type: String,
+}
+
+/// The JSON of a token response, in a buffer cleared when dropped.
+fn seal(tokens: &TokenSet) -> Result<Zeroizing<Vec<u8>>, ServiceError> {
+    let out = SealOut {
+        access_token: tokens.access_token.expose_secret(),
+        refresh_token: tokens.refresh_token.as_ref().map(|t| t.expose_secret()),
+        expires_at: tokens.expires_at,
+        scopes: &tokens.scopes,
+        token_type: &tokens.token_type,
+    };
+    serde_json::to_vec(&out)
+        .map(Zeroizing::new)
+        .map_err(|e| ServiceError::Internal(format!("encoding a pending token response: {e}")))
+}
+
+/// The token response back; its tokens move into secrets (no copy).
+fn unseal(plain: &[u8]) -> Result<TokenSet, ServiceError> {
+    let s: SealIn = serde_json::from_slice(plain)
+        .map_err(|_| ServiceError::Internal("a pending token response did not decode".into()))?;
+    Ok(TokenSet {
+        access_token: SecretString::from(s.access_token),
+        refresh_token: s.refresh_token.map(SecretString::from),
+        expires_at: s.expires_at,
+        scopes: s.scopes,
+        token_type: s.token_type,
+        extra: serde_json::Map::new(),
+    })
 }
 
 /// The application's redirect URI must be an absolute http(s) URL.

@@ -1,14 +1,15 @@
 //! `rotate-keys`: re-encrypts every row with the current key, in batches,
+//! then the connect flows in progress,
 //! each in its own short transaction; resumable (rows already under the
 //! current key are skipped), safe beside running refreshes: a row changed
 //! between its read and its update keeps the refresh's tokens (written
 //! under the current key, or under the old one by an instance not yet
 //! restarted with the new keys; the next run re-encrypts those).
 
-use secrecy::zeroize::Zeroize;
+use secrecy::zeroize::{Zeroize, Zeroizing};
 
 use super::{IntegrationsService, ServiceError};
-use crate::store::integrations as rows;
+use crate::store::{integrations as rows, oauth_pending, oauth_states};
 
 /// What a rotation did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -24,6 +25,13 @@ pub struct RotationReport {
     pub unreadable_ids: Vec<i64>,
     /// Why the first of them failed.
     pub first_failure: Option<String>,
+    /// Connect flows in progress (PKCE verifiers and answers waiting for
+    /// the application) re-encrypted, so removing the old key does not
+    /// break them.
+    pub flows_reencrypted: u64,
+    /// Connect flows that could not be decrypted, dropped: each would fail
+    /// anyway, and the user starts the connection again.
+    pub flows_dropped: u64,
 }
 
 /// How many unreadable rows a report names.
@@ -40,6 +48,7 @@ impl IntegrationsService {
             let mut conn = self.pool.get().await?;
             let page = rows::under_other_key(&mut conn, &current, after, batch.max(1)).await?;
             let Some(last) = page.last() else {
+                self.rotate_flows(&current, &mut report).await?;
                 return Ok(report);
             };
             after = last.id;
@@ -70,6 +79,68 @@ impl IntegrationsService {
             report.batches += 1;
             tracing::info!(reencrypted = report.reencrypted, "rotate-keys progress");
         }
+    }
+
+    /// Re-encrypts the connect flows in progress (a few: each lives
+    /// minutes) under the current key; drops those that cannot be read.
+    async fn rotate_flows(
+        &self,
+        current: &str,
+        report: &mut RotationReport,
+    ) -> Result<(), ServiceError> {
+        let mut conn = self.pool.get().await?;
+        for s in oauth_states::under_other_key(&mut conn, current).await? {
+            let aad = super::connect::state_aad(&s.state_hash);
+            match self.keys.decrypt(&s.key_id, &s.code_verifier, &aad) {
+                Ok(plain) => {
+                    let plain = Zeroizing::new(plain);
+                    let sealed = self.keys.encrypt(&plain, &aad);
+                    if oauth_states::reencrypt(
+                        &mut conn,
+                        &s.state_hash,
+                        &s.key_id,
+                        &sealed,
+                        current,
+                    )
+                    .await?
+                    {
+                        report.flows_reencrypted += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rotate-keys: a connect flow's state cannot be decrypted; dropped");
+                    oauth_states::delete(&mut conn, &s.state_hash).await?;
+                    report.flows_dropped += 1;
+                }
+            }
+        }
+        for p in oauth_pending::under_other_key(&mut conn, current).await? {
+            let aad =
+                super::connect::pending_aad(&p.flow_hash, &p.user_id, &p.provider, &p.account_id);
+            match self.keys.decrypt(&p.key_id, &p.tokens, &aad) {
+                Ok(plain) => {
+                    let plain = Zeroizing::new(plain);
+                    let sealed = self.keys.encrypt(&plain, &aad);
+                    if oauth_pending::reencrypt(
+                        &mut conn,
+                        &p.flow_hash,
+                        &p.key_id,
+                        &sealed,
+                        current,
+                    )
+                    .await?
+                    {
+                        report.flows_reencrypted += 1;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rotate-keys: a pending connect flow cannot be decrypted; dropped");
+                    oauth_pending::delete(&mut conn, &p.flow_hash).await?;
+                    report.flows_dropped += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A row's tokens encrypted with the current key.

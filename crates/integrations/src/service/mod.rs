@@ -21,7 +21,7 @@ use db_pool::Pool;
 use secrecy::SecretString;
 
 pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
-pub use connect::StartedConnect;
+pub use connect::{AuthorizedConnect, FinishedConnect, StartedConnect};
 pub use keys::RotationReport;
 pub use refresher::{Refresher, ScanReport};
 pub use status::{CacheStats, UserStatus};
@@ -126,6 +126,10 @@ pub enum ServiceError {
     /// The connect flow's state is unknown, used or expired.
     #[error("the OAuth state is {0}; start the connection again")]
     InvalidState(&'static str),
+    /// The connect flow to confirm is unknown, completed, expired or not
+    /// the caller's.
+    #[error("the connect flow is {0}; start the connection again")]
+    InvalidFlow(&'static str),
     /// The provider refused an OAuth request.
     #[error(transparent)]
     OAuth(#[from] OAuthError),

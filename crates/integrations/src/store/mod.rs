@@ -6,4 +6,5 @@
 pub mod api_keys;
 pub mod integrations;
 pub mod migrations;
+pub mod oauth_pending;
 pub mod oauth_states;

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::common::{Mode, TestApp, CALLBACK_URL};
 
 /// The operations `/openapi.json` documents: method and path template.
-const DOCUMENTED: [(&str, &str); 12] = [
+const DOCUMENTED: [(&str, &str); 13] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -27,6 +27,7 @@ const DOCUMENTED: [(&str, &str); 12] = [
     ("POST", "/v1/integrations/{provider}/{account_id}/refresh"),
     ("POST", "/v1/integrations/refresh"),
     ("POST", "/v1/connect/{provider}"),
+    ("POST", "/v1/connect/complete"),
     ("GET", "/v1/oauth/callback"),
     ("GET", "/v1/admin/pool"),
 ];
@@ -262,17 +263,14 @@ async fn refresh_and_batch_refresh_answer_per_item_in_order() {
     app.assert_no_leaks();
 }
 
-#[tokio::test]
-async fn connect_flow_redirects_back_connected_and_refuses_a_replayed_state() {
-    let app = TestApp::spawn().await;
+/// Starts a connect flow for `user` over HTTP: (state, flow_id).
+async fn start_flow(app: &TestApp, user: &str) -> (String, String) {
     let started = app
         .send(
             Method::POST,
             "/v1/connect/good",
             Some(&app.keys.all),
-            Some(
-                json!({"user_id": "user-3", "redirect_uri": "https://app.example/done?from=test"}),
-            ),
+            Some(json!({"user_id": user, "redirect_uri": "https://app.example/done?from=test"})),
         )
         .await;
     assert_eq!(started.status, 200, "{}", started.text);
@@ -286,27 +284,90 @@ async fn connect_flow_redirects_back_connected_and_refuses_a_replayed_state() {
     let q: HashMap<String, String> = authorize.query_pairs().into_owned().collect();
     assert_eq!(q["redirect_uri"], CALLBACK_URL);
     assert_eq!(q["client_id"], "client-good");
-    let state = q["state"].clone();
+    let flow_id = body["flow_id"].as_str().unwrap().to_string();
+    assert!(flow_id.len() >= 43, "a 256-bit flow id: {flow_id}");
+    (q["state"].clone(), flow_id)
+}
 
-    // The test plays the browser: the provider sends it to the callback.
-    app.fake.accept_code("code-1", "gh-777");
-    let callback = format!("/v1/oauth/callback?state={state}&code=code-1");
-    let done = app.get(&callback, None).await;
+/// The browser at the callback: the query the application's redirect_uri
+/// receives, after checking the callback's headers.
+async fn callback(app: &TestApp, query: &str) -> HashMap<String, String> {
+    let done = app.get(&format!("/v1/oauth/callback?{query}"), None).await;
     assert_eq!(done.status, 303, "{}", done.text);
+    assert_eq!(
+        done.header("referrer-policy").as_deref(),
+        Some("no-referrer")
+    );
+    assert_eq!(done.header("cache-control").as_deref(), Some("no-store"));
     let location = url::Url::parse(&done.header("location").unwrap()).unwrap();
     assert_eq!(location.host_str(), Some("app.example"));
     assert_eq!(location.path(), "/done");
-    let back: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    location.query_pairs().into_owned().collect()
+}
+
+#[tokio::test]
+async fn connect_flow_connects_when_the_application_confirms_and_refuses_replays() {
+    let app = TestApp::spawn().await;
+    let (state, flow_id) = start_flow(&app, "user-3").await;
+
+    // The test plays the browser: the provider sends it to the callback.
+    app.fake.accept_code("code-1", "gh-777");
+    let back = callback(&app, &format!("state={state}&code=code-1")).await;
     assert_eq!(back["from"], "test");
-    assert_eq!(back["status"], "connected");
+    assert_eq!(back["status"], "authorized");
     assert_eq!(back["provider"], "good");
     assert_eq!(back["account_id"], "gh-777");
+    assert!(!back.contains_key("code"), "never the provider's code");
+    assert!(
+        !back.contains_key("flow_id"),
+        "the flow id comes from the session"
+    );
+    let completion_code = back["completion_code"].clone();
+    let list = app
+        .get("/v1/users/user-3/integrations", Some(&app.keys.read))
+        .await
+        .json();
+    assert_eq!(
+        list["integrations"],
+        json!([]),
+        "not before the confirmation"
+    );
 
+    // The application confirms with the flow id from its user's session.
+    let read_only = app
+        .send(
+            Method::POST,
+            "/v1/connect/complete",
+            Some(&app.keys.read),
+            Some(json!({"flow_id": flow_id, "completion_code": completion_code})),
+        )
+        .await;
+    read_only.assert_error(403, "forbidden");
+    let done = app
+        .send(
+            Method::POST,
+            "/v1/connect/complete",
+            Some(&app.keys.all),
+            Some(json!({"flow_id": flow_id, "completion_code": completion_code, "user_id": "user-3"})),
+        )
+        .await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert_eq!(done.json()["status"], "connected");
+    assert_eq!(done.json()["account_id"], "gh-777");
     let list = app
         .get("/v1/users/user-3/integrations", Some(&app.keys.read))
         .await
         .json();
     assert_eq!(accounts(&list), BTreeSet::from(["gh-777".into()]));
+    let again = app
+        .send(
+            Method::POST,
+            "/v1/connect/complete",
+            Some(&app.keys.all),
+            Some(json!({"flow_id": flow_id, "completion_code": completion_code})),
+        )
+        .await;
+    again.assert_error(400, "invalid_flow");
 
     // The same state again: refused, and the provider is not asked.
     app.fake.accept_code("code-2", "gh-888");
@@ -317,35 +378,16 @@ async fn connect_flow_redirects_back_connected_and_refuses_a_replayed_state() {
         )
         .await;
     replay.assert_error(400, "invalid_request");
+    assert_eq!(
+        replay.header("referrer-policy").as_deref(),
+        Some("no-referrer")
+    );
     assert_eq!(app.fake.exchanges.load(Ordering::SeqCst), 1);
 
     // The user refuses at the provider: back to the application with the
     // reason, and the state is used up.
-    let started = app
-        .send(
-            Method::POST,
-            "/v1/connect/good",
-            Some(&app.keys.all),
-            Some(json!({"user_id": "user-4", "redirect_uri": "https://app.example/done"})),
-        )
-        .await
-        .json();
-    let authorize = url::Url::parse(started["authorize_url"].as_str().unwrap()).unwrap();
-    let state = authorize
-        .query_pairs()
-        .find(|(k, _)| k == "state")
-        .unwrap()
-        .1
-        .into_owned();
-    let refused = app
-        .get(
-            &format!("/v1/oauth/callback?state={state}&error=access_denied"),
-            None,
-        )
-        .await;
-    assert_eq!(refused.status, 303, "{}", refused.text);
-    let location = url::Url::parse(&refused.header("location").unwrap()).unwrap();
-    let back: HashMap<String, String> = location.query_pairs().into_owned().collect();
+    let (state, _) = start_flow(&app, "user-4").await;
+    let back = callback(&app, &format!("state={state}&error=access_denied")).await;
     assert_eq!(back["status"], "error");
     assert_eq!(back["error"], "access_denied");
     let list = app
@@ -353,8 +395,6 @@ async fn connect_flow_redirects_back_connected_and_refuses_a_replayed_state() {
         .await
         .json();
     assert_eq!(list["integrations"], json!([]));
-    // (The provider is still asked to exchange an empty code here: the
-    // handler ends the flow through finish_connect(state, "").)
     app.fake.accept_code("code-3", "gh-999");
     let used = app
         .get(
@@ -364,6 +404,61 @@ async fn connect_flow_redirects_back_connected_and_refuses_a_replayed_state() {
         .await;
     used.assert_error(400, "invalid_request");
     app.assert_no_leaks();
+}
+
+/// Issue 11's reproduction: the attacker's application session starts a
+/// flow for `attacker` and sends the authorize URL to a victim, who opens
+/// it. The victim's account must not be listed under the attacker, and
+/// the attacker, holding only the flow id, cannot finish the flow.
+#[tokio::test]
+async fn an_authorize_url_sent_to_a_victim_does_not_link_the_victims_account() {
+    let app = TestApp::spawn().await;
+    let (state, attackers_flow) = start_flow(&app, "attacker").await;
+    app.fake.accept_code("victim-code", "victim-acct");
+    let victims_browser = callback(&app, &format!("state={state}&code=victim-code")).await;
+    assert_eq!(victims_browser["status"], "authorized");
+    // The victim's application session holds no such flow, so the
+    // application does not confirm; the attacker tries without the code.
+    for guess in ["", "x", attackers_flow.as_str()] {
+        let r = app
+            .send(
+                Method::POST,
+                "/v1/connect/complete",
+                Some(&app.keys.all),
+                Some(json!({"flow_id": attackers_flow, "completion_code": guess})),
+            )
+            .await;
+        r.assert_error(400, "invalid_flow");
+    }
+    let list = app
+        .get("/v1/users/attacker/integrations", Some(&app.keys.read))
+        .await
+        .json();
+    assert_eq!(list["integrations"], json!([]));
+}
+
+/// Only RFC 6749 error codes reach the application's redirect; anything
+/// else a provider (or an attacker crafting the callback URL) sends
+/// becomes `provider_error`.
+#[tokio::test]
+async fn callback_passes_on_only_rfc6749_error_codes() {
+    let app = TestApp::spawn().await;
+    for (sent, passed) in [
+        ("temporarily_unavailable", "temporarily_unavailable"),
+        ("%3Cscript%3Ealert(1)%3C%2Fscript%3E", "provider_error"),
+        ("access_denied%26status%3Dconnected", "provider_error"),
+        ("call%20%2B1%20555%200100", "provider_error"),
+    ] {
+        let (state, _) = start_flow(&app, "user-5").await;
+        let back = callback(&app, &format!("state={state}&error={sent}")).await;
+        assert_eq!(back["status"], "error");
+        assert_eq!(back["error"], passed, "for {sent}");
+        assert_eq!(
+            back.len(),
+            3,
+            "from, status, error and nothing else: {back:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -432,8 +527,8 @@ async fn openapi_documents_exactly_the_routes_the_server_answers() {
             reply.text
         );
     }
-    // The 13th route: the document itself.
-    assert_eq!(documented.len() + 1, 13);
+    // The 14th route: the document itself.
+    assert_eq!(documented.len() + 1, 14);
 
     // What is not documented is not routed.
     for (method, path, status) in [

@@ -61,6 +61,11 @@ impl TestService {
         .await
     }
 
+    /// Another instance with its own keys (for key rotation) and config.
+    pub async fn with_keys(&self, keys: &str, config: ServiceConfig) -> Arc<IntegrationsService> {
+        build(&self.db, &self.fake, keys, "connection_limit=3", config).await
+    }
+
     /// Stores an integration whose token expires in `expires_in` seconds.
     pub async fn seed(&self, user: &str, provider: &str, account: &str, expires_in: i64) -> String {
         let refresh = format!("rt-seed-{provider}-{account}");
