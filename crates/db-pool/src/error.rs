@@ -47,7 +47,7 @@ pub enum Error {
     Tls(String),
 
     /// No connection became free within `pool_timeout` (`P2024`).
-    #[error("P2024: Timed out fetching a new connection from the connection pool (pool timeout: {timeout_secs}s, connection limit: {connection_limit}, in use: {in_use}, waiting: {waiting})")]
+    #[error("P2024: Timed out fetching a new connection from the connection pool (pool timeout: {timeout_secs}s, connection limit: {connection_limit}, in use: {in_use}, waiting: {waiting}){}", .cause.as_deref().map(|c| format!("; {c}")).unwrap_or_default())]
     PoolTimeout {
         /// The configured `pool_timeout` in seconds.
         timeout_secs: u64,
@@ -57,6 +57,10 @@ pub enum Error {
         in_use: usize,
         /// Callers waiting when the wait gave up (this one included).
         waiting: usize,
+        /// Why no connection could be opened meanwhile, when the server
+        /// refused new ones ("the server refused new connections (53300):
+        /// serving with 2").
+        cause: Option<String>,
     },
 
     /// The server has no connection slot left (SQLSTATE 53300, `P2037`).

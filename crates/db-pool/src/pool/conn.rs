@@ -449,6 +449,16 @@ impl Drop for Conn {
             return;
         }
         if !(obj.needs_rollback || self.abandoned_transaction) {
+            if self.shared.handoff.wanted() {
+                // A caller the server refused a connection is waiting:
+                // this one goes to it directly (deadpool's idle queue
+                // cannot reach a caller inside `create`).
+                if let Some(conn) = self.shared.handoff.offer(Object::take(obj)) {
+                    conn.closing(CloseReason::Shutdown);
+                }
+                drop(lease);
+                return;
+            }
             drop(obj);
             drop(lease);
             return;

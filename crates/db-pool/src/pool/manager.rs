@@ -16,6 +16,7 @@ use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::attempts::{Attempts, Gate, Handoff};
 use super::conn::ClientConn;
 use super::observe::Observer;
 use super::stats::{CloseReason, Counters};
@@ -29,11 +30,6 @@ use crate::error::Error;
 /// server closed is caught before that by `Client::is_closed`.
 const VALIDATION_BYPASS: Duration = Duration::from_millis(500);
 
-/// First and longest pause after the server refused a connection with
-/// "too many connections" (SQLSTATE 53300).
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
 /// What the pool, the manager and every connection share.
 pub(crate) struct Shared {
     pub config: PoolConfig,
@@ -41,17 +37,14 @@ pub(crate) struct Shared {
     pub observer: Observer,
     pub tls: MakeRustlsConnect,
     pg: tokio_postgres::Config,
-    backoff: Mutex<Option<Backoff>>,
+    /// How connection attempts are going (one in flight while failing).
+    pub attempts: Attempts,
+    /// Refused callers waiting for a returned connection.
+    pub handoff: Handoff,
     /// The driver task of every open connection, so `close()` can end the
     /// ones still checked out when its deadline passes.
     drivers: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
-}
-
-struct Backoff {
-    until: Instant,
-    current: Duration,
-    message: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -71,7 +64,8 @@ impl Shared {
             observer,
             tls,
             pg,
-            backoff: Mutex::new(None),
+            attempts: Attempts::default(),
+            handoff: Handoff::default(),
             drivers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         })
@@ -84,33 +78,6 @@ impl Shared {
         }
     }
 
-    fn backoff_active(&self) -> Option<String> {
-        let guard = lock(&self.backoff);
-        let b = guard.as_ref()?;
-        let left = b.until.checked_duration_since(Instant::now())?;
-        Some(format!(
-            "{} (the pool is backing off for {} ms before trying again)",
-            b.message,
-            left.as_millis()
-        ))
-    }
-
-    fn refused(&self, message: &str) {
-        let mut guard = lock(&self.backoff);
-        let current = guard
-            .as_ref()
-            .map_or(BACKOFF_MIN, |b| (b.current * 2).min(BACKOFF_MAX));
-        *guard = Some(Backoff {
-            until: Instant::now() + current,
-            current,
-            message: message.to_string(),
-        });
-    }
-
-    fn connected(&self) {
-        lock(&self.backoff).take();
-    }
-
     /// The configured lifetime with up to 10% taken off at random, so
     /// connections opened together do not all reconnect together.
     fn jittered_lifetime(&self) -> Option<Duration> {
@@ -120,9 +87,17 @@ impl Shared {
     /// Opens one connection: TCP or socket, TLS, authentication and the
     /// backend pid, all within `connect_timeout`.
     pub async fn connect(self: &Arc<Self>) -> Result<ClientConn, Error> {
-        if let Some(message) = self.backoff_active() {
-            return Err(Error::TooManyConnections(message));
-        }
+        let probe = match self.attempts.gate() {
+            Gate::Go { probe } => probe,
+            Gate::Failing(e) => return Err(e),
+        };
+        // Cancelled (the caller gave up) before the outcome: the gate must
+        // open again for the next caller.
+        let mut outcome = Outcome {
+            attempts: &self.attempts,
+            probe,
+            done: false,
+        };
         Counters::inc(&self.counters.connect_attempts);
         let started = Instant::now();
         let attempt = async {
@@ -168,22 +143,53 @@ impl Shared {
                 }),
             None => attempt.await,
         };
+        outcome.done = true;
         match &result {
             Ok(_) => {
-                self.connected();
+                self.attempts.finished(probe, Ok(()));
                 Counters::inc(&self.counters.connections_opened);
                 self.observer.connect_time.record(started.elapsed());
             }
             Err(e) => {
+                self.attempts.finished(probe, Err(e));
                 Counters::inc(&self.counters.connect_failures);
                 self.observer.connect_failed(e.code());
-                if let Error::TooManyConnections(message) = e {
+                if let Error::TooManyConnections(_) = e {
                     Counters::inc(&self.counters.too_many_connections);
-                    self.refused(message);
                 }
             }
         }
         result
+    }
+
+    /// A new connection for a caller inside `create`. Refused by the server
+    /// (53300), the caller does not fail: it waits for a connection another
+    /// caller returns (handed over directly) or for its next own attempt
+    /// after the backoff, until its checkout gives up (`pool_timeout`).
+    pub async fn connection_for_caller(self: &Arc<Self>) -> Result<ClientConn, Error> {
+        loop {
+            match self.connect().await {
+                Err(Error::TooManyConnections(_)) => {}
+                other => return other,
+            }
+            let mut waiter = self.handoff.wait();
+            // Not before the next attempt is due, and not in a loop while
+            // another caller's attempt is in flight.
+            let soon = Instant::now() + Duration::from_millis(50);
+            let retry_at = self.attempts.refusing().map_or(soon, |at| at.max(soon));
+            tokio::select! {
+                handed = waiter.conn() => {
+                    let Some(mut conn) = handed else {
+                        return Err(Error::PoolClosed);
+                    };
+                    if self.recycle(&mut conn).await.is_ok() {
+                        Counters::inc(&self.counters.handoffs);
+                        return Ok(conn);
+                    }
+                }
+                () = tokio::time::sleep_until(retry_at.into()) => {}
+            }
+        }
     }
 
     fn connect_error(&self, e: tokio_postgres::Error) -> Error {
@@ -301,6 +307,21 @@ impl Shared {
     }
 }
 
+/// Reopens the gate when an attempt is dropped before its outcome.
+struct Outcome<'a> {
+    attempts: &'a Attempts,
+    probe: bool,
+    done: bool,
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.probe {
+            self.attempts.cancelled();
+        }
+    }
+}
+
 /// A lifetime shortened by a random 0-10%.
 fn jitter(lifetime: Duration) -> Duration {
     lifetime.mul_f64(1.0 - rand::thread_rng().gen_range(0.0..0.1))
@@ -316,7 +337,7 @@ impl deadpool::managed::Manager for Manager {
     type Error = Error;
 
     async fn create(&self) -> Result<ClientConn, Error> {
-        self.shared.connect().await
+        self.shared.connection_for_caller().await
     }
 
     async fn recycle(&self, conn: &mut ClientConn, _: &Metrics) -> RecycleResult<Error> {

@@ -1,6 +1,7 @@
 //! The pool: deadpool's managed pool (fair FIFO queue of callers, slot
 //! accounting) around our own connection manager.
 
+mod attempts;
 mod conn;
 mod manager;
 mod observe;
@@ -121,9 +122,17 @@ impl Pool {
     /// counted in
     /// `checkout_timeouts` like a checkout that timed out.
     pub fn gave_up_waiting(&self, queued_elsewhere: usize) -> Error {
-        stats::Counters::inc(&self.inner.shared.counters.checkout_timeouts);
+        let shared = &self.inner.shared;
+        stats::Counters::inc(&shared.counters.checkout_timeouts);
         let s = self.stats();
+        let cause = shared.attempts.refusing().map(|_| {
+            format!(
+                "the server refused new connections (53300): serving with {}",
+                s.open
+            )
+        });
         Error::PoolTimeout {
+            cause,
             timeout_secs: self.config().pool_timeout.unwrap_or_default().as_secs(),
             connection_limit: self.config().connection_limit,
             in_use: s.in_use,
@@ -179,6 +188,7 @@ impl Pool {
     pub async fn close(&self, deadline: Duration) {
         let shared = &self.inner.shared;
         self.inner.pool.close();
+        shared.handoff.close();
         let until = Instant::now() + deadline;
         while self.inner.pool.status().size > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(10)).await;

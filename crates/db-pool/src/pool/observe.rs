@@ -192,6 +192,7 @@ impl Observer {
             metrics::counter!(name, "pool" => pool.clone()).absolute(v);
         };
         counter("db_pool_checkouts_total", s.checkouts);
+        counter("db_pool_connect_attempts_total", s.connect_attempts);
         counter("db_pool_checkout_timeouts_total", s.checkout_timeouts);
         counter("db_pool_connections_opened_total", s.connections_opened);
         counter("db_pool_statement_cache_hits_total", s.statement_cache_hits);
@@ -206,6 +207,7 @@ impl Observer {
         counter("db_pool_leaks_detected_total", s.leaks_detected);
         counter("db_pool_slow_queries_total", s.slow_queries);
         counter("db_pool_socket_timeouts_total", s.socket_timeouts);
+        counter("db_pool_handoffs_total", s.handoffs);
         for (reason, v) in [
             (CloseReason::Broken.as_str(), s.closed_broken),
             (CloseReason::MaxLifetime.as_str(), s.closed_max_lifetime),

@@ -54,6 +54,7 @@ pub(crate) struct Counters {
     pub statement_cache_misses: AtomicU64,
     pub statement_cache_evictions: AtomicU64,
     pub socket_timeouts: AtomicU64,
+    pub handoffs: AtomicU64,
 }
 
 impl Counters {
@@ -115,6 +116,9 @@ pub struct PoolStats {
     pub statement_cache_evictions: u64,
     /// Queries cancelled at `socket_timeout`.
     pub socket_timeouts: u64,
+    /// Connections handed straight from the caller returning them to a
+    /// caller the server had refused a new one (53300).
+    pub handoffs: u64,
     /// Checkouts held longer than `leak_detection_threshold`.
     pub leaks_detected: u64,
     /// Statements slower than `slow_query_threshold`.
@@ -140,5 +144,6 @@ impl Counters {
         s.statement_cache_misses = get(&self.statement_cache_misses);
         s.statement_cache_evictions = get(&self.statement_cache_evictions);
         s.socket_timeouts = get(&self.socket_timeouts);
+        s.handoffs = get(&self.handoffs);
     }
 }

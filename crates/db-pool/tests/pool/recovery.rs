@@ -109,3 +109,62 @@ async fn a_terminated_pooled_backend_is_never_handed_out() {
         }
     }
 }
+
+/// Issue 12: while the server is down, callers do not each open a
+/// connection attempt. At most one attempt is in flight, after a backoff
+/// capped at 1 s; callers meanwhile get the last P1001 at once, saying
+/// when the next attempt is. The pool serves again once the server does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_under_load_costs_a_few_attempts_not_a_storm() {
+    let mut cluster = private_server().await;
+    let pool = pool_url(&url(
+        &cluster,
+        "connection_limit=10&pool_timeout=2&connect_timeout=2",
+    ));
+    assert!(works(&pool).await);
+    cluster.stop().await.unwrap();
+    let before = pool.stats().connect_attempts;
+
+    // 24 callers in a loop for 3 s against the stopped server.
+    let until = Instant::now() + Duration::from_secs(3);
+    let callers: Vec<_> = (0..24)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut codes = std::collections::BTreeMap::<String, u32>::new();
+                let mut said_when = false;
+                while Instant::now() < until {
+                    if let Err(e) = pool.get().await {
+                        said_when |= e.to_string().contains("the pool tries again in");
+                        *codes.entry(e.code().to_string()).or_default() += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                (codes, said_when)
+            })
+        })
+        .collect();
+    let mut calls = 0;
+    let mut said_when = false;
+    for c in callers {
+        let (codes, when) = c.await.unwrap();
+        assert!(
+            codes.keys().all(|c| c == "P1001"),
+            "only P1001 while the server is down: {codes:?}"
+        );
+        calls += codes.values().sum::<u32>();
+        said_when |= when;
+    }
+    let attempts = pool.stats().connect_attempts - before;
+    assert!(calls > 1000, "the callers did ask ({calls})");
+    // 50 ms doubling to 1 s over 3 s: about 8, plus the callers that
+    // started together when the server went away.
+    assert!(
+        attempts <= 10 + 12,
+        "{attempts} connection attempts for {calls} checkouts in 3 s: a storm"
+    );
+    assert!(said_when, "the error says when the next attempt is");
+
+    cluster.start().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || works(&pool)).await);
+}
