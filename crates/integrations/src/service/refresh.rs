@@ -67,11 +67,18 @@ impl IntegrationsService {
         }
     }
 
+    /// The row's token columns. A read whose connection turned out dead
+    /// (its backend terminated, the server restarted) is tried once more
+    /// on another connection: it changed nothing.
     async fn token_row(&self, p: &str, a: &str) -> Result<TokenRow, ServiceError> {
-        let mut conn = self.pool.get().await?;
-        rows::token_row(&mut conn, p, a)
-            .await?
-            .ok_or_else(|| not_found(p, a))
+        let mut retried = false;
+        loop {
+            let mut conn = self.pool.get().await?;
+            match rows::token_row(&mut conn, p, a).await {
+                Err(db_pool::Error::ConnectionClosed) if !retried => retried = true,
+                read => return read?.ok_or_else(|| not_found(p, a)),
+            }
+        }
     }
 
     /// The stored token when it can be used as is; `None` when it must be

@@ -350,10 +350,39 @@ async fn run_loader(pool: db_pool::Pool, cache: Arc<StatusCache>) {
             if batch.is_empty() {
                 return;
             }
-            if !load_batch(&cache, &mut conn, batch).await {
+            match load_batch(&cache, &mut conn, batch, true).await {
+                Loaded::Done => {}
                 // The statement failed: go on with a connection checked
                 // out anew (the pool drops this one if it is broken).
-                break;
+                Loaded::Failed => break,
+                Loaded::Dead(batch) => {
+                    // The connection was dead before any row came (its
+                    // backend terminated, the server restarted): the read
+                    // is tried once more on another connection, so one
+                    // dead connection does not fail a batch of callers.
+                    let guard = Taken {
+                        cache: &cache,
+                        ids: batch.iter().map(|(id, _)| *id).collect(),
+                    };
+                    match pool.get().await {
+                        Ok(fresh) => {
+                            guard.disarm();
+                            conn = fresh;
+                            if !matches!(
+                                load_batch(&cache, &mut conn, batch, false).await,
+                                Loaded::Done
+                            ) {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            let e = ServiceError::from(e);
+                            guard.disarm();
+                            cache.answer(batch.iter().map(|(id, _)| (*id, Err(e.shared()))));
+                            break;
+                        }
+                    }
+                }
             }
         }
     }
@@ -367,6 +396,13 @@ struct Taken<'a> {
     ids: Vec<u64>,
 }
 
+impl Taken<'_> {
+    /// Its loads are answered elsewhere.
+    fn disarm(mut self) {
+        self.ids.clear();
+    }
+}
+
 impl Drop for Taken<'_> {
     fn drop(&mut self) {
         if !self.ids.is_empty() {
@@ -376,9 +412,25 @@ impl Drop for Taken<'_> {
     }
 }
 
-/// Loads a batch of misses in one statement and answers each. `false` when
-/// the statement failed (every caller then gets its error).
-async fn load_batch(cache: &StatusCache, conn: &mut Conn, batch: Vec<(u64, String)>) -> bool {
+/// How a batch's read went.
+enum Loaded {
+    /// Every load answered.
+    Done,
+    /// The statement failed; every load answered with the error.
+    Failed,
+    /// The connection was closed before any row came: nothing answered,
+    /// the batch is given back to be read on another connection.
+    Dead(Vec<(u64, String)>),
+}
+
+/// Loads a batch of misses in one statement and answers each, unless the
+/// connection was dead before any row came and `may_retry`.
+async fn load_batch(
+    cache: &StatusCache,
+    conn: &mut Conn,
+    batch: Vec<(u64, String)>,
+    may_retry: bool,
+) -> Loaded {
     let mut taken = Taken {
         cache,
         ids: batch.iter().map(|(id, _)| *id).collect(),
@@ -396,12 +448,15 @@ async fn load_batch(cache: &StatusCache, conn: &mut Conn, batch: Vec<(u64, Strin
     match loaded {
         Ok(()) => {
             cache.answer(answers);
-            true
+            Loaded::Done
+        }
+        Err(db_pool::Error::ConnectionClosed) if may_retry && answers.is_empty() => {
+            Loaded::Dead(batch)
         }
         Err(e) => {
             let e = ServiceError::from(e);
             cache.answer(batch.iter().map(|(id, _)| (*id, Err(e.shared()))));
-            false
+            Loaded::Failed
         }
     }
 }
