@@ -68,7 +68,7 @@ async fn temporary_cluster_accepts_connections_and_is_removed_on_drop() {
     let cluster = LocalCluster::start_temporary(ClusterOptions::default())
         .await
         .unwrap();
-    assert_eq!(cluster.host(), "127.0.0.1");
+    assert_eq!(cluster.host(), Some("127.0.0.1"));
     assert_eq!(
         cluster.url("postgres"),
         format!(
