@@ -511,7 +511,7 @@ fn socket_only_ident(users: &[String]) -> Result<String, ClusterError> {
 }
 
 /// Writes the access files of a socket-only cluster into `pgdata`. Returns
-/// whether `pg_hba.conf` changed (it did not after the first start).
+/// whether `pg_hba.conf` changed (only for a directory created otherwise).
 fn write_socket_only_access(
     pgdata: &Path,
     account: Option<&Account>,
@@ -944,17 +944,12 @@ impl LocalCluster {
         } else {
             base_dir.join(PGDATA_DIR)
         };
-        let fresh = !pgdata.join("PG_VERSION").is_file();
-        if fresh {
+        if !pgdata.join("PG_VERSION").is_file() {
             private_dir(&pgdata, account.as_ref())?;
             run_initdb(&bin_dir, &pgdata, &base_dir, account.as_ref()).await?;
-        }
-        if opts.socket_only && write_socket_only_access(&pgdata, account.as_ref())? && !fresh {
-            tracing::info!(
-                data_dir = %pgdata.display(),
-                "locked down a PostgreSQL data directory an earlier version created: \
-                 now only its Unix socket (no TCP) and only for its own account"
-            );
+            if opts.socket_only {
+                write_socket_only_access(&pgdata, account.as_ref())?;
+            }
         }
         remove_stale_dirs();
         let (socket_dir, socket_temp) = socket_dir_for(&base_dir, !is_pgdata, account.as_ref())?;
@@ -1234,6 +1229,16 @@ impl LocalCluster {
     /// Spawns the postmaster and waits until it accepts connections.
     async fn start_once(&mut self) -> Result<(), StartError> {
         self.clear_stale_lock_file()?;
+        // At every start, so a directory a default cluster created (or an
+        // edited file) is locked down; not before a server found running
+        // on it has been refused.
+        if self.socket_only && write_socket_only_access(&self.pgdata, self.account.as_ref())? {
+            tracing::info!(
+                data_dir = %self.pgdata.display(),
+                "locked down a PostgreSQL data directory that trusted local connections: \
+                 now only its Unix socket (no TCP), only for its own account"
+            );
+        }
         let log_offset = self.prepare_log()?;
         let log = OpenOptions::new()
             .create(true)

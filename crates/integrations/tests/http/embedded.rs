@@ -543,10 +543,21 @@ async fn data_dir_left_trusting_tcp_by_an_earlier_version_is_locked_down_at_next
         old_hba.contains("host") && old_hba.contains("trust"),
         "{old_hba}"
     );
-    old.stop().await.unwrap();
-    drop(old);
     let base_mode = std::fs::metadata(data_dir.join("postgres")).unwrap().mode() & 0o777;
     assert_ne!(base_mode, 0o700, "not the old layout");
+
+    // A command of this version joins such a server, still running,
+    // through its socket, and leaves its configuration to its next start.
+    let out = api_key(&data_dir, &["list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("before"));
+    assert_eq!(std::fs::read_to_string(&hba_path).unwrap(), old_hba);
+    old.stop().await.unwrap();
+    drop(old);
 
     // The next start (a command, with no server running) locks it down.
     let out = api_key(
