@@ -6,9 +6,17 @@
 //! in a persistent data directory ([`LocalCluster::open_or_init`], used by the
 //! service's embedded mode).
 //!
-//! The server listens on `127.0.0.1` (on a free port unless one is requested)
-//! and on a Unix socket in a directory private to the cluster, trusts every
-//! local connection, and runs with durability turned off (`fsync=off`,
+//! By default the server listens on `127.0.0.1` (on a free port unless one is
+//! requested) and on a Unix socket in a directory private to the cluster, and
+//! trusts every local connection: any local user can connect as superuser.
+//! That suits the test harness. With [`ClusterOptions::socket_only`] (the
+//! service's embedded mode) it listens on no TCP address at all, only on the
+//! Unix socket in a `0700` directory owned by the server's account, and
+//! `pg_hba.conf` admits only that account (and the user running this
+//! process, e.g. root) through peer authentication; see
+//! [`ClusterOptions::socket_only`].
+//!
+//! Either way the server runs with durability turned off (`fsync=off`,
 //! `synchronous_commit=off`, `full_page_writes=off`): it is meant for tests and
 //! single-machine development, not for data that must survive a power cut.
 //!
@@ -52,8 +60,14 @@ use nix::unistd::{Gid, Pid, Uid, User};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use tempfile::TempDir;
 
-/// The address every cluster listens on.
+/// The TCP address a cluster listens on (unless socket-only).
 const HOST: &str = "127.0.0.1";
+/// The port of a socket-only cluster: it only names the socket file
+/// (`.s.PGSQL.5432`), in a private directory, so it cannot collide; libpq's
+/// default, so `psql -h <socket dir>` needs no `-p`.
+const SOCKET_ONLY_PORT: u16 = 5432;
+/// The `pg_ident.conf` map of a socket-only cluster.
+const PEER_MAP: &str = "local_cluster";
 /// The superuser created by `initdb`.
 const SUPERUSER: &str = "postgres";
 /// The system account the server runs as when the current process is root.
@@ -171,8 +185,29 @@ pub enum ClusterError {
         pid: i32,
         /// The data directory.
         data_dir: PathBuf,
-        /// The TCP port it listens on (from its `postmaster.pid`), if known.
+        /// Its port (from its `postmaster.pid`), if known: the TCP port, and
+        /// the number in its socket's name.
         port: Option<u16>,
+        /// Its Unix socket directory (from its `postmaster.pid`), if any.
+        socket_dir: Option<PathBuf>,
+    },
+    /// A socket-only cluster's directory belongs to another account.
+    #[error(
+        "{} belongs to the account with uid {owner}, not to this user (uid {user}){}: \
+         a private PostgreSQL cluster can only be used by the account that created it; \
+         run as that account or use another data directory",
+        path.display(),
+        server.as_ref().map(|s| format!(" nor to the `{s}` account that runs the server")).unwrap_or_default()
+    )]
+    ForeignOwner {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner's uid.
+        owner: u32,
+        /// This process's effective uid.
+        user: u32,
+        /// The account the server runs as, when not this user.
+        server: Option<String>,
     },
     /// The server account cannot reach the data directory.
     #[error(
@@ -229,6 +264,9 @@ pub struct ClusterOptions {
     /// How long to wait for the server to accept connections after a start
     /// (crash recovery of a persistent cluster counts against it).
     pub start_timeout: Duration,
+    /// Lock the server down to its own account; see
+    /// [`socket_only`](Self::socket_only).
+    pub socket_only: bool,
 }
 
 impl Default for ClusterOptions {
@@ -238,6 +276,7 @@ impl Default for ClusterOptions {
             port: None,
             bin_dir: None,
             start_timeout: DEFAULT_START_TIMEOUT,
+            socket_only: false,
         }
     }
 }
@@ -271,6 +310,42 @@ impl ClusterOptions {
         self.start_timeout = timeout;
         self
     }
+
+    /// Makes the server reachable only by the account it runs as and by the
+    /// user running this process (the same account, or root), for a
+    /// database other local users must not touch:
+    ///
+    /// * no TCP at all (`listen_addresses` empty): only a Unix socket, with
+    ///   permissions `0700`, in a `0700` directory owned by the server's
+    ///   account (the port, 5432 unless one is given, only names the socket
+    ///   file);
+    /// * `pg_hba.conf` and `pg_ident.conf` are rewritten at every start: peer
+    ///   authentication over the socket, mapping only those two operating
+    ///   system users to the superuser, and every TCP connection rejected
+    ///   (this also upgrades a directory a default cluster created);
+    /// * the cluster's base directory is `0700` and handed to the server's
+    ///   account; one owned by any other account is refused
+    ///   ([`ClusterError::ForeignOwner`]).
+    ///
+    /// These settings win over [`setting`](Self::setting). Connect with
+    /// [`LocalCluster::url`] (a socket URL) or [`socket_url`].
+    pub fn socket_only(mut self) -> Self {
+        self.socket_only = true;
+        self
+    }
+}
+
+/// `postgresql://postgres@localhost:<port>/<database>?host=<socket dir>`:
+/// the URL of a cluster's superuser over its Unix socket, e.g. for a server
+/// found running with [`ClusterError::AlreadyRunning`]. The `host=`
+/// parameter (a directory) wins over the authority, whose `localhost` is
+/// only there because a URL cannot carry a user and a port without a host.
+pub fn socket_url(socket_dir: &Path, port: u16, database: &str) -> String {
+    format!(
+        "postgresql://{SUPERUSER}@localhost:{port}/{}?host={}",
+        utf8_percent_encode(database, PATH_SEGMENT),
+        utf8_percent_encode(&socket_dir.display().to_string(), NON_ALPHANUMERIC)
+    )
 }
 
 fn set_in(settings: &mut Vec<(String, String)>, name: String, value: String) {
@@ -322,6 +397,8 @@ fn give_to(account: Option<&Account>, path: &Path) -> Result<(), ClusterError> {
 }
 
 /// Creates `path` (mode 0700) unless it exists, and hands it to `account`.
+/// An existing directory is set to 0700 too (an earlier version may have
+/// created it otherwise).
 fn private_dir(path: &Path, account: Option<&Account>) -> Result<(), ClusterError> {
     if !path.is_dir() {
         fs::DirBuilder::new()
@@ -329,6 +406,140 @@ fn private_dir(path: &Path, account: Option<&Account>) -> Result<(), ClusterErro
             .create(path)
             .context(|| format!("creating directory {}", path.display()))?;
     }
+    restrict(path)?;
+    give_to(account, path)
+}
+
+/// Sets `path` to mode 0700 unless it is already.
+fn restrict(path: &Path) -> Result<(), ClusterError> {
+    let mode = fs::metadata(path)
+        .context(|| format!("reading the permissions of {}", path.display()))?
+        .mode();
+    if mode & 0o777 != 0o700 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+            .context(|| format!("setting the permissions of {} to 0700", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes a socket-only cluster's base directory private: refuses one owned
+/// by an account other than this user and the server's, then sets it to
+/// 0700 and hands it to the server's account.
+fn lock_down_base(base: &Path, account: Option<&Account>) -> Result<(), ClusterError> {
+    let owner = fs::metadata(base)
+        .context(|| format!("reading the owner of {}", base.display()))?
+        .uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner != me && account.map(|a| a.uid.as_raw()) != Some(owner) {
+        return Err(ClusterError::ForeignOwner {
+            path: base.to_path_buf(),
+            owner,
+            user: me,
+            server: account.map(|a| a.name.clone()),
+        });
+    }
+    private_dir(base, account)
+}
+
+/// The operating-system users a socket-only cluster admits (peer
+/// authentication): the user running this process and, when that is root,
+/// the account the server runs as.
+fn peer_users(account: Option<&Account>) -> Result<Vec<String>, ClusterError> {
+    let uid = nix::unistd::geteuid();
+    let me = match User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        Ok(None) => {
+            return Err(ClusterError::io(
+                format!("looking up the name of the current user (uid {uid})"),
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "no such user in the user database; PostgreSQL needs one",
+                ),
+            ))
+        }
+        Err(errno) => {
+            return Err(ClusterError::io(
+                format!("looking up the name of the current user (uid {uid})"),
+                io::Error::from(errno),
+            ))
+        }
+    };
+    let mut users = vec![me];
+    if let Some(account) = account {
+        if !users.contains(&account.name) {
+            users.push(account.name.clone());
+        }
+    }
+    Ok(users)
+}
+
+/// `pg_hba.conf` of a socket-only cluster: peer authentication through the
+/// socket, mapped by [`PEER_MAP`]; every TCP connection rejected (there is
+/// no TCP listener either; this is a second lock).
+fn socket_only_hba() -> String {
+    format!(
+        "# Written at every start by db-pool's LocalCluster (socket-only mode):\n\
+         # only the operating-system users in pg_ident.conf, through the Unix\n\
+         # socket; nothing over TCP. Edits are overwritten.\n\
+         local all all peer map={PEER_MAP}\n\
+         host all all all reject\n"
+    )
+}
+
+/// `pg_ident.conf` of a socket-only cluster: each of `users` may log in as
+/// the superuser.
+fn socket_only_ident(users: &[String]) -> Result<String, ClusterError> {
+    let mut out = String::from(
+        "# Written at every start by db-pool's LocalCluster (socket-only mode).\n\
+         # MAPNAME SYSTEM-USERNAME PG-USERNAME\n",
+    );
+    for user in users {
+        // Quoted, so any user name is one token; a quote or control
+        // character cannot be (and is not found in real user names).
+        if user.chars().any(|c| c == '"' || c.is_control()) {
+            return Err(ClusterError::io(
+                "writing pg_ident.conf",
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the user name {user:?} cannot be written to pg_ident.conf"),
+                ),
+            ));
+        }
+        out.push_str(&format!("{PEER_MAP} \"{user}\" {SUPERUSER}\n"));
+    }
+    Ok(out)
+}
+
+/// Writes the access files of a socket-only cluster into `pgdata`. Returns
+/// whether `pg_hba.conf` changed (only for a directory created otherwise).
+fn write_socket_only_access(
+    pgdata: &Path,
+    account: Option<&Account>,
+) -> Result<bool, ClusterError> {
+    let ident = socket_only_ident(&peer_users(account)?)?;
+    write_private_file(
+        &pgdata.join("pg_ident.conf"),
+        ident.as_bytes(),
+        0o600,
+        account,
+    )?;
+    let hba_path = pgdata.join("pg_hba.conf");
+    let hba = socket_only_hba();
+    let changed = fs::read(&hba_path).ok().as_deref() != Some(hba.as_bytes());
+    write_private_file(&hba_path, hba.as_bytes(), 0o600, account)?;
+    Ok(changed)
+}
+
+/// Writes `path` with the given permission bits, owned by `account`.
+fn write_private_file(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    account: Option<&Account>,
+) -> Result<(), ClusterError> {
+    fs::write(path, contents).context(|| format!("writing {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .context(|| format!("setting the permissions of {}", path.display()))?;
     give_to(account, path)
 }
 
@@ -569,7 +780,8 @@ fn postmaster_pid(pgdata: &Path) -> Option<i32> {
     postmaster_line(pgdata, 0)
 }
 
-/// Line `n` of a `postmaster.pid`, parsed (0: the pid, 3: the port).
+/// Line `n` of a `postmaster.pid`, parsed (0: the pid, 3: the port, 4: the
+/// first socket directory, 5: the first listen address).
 fn postmaster_line<T: std::str::FromStr>(pgdata: &Path, n: usize) -> Option<T> {
     let contents = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
     contents.lines().nth(n)?.trim().parse().ok()
@@ -629,9 +841,11 @@ fn owned_temp_dir(
 
 /// A PostgreSQL server run by this process from the local server binaries.
 ///
-/// The superuser is `postgres`, every local connection is trusted, and the
-/// server listens on `127.0.0.1:<port>` and on a Unix socket in
-/// [`socket_dir`](Self::socket_dir). Dropping the cluster stops the server
+/// The superuser is `postgres`. By default every local connection is
+/// trusted, and the server listens on `127.0.0.1:<port>` and on a Unix
+/// socket in [`socket_dir`](Self::socket_dir); with
+/// [`ClusterOptions::socket_only`], only on that socket and only for its own
+/// account. Dropping the cluster stops the server
 /// (and removes the directory of a temporary cluster); see the
 /// [module documentation](self) for what happens when the process dies.
 #[derive(Debug)]
@@ -644,6 +858,7 @@ pub struct LocalCluster {
     port: u16,
     settings: Vec<(String, String)>,
     start_timeout: Duration,
+    socket_only: bool,
     account: Option<Account>,
     child: Option<Child>,
     /// Fields drop after `Drop::drop` has stopped the server, so the
@@ -669,6 +884,9 @@ impl LocalCluster {
         let pgdata = base_dir.join(PGDATA_DIR);
         private_dir(&pgdata, account.as_ref())?;
         run_initdb(&bin_dir, &pgdata, &base_dir, account.as_ref()).await?;
+        if opts.socket_only {
+            write_socket_only_access(&pgdata, account.as_ref())?;
+        }
         let (socket_dir, socket_temp) = socket_dir_for(&base_dir, true, account.as_ref())?;
         let mut cluster = LocalCluster {
             bin_dir,
@@ -679,6 +897,7 @@ impl LocalCluster {
             port: 0,
             settings: opts.settings,
             start_timeout: opts.start_timeout,
+            socket_only: opts.socket_only,
             account,
             child: None,
             _socket_temp: socket_temp,
@@ -698,6 +917,10 @@ impl LocalCluster {
     /// by a crashed run does not prevent the start; a server still running on
     /// the directory does ([`ClusterError::AlreadyRunning`]).
     ///
+    /// With [`ClusterOptions::socket_only`], `data_dir` is made private first
+    /// (see there), and a data directory a default cluster created is locked
+    /// down at this start.
+    ///
     /// Dropping the cluster stops the server and keeps the files.
     pub async fn open_or_init(
         data_dir: &Path,
@@ -709,6 +932,9 @@ impl LocalCluster {
             .context(|| format!("creating data directory {}", data_dir.display()))?;
         let base_dir = fs::canonicalize(data_dir)
             .context(|| format!("resolving data directory {}", data_dir.display()))?;
+        if opts.socket_only {
+            lock_down_base(&base_dir, account.as_ref())?;
+        }
         if let Some(account) = &account {
             check_traversable(&base_dir, account)?;
         }
@@ -721,6 +947,9 @@ impl LocalCluster {
         if !pgdata.join("PG_VERSION").is_file() {
             private_dir(&pgdata, account.as_ref())?;
             run_initdb(&bin_dir, &pgdata, &base_dir, account.as_ref()).await?;
+            if opts.socket_only {
+                write_socket_only_access(&pgdata, account.as_ref())?;
+            }
         }
         remove_stale_dirs();
         let (socket_dir, socket_temp) = socket_dir_for(&base_dir, !is_pgdata, account.as_ref())?;
@@ -733,6 +962,7 @@ impl LocalCluster {
             port: 0,
             settings: opts.settings,
             start_timeout: opts.start_timeout,
+            socket_only: opts.socket_only,
             account,
             child: None,
             _socket_temp: socket_temp,
@@ -742,14 +972,22 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    /// The TCP port the server listens on.
+    /// The TCP port the server listens on (socket-only: the number in its
+    /// socket's name, `.s.PGSQL.<port>`).
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// The address the server listens on: `127.0.0.1`.
-    pub fn host(&self) -> &str {
-        HOST
+    /// The TCP address the server listens on: `127.0.0.1`, or `None` for a
+    /// socket-only cluster.
+    pub fn host(&self) -> Option<&str> {
+        (!self.socket_only).then_some(HOST)
+    }
+
+    /// Whether the server listens only on its Unix socket, for its own
+    /// account ([`ClusterOptions::socket_only`]).
+    pub fn is_socket_only(&self) -> bool {
+        self.socket_only
     }
 
     /// The directory holding the server's Unix socket (`.s.PGSQL.<port>`);
@@ -758,8 +996,13 @@ impl LocalCluster {
         &self.socket_dir
     }
 
-    /// `postgresql://postgres@127.0.0.1:<port>/<database>`.
+    /// `postgresql://postgres@127.0.0.1:<port>/<database>`; for a
+    /// socket-only cluster, the [`socket_url`]
+    /// `postgresql://postgres@localhost:<port>/<database>?host=<socket dir>`.
     pub fn url(&self, database: &str) -> String {
+        if self.socket_only {
+            return socket_url(&self.socket_dir, self.port, database);
+        }
         format!(
             "postgresql://{SUPERUSER}@{HOST}:{}/{}",
             self.port,
@@ -842,10 +1085,7 @@ impl LocalCluster {
         mode: u32,
     ) -> Result<PathBuf, ClusterError> {
         let path = self.pgdata.join(relative);
-        fs::write(&path, contents).context(|| format!("writing {}", path.display()))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
-            .context(|| format!("setting the permissions of {}", path.display()))?;
-        give_to(self.account.as_ref(), &path)?;
+        write_private_file(&path, contents.as_ref(), mode, self.account.as_ref())?;
         Ok(path)
     }
 
@@ -907,6 +1147,11 @@ impl LocalCluster {
                 ),
             ));
         }
+        if self.socket_only {
+            // No TCP port to wait for (and the port number may be another
+            // server's); the socket closed with the process.
+            return Ok(());
+        }
         // The postmaster closes its listening socket on exit; wait (briefly)
         // until the port really refuses connections.
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
@@ -960,6 +1205,10 @@ impl LocalCluster {
     /// First start after creation: picks a port and retries on another free
     /// port if the picked one was taken in the meantime.
     async fn first_start(&mut self, port: Option<u16>) -> Result<(), ClusterError> {
+        let port = match port {
+            None if self.socket_only => Some(SOCKET_ONLY_PORT),
+            port => port,
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -980,6 +1229,16 @@ impl LocalCluster {
     /// Spawns the postmaster and waits until it accepts connections.
     async fn start_once(&mut self) -> Result<(), StartError> {
         self.clear_stale_lock_file()?;
+        // At every start, so a directory a default cluster created (or an
+        // edited file) is locked down; not before a server found running
+        // on it has been refused.
+        if self.socket_only && write_socket_only_access(&self.pgdata, self.account.as_ref())? {
+            tracing::info!(
+                data_dir = %self.pgdata.display(),
+                "locked down a PostgreSQL data directory that trusted local connections: \
+                 now only its Unix socket (no TCP), only for its own account"
+            );
+        }
         let log_offset = self.prepare_log()?;
         let log = OpenOptions::new()
             .create(true)
@@ -1032,6 +1291,19 @@ impl LocalCluster {
         for (name, value) in &self.settings {
             set_in(&mut settings, name.clone(), value.clone());
         }
+        if self.socket_only {
+            // After the caller's settings: these cannot be overridden.
+            for (name, value) in [
+                ("listen_addresses", String::new()),
+                (
+                    "unix_socket_directories",
+                    self.socket_dir.display().to_string(),
+                ),
+                ("unix_socket_permissions", "0700".to_owned()),
+            ] {
+                set_in(&mut settings, name.to_owned(), value);
+            }
+        }
         settings
             .into_iter()
             .flat_map(|(name, value)| {
@@ -1062,6 +1334,8 @@ impl LocalCluster {
                             pid,
                             data_dir: self.pgdata.clone(),
                             port: postmaster_line(&self.pgdata, 3),
+                            socket_dir: postmaster_line::<PathBuf>(&self.pgdata, 4)
+                                .filter(|dir| dir.is_absolute()),
                         });
                     }
                     // The pid was reused by an unrelated process.
@@ -1144,10 +1418,11 @@ impl LocalCluster {
     /// (so another server that took the port cannot answer for this one).
     async fn accepts_connections(&self) -> bool {
         let mut config = tokio_postgres::Config::new();
-        let socket_overridden = self
-            .settings
-            .iter()
-            .any(|(name, _)| name == "unix_socket_directories");
+        let socket_overridden = !self.socket_only
+            && self
+                .settings
+                .iter()
+                .any(|(name, _)| name == "unix_socket_directories");
         if socket_overridden {
             config.host(HOST);
         } else {
@@ -1336,6 +1611,51 @@ mod tests {
             .setting("max_connections", "17")
             .setting("max_connections", "18");
         assert_eq!(opts.settings, vec![("max_connections".into(), "18".into())]);
+    }
+
+    #[test]
+    fn socket_urls_parse_to_the_socket_directory_and_port() {
+        use crate::config::Host;
+        let dir = Path::new("/tmp/a dir/sock");
+        let cfg = crate::PoolConfig::parse(&socket_url(dir, 5432, "integrations")).unwrap();
+        assert_eq!(cfg.host, Host::Unix(dir.to_path_buf()));
+        assert_eq!((cfg.port, cfg.database.as_str()), (5432, "integrations"));
+        assert_eq!(cfg.user, "postgres");
+        let cfg = crate::PoolConfig::parse(&socket_url(dir, 41234, "postgres")).unwrap();
+        assert_eq!(cfg.host, Host::Unix(dir.to_path_buf()));
+        assert_eq!((cfg.port, cfg.database.as_str()), (41234, "postgres"));
+        // What a log shows names the directory, never a TCP address.
+        let shown = crate::PoolConfig::parse(&socket_url(dir, 5432, "integrations"))
+            .unwrap()
+            .redacted_url();
+        assert!(!shown.contains("127.0.0.1"), "{shown}");
+        assert!(shown.contains("%2Ftmp%2Fa+dir%2Fsock"), "{shown}");
+    }
+
+    #[test]
+    fn socket_only_access_files_admit_only_the_named_users_through_the_socket() {
+        let hba = socket_only_hba();
+        let rules: Vec<&str> = hba
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                "local all all peer map=local_cluster",
+                "host all all all reject"
+            ]
+        );
+        let ident = socket_only_ident(&["root".into(), "postgres".into()]).unwrap();
+        assert!(
+            ident.contains("local_cluster \"root\" postgres\n"),
+            "{ident}"
+        );
+        assert!(
+            ident.contains("local_cluster \"postgres\" postgres\n"),
+            "{ident}"
+        );
+        assert!(socket_only_ident(&["a\"b".into()]).is_err());
     }
 
     #[test]

@@ -68,7 +68,7 @@ async fn temporary_cluster_accepts_connections_and_is_removed_on_drop() {
     let cluster = LocalCluster::start_temporary(ClusterOptions::default())
         .await
         .unwrap();
-    assert_eq!(cluster.host(), "127.0.0.1");
+    assert_eq!(cluster.host(), Some("127.0.0.1"));
     assert_eq!(
         cluster.url("postgres"),
         format!(
@@ -464,4 +464,71 @@ async fn unreachable_data_dir_is_reported_when_root() {
         "{error:?}"
     );
     assert!(error.to_string().contains("chmod o+x"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_only_cluster_serves_a_pool_over_its_socket_and_no_tcp() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = traversable_tempdir();
+    let data_dir = dir.path().join("data");
+    let mut cluster = LocalCluster::open_or_init(&data_dir, ClusterOptions::new().socket_only())
+        .await
+        .unwrap();
+    assert!(cluster.is_socket_only());
+    assert_eq!(cluster.host(), None);
+    assert!(
+        cluster.url("postgres").contains("?host=%2F"),
+        "{}",
+        cluster.url("postgres")
+    );
+    let listen = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid")).unwrap();
+    assert_eq!(listen.lines().nth(5).map(str::trim), Some(""), "{listen}");
+    for private in [cluster.base_dir(), cluster.socket_dir(), cluster.data_dir()] {
+        let mode = std::fs::metadata(private).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", private.display());
+    }
+    // The pool connects through the socket (without TLS).
+    let pool = db_pool::Pool::new(
+        db_pool::PoolConfig::parse(&format!("{}&connection_limit=2", cluster.url("postgres")))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut conn = pool.get().await.unwrap();
+    let row = conn
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "postgres");
+    drop(conn);
+    pool.close(Duration::from_secs(5)).await;
+    cluster.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_only_cluster_refuses_a_directory_of_another_account() {
+    use std::os::unix::fs::chown;
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let dir = traversable_tempdir();
+    let data_dir = dir.path().join("data");
+    std::fs::create_dir(&data_dir).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    chown(
+        &data_dir,
+        Some(nobody.uid.as_raw()),
+        Some(nobody.gid.as_raw()),
+    )
+    .unwrap();
+    let error = LocalCluster::open_or_init(&data_dir, ClusterOptions::new().socket_only())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ClusterError::ForeignOwner { owner, .. } if *owner == nobody.uid.as_raw()),
+        "{error:?}"
+    );
+    assert!(
+        error.to_string().contains("account that created it"),
+        "{error}"
+    );
 }

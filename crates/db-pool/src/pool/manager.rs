@@ -10,10 +10,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 use rand::Rng;
 use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::attempts::{Attempts, Gate, Handoff};
@@ -35,6 +39,8 @@ pub(crate) struct Shared {
     pub config: PoolConfig,
     pub counters: Counters,
     pub observer: Observer,
+    /// The TLS connector for TCP hosts. A Unix socket connects without TLS
+    /// (as libpq does): rustls needs a server name a socket path is not.
     pub tls: MakeRustlsConnect,
     pg: tokio_postgres::Config,
     /// How connection attempts are going (one in flight while failing).
@@ -46,6 +52,9 @@ pub(crate) struct Shared {
     drivers: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
 }
+
+/// A connection's driver: runs until the session ends.
+type Driver = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves consistent data (every
@@ -101,11 +110,7 @@ impl Shared {
         Counters::inc(&self.counters.connect_attempts);
         let started = Instant::now();
         let attempt = async {
-            let (client, connection) = self
-                .pg
-                .connect(self.tls.clone())
-                .await
-                .map_err(|e| self.connect_error(e))?;
+            let (client, connection) = self.open().await.map_err(|e| self.connect_error(e))?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let shared = Arc::downgrade(self);
             let driver = tokio::spawn(async move {
@@ -282,11 +287,28 @@ impl Shared {
         };
         let token = client.cancel_token();
         let tls = self.tls.clone();
+        let unix = matches!(self.config.host, Host::Unix(_));
         runtime.spawn(async move {
-            if let Err(e) = token.cancel_query(tls).await {
+            let sent = if unix {
+                token.cancel_query(NoTls).await
+            } else {
+                token.cancel_query(tls).await
+            };
+            if let Err(e) = sent {
                 tracing::debug!(error = %e, "cancel request failed");
             }
         });
+    }
+
+    /// Opens the session: TLS as configured over TCP, none over a Unix
+    /// socket. Returns the client and its connection's driver future.
+    async fn open(&self) -> Result<(tokio_postgres::Client, Driver), tokio_postgres::Error> {
+        if let Host::Unix(_) = self.config.host {
+            let (client, connection) = self.pg.connect(NoTls).await?;
+            return Ok((client, Box::pin(connection)));
+        }
+        let (client, connection) = self.pg.connect(self.tls.clone()).await?;
+        Ok((client, Box::pin(connection)))
     }
 
     /// Whether an idle connection has outlived a lifetime (for the reaper).
@@ -380,15 +402,22 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// needs an extra round trip to set it.
 fn pg_config(cfg: &PoolConfig) -> tokio_postgres::Config {
     let mut pg = tokio_postgres::Config::new();
-    match &cfg.host {
-        Host::Tcp(h) => pg.host(h),
-        Host::Unix(dir) => pg.host_path(dir),
+    let ssl_mode = match &cfg.host {
+        Host::Tcp(h) => {
+            pg.host(h);
+            tls::negotiation(cfg.sslmode)
+        }
+        // No TLS over a Unix socket (libpq ignores sslmode there too).
+        Host::Unix(dir) => {
+            pg.host_path(dir);
+            tokio_postgres::config::SslMode::Disable
+        }
     };
     pg.port(cfg.port)
         .user(&cfg.user)
         .dbname(&cfg.database)
         .application_name(&cfg.application_name)
-        .ssl_mode(tls::negotiation(cfg.sslmode))
+        .ssl_mode(ssl_mode)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(60));
     if let Some(pw) = cfg.password() {

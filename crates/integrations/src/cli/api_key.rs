@@ -120,9 +120,9 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
                 match super::embedded::open(&data_dir, profile.as_deref(), IfRunning::Join).await {
                     Ok(embedded) => {
                         eprintln!(
-                            "no DATABASE_URL: using the embedded PostgreSQL in {} (port {})",
+                            "no DATABASE_URL: using the embedded PostgreSQL in {} (socket {})",
                             data_dir.display(),
-                            embedded.port
+                            embedded.socket_dir.display()
                         );
                         (embedded.cfg, embedded.cluster)
                     }

@@ -2,12 +2,23 @@
 //! `serve` runs it in `--data-dir` (kept between runs); `api-key` uses the
 //! same one: the server `serve` is running, or, when none runs, the data
 //! directory started for the command and stopped after it.
+//!
+//! It is locked to the account that runs it ([`ClusterOptions::socket_only`]):
+//! no TCP port, only a Unix socket in a `0700` directory under
+//! `--data-dir/postgres` (itself `0700`) owned by the server's account (the
+//! current user, or `postgres` when running as root), and peer
+//! authentication for that account and the current user. Another local user
+//! can neither reach it nor log in. A data directory an earlier version
+//! created (trusting every connection on 127.0.0.1) is locked down the next
+//! time it starts.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
-use db_pool::cluster::{ClusterError, ClusterOptions, LocalCluster};
+use db_pool::cluster::{socket_url, ClusterError, ClusterOptions, LocalCluster};
 use db_pool::PoolConfig;
 
 /// Where the embedded PostgreSQL is, for commands that can use it.
@@ -26,8 +37,8 @@ pub struct Embedded {
     pub cluster: Option<LocalCluster>,
     /// The pool configuration for its `integrations` database.
     pub cfg: PoolConfig,
-    /// Its TCP port on 127.0.0.1.
-    pub port: u16,
+    /// The directory of its Unix socket (it has no TCP port).
+    pub socket_dir: PathBuf,
 }
 
 /// Whether a command may use an embedded PostgreSQL another process runs.
@@ -52,15 +63,22 @@ pub async fn open(
     profile: Option<&str>,
     if_running: IfRunning,
 ) -> anyhow::Result<Embedded> {
+    create_private(data_dir)?;
     let mut attempt = 1;
     loop {
         match try_open(data_dir, if_running).await {
-            Ok((cluster, port, client)) => {
-                let server = format!("postgresql://postgres@127.0.0.1:{port}");
+            Ok((cluster, server, client)) => {
                 ensure_database(client).await?;
-                let url = format!("{server}/integrations?sslmode=disable");
+                let url = format!(
+                    "{}&sslmode=disable",
+                    socket_url(&server.socket_dir, server.port, "integrations")
+                );
                 let cfg = crate::settings::pool_config(Some(&url), profile)?;
-                return Ok(Embedded { cluster, cfg, port });
+                return Ok(Embedded {
+                    cluster,
+                    cfg,
+                    socket_dir: server.socket_dir,
+                });
             }
             Err(Attempt::Final(e)) => return Err(e),
             Err(Attempt::Again(e)) if attempt >= ATTEMPTS || if_running == IfRunning::Refuse => {
@@ -72,6 +90,32 @@ pub async fn open(
             }
         }
     }
+}
+
+/// Creates `--data-dir` when missing: `0700`, or `0711` when root (the
+/// `postgres` account running the server must pass through it to its own
+/// `0700` directory inside). An existing directory is left as it is (it may
+/// be the working directory); what matters is private below it.
+fn create_private(data_dir: &Path) -> anyhow::Result<()> {
+    if data_dir.exists() {
+        return Ok(());
+    }
+    let mode = if nix::unistd::geteuid().is_root() {
+        0o711
+    } else {
+        0o700
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(data_dir)
+        .with_context(|| format!("creating the data directory {}", data_dir.display()))
+}
+
+/// Where a running embedded server takes connections.
+struct Server {
+    socket_dir: PathBuf,
+    port: u16,
 }
 
 /// Why an attempt failed: for good, or perhaps because another command
@@ -86,21 +130,31 @@ type Connected = (db_pool::tokio_postgres::Client, tokio::task::JoinHandle<()>);
 async fn try_open(
     data_dir: &Path,
     if_running: IfRunning,
-) -> Result<(Option<LocalCluster>, u16, Connected), Attempt> {
-    let opened =
-        LocalCluster::open_or_init(&data_dir.join("postgres"), ClusterOptions::default()).await;
-    let (cluster, port) = match opened {
+) -> Result<(Option<LocalCluster>, Server, Connected), Attempt> {
+    let opened = LocalCluster::open_or_init(
+        &data_dir.join("postgres"),
+        ClusterOptions::default().socket_only(),
+    )
+    .await;
+    let (cluster, server) = match opened {
         Ok(cluster) => {
-            let port = cluster.port();
-            (Some(cluster), port)
+            let server = Server {
+                socket_dir: cluster.socket_dir().to_path_buf(),
+                port: cluster.port(),
+            };
+            (Some(cluster), server)
         }
+        // Through its socket: a server an earlier version started has one
+        // too, beside its TCP port.
         Err(ClusterError::AlreadyRunning {
-            port: Some(port), ..
-        }) if if_running == IfRunning::Join => (None, port),
+            port: Some(port),
+            socket_dir: Some(socket_dir),
+            ..
+        }) if if_running == IfRunning::Join => (None, Server { socket_dir, port }),
         Err(e @ ClusterError::BinariesNotFound { .. }) => {
             return Err(Attempt::Final(anyhow::anyhow!("{e}\nno DATABASE_URL is set, so an embedded PostgreSQL would be used, but its server binaries are not installed: install Debian's `postgresql` package (apt-get install postgresql) or set DATABASE_URL")));
         }
-        Err(e @ ClusterError::AlreadyRunning { .. }) => {
+        Err(e @ (ClusterError::AlreadyRunning { .. } | ClusterError::ForeignOwner { .. })) => {
             return Err(Attempt::Final(
                 anyhow::Error::new(e).context("starting the embedded PostgreSQL"),
             ))
@@ -111,11 +165,11 @@ async fn try_open(
             ))
         }
     };
-    let url = format!("postgresql://postgres@127.0.0.1:{port}/postgres");
-    match connect(&url).await {
-        Ok(connected) => Ok((cluster, port, connected)),
+    match connect(&server.socket_dir, server.port).await {
+        Ok(connected) => Ok((cluster, server, connected)),
         Err(e) => Err(Attempt::Again(anyhow::Error::new(e).context(format!(
-            "connecting to the embedded PostgreSQL on port {port}"
+            "connecting to the embedded PostgreSQL through its socket in {}",
+            server.socket_dir.display()
         )))),
     }
 }
@@ -141,7 +195,7 @@ async fn ensure_database((client, connection): Connected) -> anyhow::Result<()> 
 /// (another command that joined it), waiting up to `patience`.
 pub async fn stop_when_unused(mut cluster: LocalCluster, patience: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + patience;
-    if let Ok((client, connection)) = connect(&cluster.url("postgres")).await {
+    if let Ok((client, connection)) = connect(cluster.socket_dir(), cluster.port()).await {
         while tokio::time::Instant::now() < deadline {
             let others = client
                 .query_one(
@@ -163,14 +217,20 @@ pub async fn stop_when_unused(mut cluster: LocalCluster, patience: Duration) -> 
     Ok(())
 }
 
-/// A plain connection to the embedded server's `url`, its driver task
-/// running.
-async fn connect(url: &str) -> Result<Connected, db_pool::tokio_postgres::Error> {
-    let (client, connection) = db_pool::tokio_postgres::connect(
-        &format!("{url}?sslmode=disable"),
-        db_pool::tokio_postgres::NoTls,
-    )
-    .await?;
+/// A plain connection to the embedded server's `postgres` database through
+/// its socket, its driver task running.
+async fn connect(
+    socket_dir: &Path,
+    port: u16,
+) -> Result<Connected, db_pool::tokio_postgres::Error> {
+    let (client, connection) = db_pool::tokio_postgres::Config::new()
+        .host_path(socket_dir)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5))
+        .connect(db_pool::tokio_postgres::NoTls)
+        .await?;
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });

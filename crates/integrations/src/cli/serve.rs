@@ -121,7 +121,7 @@ async fn serve(
             .await?;
             tracing::info!(
                 data_dir = %data_dir.display(),
-                port = embedded.port,
+                socket_dir = %embedded.socket_dir.display(),
                 "no DATABASE_URL: using the embedded PostgreSQL (data kept between runs); set DATABASE_URL for production"
             );
             let (cluster, cfg) = (embedded.cluster, embedded.cfg);
