@@ -9,11 +9,10 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Caller;
+use super::auth::{Caller, Write};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::AppState;
-use crate::auth::Scope;
 use crate::domain::{ProviderName, UserId};
 
 /// The routes of this resource.
@@ -60,12 +59,11 @@ pub struct ConnectStarted {
     tag = "connect"
 )]
 async fn start(
-    caller: Caller,
+    _: Caller<Write>,
     State(state): State<AppState>,
     ApiPath(provider): ApiPath<String>,
     ApiJson(body): ApiJson<ConnectRequest>,
 ) -> Result<Json<ConnectStarted>, ApiError> {
-    caller.require(Scope::Write)?;
     let provider = ProviderName::parse(&provider)?;
     let user = UserId::parse(&body.user_id)?;
     let started = state

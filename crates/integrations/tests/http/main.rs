@@ -9,6 +9,7 @@ mod auth;
 mod embedded;
 mod endpoints;
 mod errors;
+mod metrics_labels;
 mod pool_timeout;
 mod readiness;
 mod request_id;
