@@ -14,6 +14,7 @@ mod error;
 mod extract;
 mod health;
 mod integrations;
+mod server;
 mod tokens;
 
 use std::sync::Arc;
@@ -35,6 +36,10 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
+pub use server::{
+    connection_cap, serve, ServerLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+};
 
 use crate::auth::ApiKeys;
 use crate::service::IntegrationsService;

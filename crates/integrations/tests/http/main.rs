@@ -6,6 +6,7 @@
 mod common;
 
 mod auth;
+mod connections;
 mod embedded;
 mod endpoints;
 mod errors;
