@@ -1,5 +1,6 @@
 //! The HTTP API: one file per resource, each exporting `router()`; errors in
-//! one shape (`error.rs`); API keys (`auth.rs`).
+//! one shape (`error.rs`); API keys and scopes (`auth.rs`); the listener
+//! with its timeouts and connection cap (`server.rs`).
 //!
 //! Every request gets a request id (`x-request-id`: the client's when it is
 //! 1 to 128 of `A-Za-z0-9._:-`, else generated; echoed back) recorded in its tracing span, so every log line of the
