@@ -51,7 +51,12 @@ pub struct ServiceSettings {
     pub service: crate::service::ServiceConfig,
     /// The background refresher.
     pub refresher: crate::service::Refresher,
+    /// The HTTP server's timeouts and connection cap.
+    pub http: crate::http::ServerLimits,
 }
+
+/// Most `INTEGRATIONS_HTTP_MAX_CONNECTIONS` accepted.
+const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
 /// A service setting that does not parse: names the variable and what is
 /// accepted.
@@ -119,6 +124,23 @@ impl ServiceSettings {
             "INTEGRATIONS_REFRESHER_MARGIN",
             refresher.margin.max(service.refresh_margin),
         )?;
+        let mut http = crate::http::ServerLimits::default();
+        http.header_read_timeout =
+            secs("INTEGRATIONS_HTTP_HEADER_TIMEOUT", http.header_read_timeout)?;
+        http.idle_timeout = secs("INTEGRATIONS_HTTP_IDLE_TIMEOUT", http.idle_timeout)?;
+        if let Some(v) = env("INTEGRATIONS_HTTP_MAX_CONNECTIONS").filter(|v| !v.trim().is_empty()) {
+            http.max_connections = Some(
+                v.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_CONNECTIONS_LIMIT).contains(n))
+                    .ok_or(SettingError {
+                        var: "INTEGRATIONS_HTTP_MAX_CONNECTIONS",
+                        value: v.clone(),
+                        accepted: "a whole number of connections from 1 to 1000000",
+                    })?,
+            );
+        }
         Ok(ServiceSettings {
             encryption_keys: env(crate::crypto::KEYS_ENV)
                 .filter(|v| !v.trim().is_empty())
@@ -128,6 +150,7 @@ impl ServiceSettings {
                 .map(std::path::PathBuf::from),
             service,
             refresher,
+            http,
         })
     }
 
@@ -155,4 +178,54 @@ impl ServiceSettings {
 /// The process environment, for [`ServiceSettings::from_env`].
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<ServiceSettings, SettingError> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ServiceSettings::from_env(&move |name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn http_limits_default_and_parse() {
+        let http = settings(&[]).unwrap().http;
+        assert_eq!(http, crate::http::ServerLimits::default());
+        assert_eq!(http.header_read_timeout.as_secs(), 10);
+        assert_eq!(http.idle_timeout.as_secs(), 60);
+        assert_eq!(http.max_connections, None);
+        let http = settings(&[
+            ("INTEGRATIONS_HTTP_HEADER_TIMEOUT", "2"),
+            ("INTEGRATIONS_HTTP_IDLE_TIMEOUT", "5"),
+            ("INTEGRATIONS_HTTP_MAX_CONNECTIONS", " 3 "),
+        ])
+        .unwrap()
+        .http;
+        assert_eq!(http.header_read_timeout.as_secs(), 2);
+        assert_eq!(http.idle_timeout.as_secs(), 5);
+        assert_eq!(http.max_connections, Some(3));
+    }
+
+    #[test]
+    fn bad_http_limits_name_the_variable_and_what_is_accepted() {
+        for (var, value) in [
+            ("INTEGRATIONS_HTTP_HEADER_TIMEOUT", "0"),
+            ("INTEGRATIONS_HTTP_IDLE_TIMEOUT", "1m"),
+            ("INTEGRATIONS_HTTP_MAX_CONNECTIONS", "0"),
+            ("INTEGRATIONS_HTTP_MAX_CONNECTIONS", "many"),
+            ("INTEGRATIONS_HTTP_MAX_CONNECTIONS", "1000001"),
+        ] {
+            let err = settings(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+            let text = err.to_string();
+            assert!(text.contains(value) && text.contains("accepted"), "{text}");
+        }
+    }
 }

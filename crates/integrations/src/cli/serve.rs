@@ -1,7 +1,6 @@
 //! `integrations serve`: the HTTP API, the background refresher and, with no
 //! `DATABASE_URL`, an embedded PostgreSQL kept in `--data-dir`.
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::DatabaseArgs;
 use crate::auth::{ApiKeys, DEFAULT_VERIFY_TTL};
 use crate::crypto::Keyring;
-use crate::http::{app, AppState};
+use crate::http::{self, app, AppState};
 use crate::oauth::{TokenClient, TokenClientConfig};
 use crate::service::IntegrationsService;
 use crate::settings::{process_env, ServiceSettings};
@@ -199,14 +198,20 @@ async fn serve(
         tracing::info!("shutting down: no new connections; finishing requests in flight");
         signal.cancel();
     });
+    let (cap, open_files) = http::connection_cap(settings.http.max_connections);
+    tracing::info!(
+        header_timeout_secs = settings.http.header_read_timeout.as_secs(),
+        idle_timeout_secs = settings.http.idle_timeout.as_secs(),
+        max_connections = cap,
+        open_files_limit = open_files,
+        "HTTP limits"
+    );
     tracing::info!(address = %local, "listening on http://{local}");
-    let server = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
+    let server = http::serve(listener, app(state), &settings.http, cap, shutdown.clone());
     let deadline = Duration::from_secs(args.shutdown_timeout);
     tokio::pin!(server);
     tokio::select! {
-        result = &mut server => result.context("serving HTTP")?,
+        () = &mut server => {}
         () = async { shutdown.cancelled().await; tokio::time::sleep(deadline).await } => {
             tracing::warn!(timeout_secs = deadline.as_secs(), "requests still in flight at the shutdown deadline; stopping anyway");
         }

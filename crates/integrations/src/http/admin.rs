@@ -8,10 +8,9 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Caller;
+use super::auth::{Admin, Caller};
 use super::error::{ApiError, ErrorBody};
 use super::AppState;
-use crate::auth::Scope;
 
 /// The routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -45,8 +44,10 @@ pub struct PoolReport {
     security(("api_key" = ["admin"])),
     tag = "admin"
 )]
-async fn pool(caller: Caller, State(state): State<AppState>) -> Result<Json<PoolReport>, ApiError> {
-    caller.require(Scope::Admin)?;
+async fn pool(
+    _: Caller<Admin>,
+    State(state): State<AppState>,
+) -> Result<Json<PoolReport>, ApiError> {
     let pool = state.service.pool();
     let stats = pool.stats();
     let mut conn = pool.get().await?;

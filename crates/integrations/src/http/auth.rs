@@ -1,32 +1,56 @@
-//! `Authorization: Bearer <key>` on every `/v1` route. The key is checked
-//! before anything else, so a caller without access learns nothing about
-//! which users or integrations exist.
-
-use std::sync::Arc;
+//! `Authorization: Bearer <key>` on every `/v1` route, and the scope the
+//! route needs. Both are checked by the [`Caller`] extractor, before any
+//! other extractor reads the path or the body, so a caller without access
+//! learns nothing about which users or integrations exist, and a key
+//! without the scope gets 403 whatever it sends (never 400, 413 or 415).
+//!
+//! A handler states its scope in its signature (`_: Caller<Write>`); there
+//! is no other way to check one.
 
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use std::marker::PhantomData;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::{ApiKeyInfo, Scope};
+use crate::auth::Scope;
 
-/// The verified caller.
-pub struct Caller(pub Arc<ApiKeyInfo>);
-
-impl Caller {
-    /// Fails with 403 unless the key has `scope`.
-    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.0.allows(scope) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(scope.as_str()))
-        }
-    }
+/// A scope a route needs, as a type: [`Read`], [`Write`], [`Credentials`]
+/// or [`Admin`].
+pub trait RequiredScope {
+    /// The scope.
+    const SCOPE: Scope;
 }
 
-impl FromRequestParts<AppState> for Caller {
+/// Needs the `read` scope.
+pub struct Read;
+/// Needs the `write` scope.
+pub struct Write;
+/// Needs the `credentials` scope.
+pub struct Credentials;
+/// Needs the `admin` scope.
+pub struct Admin;
+
+impl RequiredScope for Read {
+    const SCOPE: Scope = Scope::Read;
+}
+impl RequiredScope for Write {
+    const SCOPE: Scope = Scope::Write;
+}
+impl RequiredScope for Credentials {
+    const SCOPE: Scope = Scope::Credentials;
+}
+impl RequiredScope for Admin {
+    const SCOPE: Scope = Scope::Admin;
+}
+
+/// The verified caller, holding scope `S`: 401 without a valid key, 403
+/// when the key lacks `S`. Put it first among a handler's arguments.
+/// (Its name is recorded on the request's span, as `api_key`.)
+pub struct Caller<S: RequiredScope>(PhantomData<S>);
+
+impl<S: RequiredScope> FromRequestParts<AppState> for Caller<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(
@@ -48,12 +72,13 @@ impl FromRequestParts<AppState> for Caller {
             .verify(presented)
             .await
             .map_err(|e| ApiError::from(e.as_ref()))?;
-        match verified {
-            Some(info) => {
-                tracing::Span::current().record("api_key", info.name.as_str());
-                Ok(Caller(info))
-            }
-            None => Err(ApiError::unauthorized()),
+        let Some(key) = verified else {
+            return Err(ApiError::unauthorized());
+        };
+        tracing::Span::current().record("api_key", key.name.as_str());
+        if !key.allows(S::SCOPE) {
+            return Err(ApiError::forbidden(S::SCOPE.as_str()));
         }
+        Ok(Caller(PhantomData))
     }
 }

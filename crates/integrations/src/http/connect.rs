@@ -10,11 +10,10 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Caller;
+use super::auth::{Caller, Write};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
 use super::AppState;
-use crate::auth::Scope;
 use crate::domain::{IntegrationView, ProviderName, UserId};
 use secrecy::ExposeSecret;
 
@@ -68,12 +67,11 @@ pub struct ConnectStarted {
     tag = "connect"
 )]
 async fn start(
-    caller: Caller,
+    _: Caller<Write>,
     State(state): State<AppState>,
     ApiPath(provider): ApiPath<String>,
     ApiJson(body): ApiJson<ConnectRequest>,
 ) -> Result<Json<ConnectStarted>, ApiError> {
-    caller.require(Scope::Write)?;
     let provider = ProviderName::parse(&provider)?;
     let user = UserId::parse(&body.user_id)?;
     let started = state
@@ -230,11 +228,10 @@ pub struct CompleteRequest {
     tag = "connect"
 )]
 async fn complete(
-    caller: Caller,
+    _: Caller<Write>,
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CompleteRequest>,
 ) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
     let user = body.user_id.as_deref().map(UserId::parse).transpose()?;
     let status = state
         .service

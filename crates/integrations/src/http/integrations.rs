@@ -9,11 +9,10 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Caller;
+use super::auth::{Caller, Read, Write};
 use super::error::ApiError;
 use super::extract::{ApiJson, ApiPath};
 use super::AppState;
-use crate::auth::Scope;
 
 use crate::domain::{AccountId, IntegrationList, IntegrationView, ProviderName, UserId};
 use crate::oauth::TokenSet;
@@ -42,11 +41,10 @@ pub fn router() -> OpenApiRouter<AppState> {
     tag = "integrations"
 )]
 async fn list(
-    caller: Caller,
+    _: Caller<Read>,
     State(state): State<AppState>,
     ApiPath(user_id): ApiPath<String>,
 ) -> Result<axum::response::Response, ApiError> {
-    caller.require(Scope::Read)?;
     let user = UserId::parse(&user_id)?;
     // The cache keeps each user's rendering: a hit writes the kept bytes.
     let list = state.service.status(&user).await?;
@@ -119,12 +117,11 @@ fn ids(
     tag = "integrations"
 )]
 async fn put(
-    caller: Caller,
+    _: Caller<Write>,
     State(state): State<AppState>,
     ApiPath((user_id, provider, account_id)): ApiPath<(String, String, String)>,
     ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<axum::response::Response, ApiError> {
-    caller.require(Scope::Write)?;
     let (user, provider, account) = ids(&user_id, &provider, &account_id)?;
     let registered = state
         .service
@@ -161,11 +158,10 @@ async fn put(
     tag = "integrations"
 )]
 async fn delete(
-    caller: Caller,
+    _: Caller<Write>,
     State(state): State<AppState>,
     ApiPath((user_id, provider, account_id)): ApiPath<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require(Scope::Write)?;
     let (user, provider, account) = ids(&user_id, &provider, &account_id)?;
     if state.service.disconnect(&user, &provider, &account).await? {
         Ok(StatusCode::NO_CONTENT)

@@ -1,10 +1,12 @@
 //! The HTTP API: one file per resource, each exporting `router()`; errors in
-//! one shape (`error.rs`); API keys (`auth.rs`).
+//! one shape (`error.rs`); API keys and scopes (`auth.rs`); the listener
+//! with its timeouts and connection cap (`server.rs`).
 //!
-//! Every request gets a request id (`x-request-id`, generated when absent,
-//! echoed back) recorded in its tracing span, so every log line of the
+//! Every request gets a request id (`x-request-id`: the client's when it is
+//! 1 to 128 of `A-Za-z0-9._:-`, else generated; echoed back) recorded in its tracing span, so every log line of the
 //! request, the pool's leak warnings included, carries it. Latency and
-//! counts are recorded per route template, so label sets stay bounded.
+//! counts are recorded per route template and a fixed set of method names,
+//! so label sets stay bounded whatever clients send.
 
 mod admin;
 mod auth;
@@ -13,6 +15,7 @@ mod error;
 mod extract;
 mod health;
 mod integrations;
+mod server;
 mod tokens;
 
 use std::sync::Arc;
@@ -34,6 +37,10 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use error::ApiError;
+pub use server::{
+    connection_cap, serve, ServerLimits, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+};
 
 use crate::auth::ApiKeys;
 use crate::service::IntegrationsService;
@@ -165,6 +172,39 @@ pub fn app(state: AppState) -> Router {
             )
         }))
         .layer(SetRequestIdLayer::new(request_id, SequentialIds::new()))
+        // Outermost: a hostile id is gone before anything sees it.
+        .layer(middleware::map_request(drop_invalid_request_id))
+}
+
+/// Longest `x-request-id` kept from a client.
+const REQUEST_ID_MAX: usize = 128;
+
+/// Whether a client's request id is kept: 1 to [`REQUEST_ID_MAX`]
+/// characters from `A-Z a-z 0-9 . _ : -`. Anything else (spaces, quotes,
+/// `=`, braces, control characters) could forge fields or lines in text
+/// logs, where the id is printed as it is.
+fn valid_request_id(id: &[u8]) -> bool {
+    (1..=REQUEST_ID_MAX).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Removes the client's `x-request-id` unless it is one valid value, so
+/// [`SetRequestIdLayer`] generates one instead.
+async fn drop_invalid_request_id(mut req: Request) -> Request {
+    let headers = req.headers_mut();
+    let mut ids = headers.get_all("x-request-id").iter();
+    let keep = match (ids.next(), ids.next()) {
+        (None, _) => true,
+        (Some(id), None) => valid_request_id(id.as_bytes()),
+        // Several: none is more the request's id than another.
+        (Some(_), Some(_)) => false,
+    };
+    if !keep {
+        headers.remove("x-request-id");
+    }
+    req
 }
 
 /// Request ids: a random per-process prefix and a counter
@@ -230,16 +270,39 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// Metric handles per (route template, method, status), created once: the
-/// `metrics!` macros would build and hash label strings on every request.
+/// The `method` label: one of a fixed set, whatever the client sent (a
+/// method is any token up to the header size limit, and each distinct
+/// label value would be kept for the life of the process).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The `route` label of a request no route matched: one value, never the
+/// path it asked for.
+const UNMATCHED: &str = "unmatched";
+
+/// Metric handles per (route template, method label, status), created once:
+/// the `metrics!` macros would build and hash label strings on every
+/// request. Every key is bounded: route templates, [`method_label`], and
+/// the statuses this server answers with.
 type Handles = std::collections::HashMap<
     String,
-    std::collections::HashMap<(axum::http::Method, u16), (metrics::Histogram, metrics::Counter)>,
+    std::collections::HashMap<(&'static str, u16), (metrics::Histogram, metrics::Counter)>,
 >;
 
 fn handles(
     route: &str,
-    method: &axum::http::Method,
+    method: &'static str,
     status: u16,
 ) -> (metrics::Histogram, metrics::Counter) {
     static HANDLES: std::sync::OnceLock<std::sync::RwLock<Handles>> = std::sync::OnceLock::new();
@@ -250,7 +313,7 @@ fn handles(
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(route)
-        .and_then(|m| m.get(&(method.clone(), status)))
+        .and_then(|m| m.get(&(method, status)))
     {
         return h.clone();
     }
@@ -261,27 +324,68 @@ fn handles(
     let histogram = metrics::histogram!("http_request_duration_seconds", &labels);
     let counter = metrics::counter!(
         "http_requests_total",
-        "method" => method.to_string(),
+        "method" => method,
         "route" => route.to_string(),
         "status" => status.to_string()
     );
-    all.entry(route.to_string()).or_default().insert(
-        (method.clone(), status),
-        (histogram.clone(), counter.clone()),
-    );
+    all.entry(route.to_string())
+        .or_default()
+        .insert((method, status), (histogram.clone(), counter.clone()));
     (histogram, counter)
 }
 
 /// Counts and times requests per route template (`/v1/users/{user_id}/...`,
-/// never the concrete path, so label sets stay bounded).
+/// never the concrete path) and method label, so label sets stay bounded.
 async fn record_metrics(req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = req.method().clone();
+    let method = method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    let (histogram, counter) = handles(route, &method, response.status().as_u16());
+    let route = route.as_ref().map_or(UNMATCHED, MatchedPath::as_str);
+    let (histogram, counter) = handles(route, method, response.status().as_u16());
     histogram.record(started.elapsed());
     counter.increment(1);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_only_when_short_and_plain() {
+        for ok in [
+            "a",
+            "test-123",
+            "3f9a1c2e-000000000042",
+            "a.b_c:d-E",
+            &"x".repeat(128),
+        ] {
+            assert!(valid_request_id(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(129),
+            "1 api_key=k-admin}: FAKE LINE",
+            "a b",
+            "a\"b",
+            "a=b",
+            "a{b}",
+            "a\tb",
+            "é",
+        ] {
+            assert!(!valid_request_id(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn methods_map_to_a_fixed_set_of_labels() {
+        use axum::http::Method;
+        assert_eq!(method_label(&Method::GET), "GET");
+        assert_eq!(method_label(&Method::PATCH), "PATCH");
+        for odd in ["CONNECT", "TRACE", "get", "PROPFIND", &"X".repeat(2000)] {
+            let m = Method::from_bytes(odd.as_bytes()).unwrap();
+            assert_eq!(method_label(&m), "other", "{odd}");
+        }
+    }
 }

@@ -12,11 +12,10 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth::Caller;
+use super::auth::{Caller, Credentials, Write};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath};
 use super::AppState;
-use crate::auth::Scope;
 use crate::domain::IntegrationView;
 use crate::domain::{AccountId, ProviderName};
 use crate::service::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
@@ -68,11 +67,10 @@ pub struct TokenView {
     tag = "tokens"
 )]
 async fn token(
-    caller: Caller,
+    _: Caller<Credentials>,
     State(state): State<AppState>,
     ApiPath((provider, account_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    caller.require(Scope::Credentials)?;
     let (p, a) = key(&provider, &account_id)?;
     let t = state.service.access_token(&p, &a).await?;
     let mut response = Json(TokenView {
@@ -107,11 +105,10 @@ async fn token(
     tag = "tokens"
 )]
 async fn refresh(
-    caller: Caller,
+    _: Caller<Write>,
     State(state): State<AppState>,
     ApiPath((provider, account_id)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
     let (p, a) = key(&provider, &account_id)?;
     let status = state.service.refresh(&p, &a).await?;
     Ok(Json(IntegrationView::from(&status)).into_response())
@@ -177,11 +174,10 @@ pub struct BatchResult {
     tag = "tokens"
 )]
 async fn batch_refresh(
-    caller: Caller,
+    _: Caller<Write>,
     State(state): State<AppState>,
     ApiJson(body): ApiJson<BatchRequest>,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    caller.require(Scope::Write)?;
     if body.requests.len() > MAX_BATCH {
         return Err(ApiError::bad_request(format!(
             "requests has {} items; accepted: at most {MAX_BATCH}",

@@ -192,3 +192,112 @@ async fn auth_failures_do_not_reveal_whether_a_user_or_integration_exists() {
     }
     app.assert_no_leaks();
 }
+
+/// Sends a body on a connection of its own: a server that answers before
+/// reading the body (as it must, on a refused request) closes the
+/// connection afterwards, and a pooled client could reuse it mid-close.
+async fn send_once(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Reply {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let mut req = client
+        .request(method.clone(), app.url(path))
+        .header("content-type", content_type)
+        .body(body);
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    let response = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e:?}"));
+    Reply {
+        status: response.status(),
+        headers: response.headers().clone(),
+        text: response.text().await.unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_key_is_403_on_write_routes_whatever_body_it_sends() {
+    let app = TestApp::spawn().await;
+    let oversize = vec![b'x'; 64 * 1024 + 1];
+    let bodies: [(&str, &str, Vec<u8>); 4] = [
+        ("invalid JSON", "application/json", b"{not json".to_vec()),
+        ("wrong shape", "application/json", b"[1, 2]".to_vec()),
+        ("wrong content type", "text/plain", b"hello".to_vec()),
+        ("oversize", "application/json", oversize),
+    ];
+    let routes = [
+        (Method::PUT, "/v1/users/user-1/integrations/good/acct-1"),
+        (Method::POST, "/v1/integrations/refresh"),
+        (Method::POST, "/v1/connect/good"),
+    ];
+    for (method, path) in routes {
+        for (what, content_type, bytes) in &bodies {
+            let reply = send_once(
+                &app,
+                method.clone(),
+                path,
+                Some(&app.keys.read),
+                content_type,
+                bytes.clone(),
+            )
+            .await;
+            let message = reply.assert_error(403, "forbidden");
+            assert!(
+                message.contains("'write' scope"),
+                "{method} {path} ({what}): {message}"
+            );
+            // Without a key: 401, before the body too.
+            let reply = send_once(
+                &app,
+                method.clone(),
+                path,
+                None,
+                content_type,
+                bytes.clone(),
+            )
+            .await;
+            reply.assert_error(401, "unauthorized");
+        }
+    }
+    // The same bodies with the write scope are the body's errors.
+    let put = "/v1/users/user-1/integrations/good/acct-1";
+    for (what, content_type, bytes, status) in [
+        (
+            "invalid JSON",
+            "application/json",
+            b"{not json".to_vec(),
+            400,
+        ),
+        ("wrong content type", "text/plain", b"hello".to_vec(), 415),
+        (
+            "oversize",
+            "application/json",
+            vec![b'x'; 64 * 1024 + 1],
+            413,
+        ),
+    ] {
+        let reply = send_once(
+            &app,
+            Method::PUT,
+            put,
+            Some(&app.keys.all),
+            content_type,
+            bytes,
+        )
+        .await;
+        assert_eq!(reply.status.as_u16(), status, "{what}: {}", reply.text);
+    }
+    app.assert_no_leaks();
+}

@@ -70,9 +70,28 @@ impl ServerProcess {
     /// When it exits or stays silent for [`STARTUP_TIMEOUT`]; the panic shows
     /// its log.
     pub async fn spawn(envs: &[(&str, &str)], args: &[&str]) -> ServerProcess {
+        ServerProcess::spawn_wrapped(&[], envs, args).await
+    }
+
+    /// [`ServerProcess::spawn`] through a program that runs it (`wrapper`:
+    /// the program and its arguments, e.g. `prlimit --nofile=128 --`); the
+    /// wrapper must exec the server, so its process id is the server's.
+    pub async fn spawn_wrapped(
+        wrapper: &[&str],
+        envs: &[(&str, &str)],
+        args: &[&str],
+    ) -> ServerProcess {
         // A fresh working directory: no `.env` is picked up.
         let cwd = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_integrations"));
+        let binary = env!("CARGO_BIN_EXE_integrations");
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(binary),
+            Some((program, wrapper_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(binary);
+                cmd
+            }
+        };
         cmd.current_dir(cwd.path())
             .args(["serve", "--listen", "127.0.0.1:0", "--no-refresher"])
             .args(args)
@@ -367,21 +386,38 @@ impl TestApp {
 
     /// A server on `database_url` (`db`: kept alive as long as the app).
     pub async fn spawn_on(database_url: &str, db: Option<TestDatabase>, args: &[&str]) -> TestApp {
+        TestApp::spawn_full(database_url, db, args, &[], &[]).await
+    }
+
+    /// A server on a fresh database (`connection_limit=5`) with these
+    /// extra variables, started through `wrapper` (see
+    /// [`ServerProcess::spawn_wrapped`]; empty: none).
+    pub async fn spawn_with(envs: &[(&str, &str)], wrapper: &[&str]) -> TestApp {
+        let db = TestDatabase::create().await;
+        let url = with_params(&db.url, "connection_limit=5");
+        TestApp::spawn_full(&url, Some(db), &[], envs, wrapper).await
+    }
+
+    async fn spawn_full(
+        database_url: &str,
+        db: Option<TestDatabase>,
+        args: &[&str],
+        extra_envs: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> TestApp {
         let dir = tempfile::tempdir().unwrap();
         let fake = FakeProvider::start().await;
         let registry = write_registry(dir.path(), &fake);
         let encryption_keys = Keyring::generate_spec("k1");
-        let server = ServerProcess::spawn(
-            &[
-                ("DATABASE_URL", database_url),
-                ("INTEGRATIONS_ENCRYPTION_KEYS", &encryption_keys),
-                ("INTEGRATIONS_PROVIDERS", &registry),
-                ("INTEGRATIONS_CALLBACK_URL", CALLBACK_URL),
-                ("FAKE_SECRET", "fake-secret"),
-            ],
-            args,
-        )
-        .await;
+        let mut envs = vec![
+            ("DATABASE_URL", database_url),
+            ("INTEGRATIONS_ENCRYPTION_KEYS", encryption_keys.as_str()),
+            ("INTEGRATIONS_PROVIDERS", registry.as_str()),
+            ("INTEGRATIONS_CALLBACK_URL", CALLBACK_URL),
+            ("FAKE_SECRET", "fake-secret"),
+        ];
+        envs.extend_from_slice(extra_envs);
+        let server = ServerProcess::spawn_wrapped(wrapper, &envs, args).await;
         // The server applied the migrations; the keys table exists.
         let keys = TestKeys {
             all: create_key(database_url, "all", &Scope::ALL).await,

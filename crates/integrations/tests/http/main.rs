@@ -6,9 +6,11 @@
 mod common;
 
 mod auth;
+mod connections;
 mod embedded;
 mod endpoints;
 mod errors;
+mod metrics_labels;
 mod pool_timeout;
 mod readiness;
 mod request_id;
