@@ -642,13 +642,14 @@ async fn exchange_code_sends_code_redirect_verifier_and_token_params() {
     let h = harness().await;
     let p = h.registry.get("basic").unwrap();
     let (verifier, _) = pkce_pair();
+    let verifier = verifier.expose_secret();
     let t = h
         .client
         .exchange_code(
             p,
             "code:abc",
             "https://app.example/callback",
-            Some(&verifier),
+            Some(verifier),
         )
         .await
         .unwrap();
@@ -767,6 +768,7 @@ async fn authorize_url_has_every_parameter_and_a_matching_pkce_challenge() {
     let h = harness().await;
     let p = h.registry.get("basic").unwrap();
     let (verifier, challenge) = pkce_pair();
+    let verifier = verifier.expose_secret();
     assert!((43..=128).contains(&verifier.len()));
     let url = authorize_url(
         p,
@@ -787,7 +789,7 @@ async fn authorize_url_has_every_parameter_and_a_matching_pkce_challenge() {
     assert_eq!(q["scope"], "openid email");
     assert_eq!(q["state"], "state-123");
     assert_eq!(q["code_challenge_method"], "S256");
-    assert_eq!(q["code_challenge"], pkce_challenge(&verifier));
+    assert_eq!(q["code_challenge"], pkce_challenge(verifier));
     assert_eq!(q["access_type"], "offline");
     assert_eq!(q["prompt"], "consent");
     assert_eq!(q.len(), 10, "{q:?}");

@@ -55,11 +55,15 @@ impl IntegrationsService {
         let access = self.keys.encrypt(
             tokens.access_token.expose_secret().as_bytes(),
             &Self::aad(p, a, "access"),
-        );
-        let mut refresh = tokens.refresh_token.as_ref().map(|t| {
-            self.keys
-                .encrypt(t.expose_secret().as_bytes(), &Self::aad(p, a, "refresh"))
-        });
+        )?;
+        let mut refresh = tokens
+            .refresh_token
+            .as_ref()
+            .map(|t| {
+                self.keys
+                    .encrypt(t.expose_secret().as_bytes(), &Self::aad(p, a, "refresh"))
+            })
+            .transpose()?;
         let mut conn = self.pool.get().await?;
         // Retried once: without a new refresh token, a stored one under an
         // older key is re-encrypted first.
@@ -98,7 +102,7 @@ impl IntegrationsService {
             if let Some((Some(old), key_id)) = rows::stored_refresh_token(&mut conn, p, a).await? {
                 let aad = Self::aad(p, a, "refresh");
                 let plain = self.keys.decrypt(&key_id, &old, &aad)?;
-                refresh = Some(self.keys.encrypt(&plain, &aad));
+                refresh = Some(self.keys.encrypt(&plain, &aad)?);
             }
         }
         Err(ServiceError::Conflict {
@@ -177,7 +181,9 @@ impl IntegrationsService {
         };
         let url = authorize_url(p, callback, &state, challenge.as_deref(), None)?;
         let aad = state_aad(&hash);
-        let encrypted = verifier.map(|v| self.keys.encrypt(v.as_bytes(), &aad));
+        let encrypted = verifier
+            .map(|v| self.keys.encrypt(v.expose_secret().as_bytes(), &aad))
+            .transpose()?;
         let ttl = self.config.state_ttl;
         let mut conn = self.pool.get().await?;
         oauth_states::insert(
@@ -256,15 +262,21 @@ impl IntegrationsService {
         let p = self.providers.get(provider.as_str())?;
         let callback = self.config.callback_url.clone().unwrap_or_default();
         let verifier = match &stored.code_verifier {
-            Some(v) => Some(
-                String::from_utf8_lossy(&self.keys.decrypt(&stored.key_id, v, &state_aad(hash))?)
-                    .into_owned(),
-            ),
+            Some(v) => Some(super::secret(self.keys.decrypt(
+                &stored.key_id,
+                v,
+                &state_aad(hash),
+            )?)),
             None => None,
         };
         let tokens = self
             .tokens
-            .exchange_code(p, code, &callback, verifier.as_deref())
+            .exchange_code(
+                p,
+                code,
+                &callback,
+                verifier.as_ref().map(|v| v.expose_secret()),
+            )
             .await?;
         let account = AccountId::parse(&self.tokens.account_id(p, &tokens).await?)?;
         self.connect(&user_id, &provider, &account, &tokens, None)

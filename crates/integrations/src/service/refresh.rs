@@ -254,13 +254,13 @@ impl IntegrationsService {
                 let access = self.keys.encrypt(
                     tokens.access_token.expose_secret().as_bytes(),
                     &Self::aad(p, a, "access"),
-                );
+                )?;
                 // A response without a refresh token keeps the old one,
                 // re-encrypted under the current key with the access token.
                 let refresh_plain = tokens.refresh_token.as_ref().unwrap_or(&old_refresh);
                 let refresh = self
                     .keys
-                    .encrypt(refresh_plain.expose_secret().as_bytes(), &refresh_aad);
+                    .encrypt(refresh_plain.expose_secret().as_bytes(), &refresh_aad)?;
                 let scopes = (!tokens.scopes.is_empty()).then_some(tokens.scopes.as_slice());
                 let update = Refreshed {
                     access_token: &access,
