@@ -591,11 +591,11 @@ pub fn error_code(raw: &str, secrets: &[&str]) -> String {
 /// - only printable characters are kept (letters and digits of any script,
 ///   ASCII punctuation; the rest, such as control and bidi characters,
 ///   becomes a space), and runs of spaces shrink to one;
+/// - any stretch sharing 8 or more characters with a secret of the request
+///   becomes `[REDACTED]`;
 /// - words that look like links (`scheme://`, `www.`, `name.tld`, e-mail
 ///   addresses, `javascript:`/`data:` and the like) become `[link]`;
 /// - runs of 7 or more digits (phone or account numbers) become `[number]`;
-/// - any stretch sharing 8 or more characters with a secret of the request
-///   becomes `[REDACTED]`;
 /// - at most 200 characters are kept.
 pub fn error_description(raw: &str, secrets: &[&str]) -> Option<String> {
     if raw.contains(['<', '>']) {
@@ -603,12 +603,16 @@ pub fn error_description(raw: &str, secrets: &[&str]) -> Option<String> {
     }
     // Bounded work: the part that can still matter after the cut.
     let text = printable(raw, MAX_DESCRIPTION * 4);
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // Secrets first, on the text as it will read (the later steps only
+    // put placeholders in place of characters).
+    let text = redact_secrets(&text, secrets);
     let text = text
-        .split_whitespace()
+        .split(' ')
         .map(|w| if looks_like_link(w) { "[link]" } else { w })
         .collect::<Vec<_>>()
         .join(" ");
-    let text = redact_secrets(&replace_numbers(&text), secrets);
+    let text = replace_numbers(&text);
     let mut text = text.trim().to_string();
     if text.chars().count() > MAX_DESCRIPTION {
         text = text.chars().take(MAX_DESCRIPTION).collect::<String>() + "…";
