@@ -7,6 +7,7 @@ mod common;
 mod batch;
 mod cache;
 mod connect_flow;
+mod encryption;
 mod refresh;
 mod refresher;
 mod storage;
