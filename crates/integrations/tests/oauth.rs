@@ -1018,7 +1018,7 @@ fn shipped_providers_send_a_pkce_challenge_except_reddit() {
     assert!(!r.get("reddit").unwrap().pkce);
     let readme = include_str!("../../../README.md");
     assert!(
-        readme.contains("reddit"),
+        readme.contains("**Providers without PKCE: reddit**"),
         "the README names the providers without PKCE"
     );
 }

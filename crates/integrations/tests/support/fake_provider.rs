@@ -29,6 +29,7 @@ pub enum Mode {
     /// 400 with a hostile error answer: markup as the code; a description
     /// quoting a prefix of the refresh token presented, a phone number, links
     /// and a bidi override.
+    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
     Hostile,
 }
 
