@@ -562,7 +562,7 @@ const REGISTERED_CODES: &[&str] = &[
     "account_selection_required",
 ];
 
-/// A provider's `error` code, or [`FALLBACK_CODE`] unless it is a plain
+/// A provider's `error` code, or `provider_error` unless it is a plain
 /// code: a registered one, or 1 to 64 ASCII letters, digits, `_`, `-` or
 /// `.` (a subset of RFC 6749's error charset, %x20-21 / %x23-5B /
 /// %x5D-7E, that every registered code fits) without a long digit run or a
