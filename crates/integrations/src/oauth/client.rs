@@ -5,9 +5,11 @@
 //! is gone (mark the integration revoked), [`OAuthError::Transient`] means
 //! retry later and keep the old token, [`OAuthError::Rejected`] and
 //! [`OAuthError::NotConfigured`] are configuration problems. No message ever
-//! carries a token, a code, a client secret or a response body; only the
-//! provider's own `error` and `error_description` are passed on, with any
-//! secret of the request scrubbed from them.
+//! carries a token, a code, a client secret or a response body. Of a
+//! provider's error answer only its `error` code (when it is a plain code)
+//! and a sanitised `error_description` are passed on: see
+//! [`error_code`] and [`error_description`]; what is withheld is logged at
+//! debug level with the request's secrets removed.
 
 use std::time::Duration;
 
@@ -17,6 +19,7 @@ use chrono::Utc;
 use rand::RngCore as _;
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::{RequestBuilder, Response, StatusCode};
+use secrecy::zeroize::{Zeroize, Zeroizing};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -31,8 +34,18 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest response body read from a provider.
 const MAX_BODY: usize = 1 << 20;
-/// The longest provider `error`/`error_description` passed on.
-const MAX_DESCRIPTION: usize = 300;
+/// The longest provider `error_description` passed on, in characters.
+const MAX_DESCRIPTION: usize = 200;
+/// The longest provider `error` code passed on.
+const MAX_ERROR_CODE: usize = 64;
+/// The code that stands for a provider's `error` that is not a plain code.
+const FALLBACK_CODE: &str = "provider_error";
+/// Provider text sharing this many characters in a row with a secret of
+/// the request (token, code, verifier, client secret) is withheld.
+const SECRET_OVERLAP: usize = 8;
+/// Digits in a run (spaces, `-`, `.`, `(`, `)`, `+`, `/` between them
+/// allowed) from which it may be a phone or account number.
+const NUMBER_DIGITS: usize = 7;
 
 /// Why an OAuth call failed, sorted by what the caller should do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,11 +180,10 @@ impl TokenClient {
         refresh_token: &SecretString,
     ) -> Result<TokenSet, OAuthError> {
         let secret = refresh_token.expose_secret();
-        let mut form = vec![
-            ("grant_type".to_string(), "refresh_token".to_string()),
-            ("refresh_token".to_string(), secret.to_string()),
-        ];
-        extend(&mut form, &p.refresh_params);
+        let mut form = Form::default();
+        form.push("grant_type", "refresh_token");
+        form.push("refresh_token", secret);
+        form.extend(&p.refresh_params);
         self.token_request(p, form, &[secret]).await
     }
 
@@ -186,15 +198,14 @@ impl TokenClient {
         redirect_uri: &str,
         code_verifier: Option<&str>,
     ) -> Result<TokenSet, OAuthError> {
-        let mut form = vec![
-            ("grant_type".to_string(), "authorization_code".to_string()),
-            ("code".to_string(), code.to_string()),
-            ("redirect_uri".to_string(), redirect_uri.to_string()),
-        ];
+        let mut form = Form::default();
+        form.push("grant_type", "authorization_code");
+        form.push("code", code);
+        form.push("redirect_uri", redirect_uri);
         if let Some(v) = code_verifier {
-            form.push(("code_verifier".to_string(), v.to_string()));
+            form.push("code_verifier", v);
         }
-        extend(&mut form, &p.token_params);
+        form.extend(&p.token_params);
         self.token_request(p, form, &[code, code_verifier.unwrap_or_default()])
             .await
     }
@@ -215,12 +226,14 @@ impl TokenClient {
             return Ok(());
         };
         let secret = token.expose_secret();
-        let mut form = vec![("token".to_string(), secret.to_string())];
+        let mut form = Form::default();
+        form.push("token", secret);
         if !hint.is_empty() {
-            form.push(("token_type_hint".to_string(), hint.to_string()));
+            form.push("token_type_hint", hint);
         }
         let (req, client_secret) = self.authenticated_post(p, url, &mut form)?;
-        let reply = self.send(p, url, "POST", req.form(&form)).await?;
+        let reply = self.send(p, url, "POST", req.form(&form.0)).await?;
+        drop(form);
         let scrub = [secret, client_secret.expose_secret()];
         if reply.status.is_success() {
             tracing::debug!(status = reply.status.as_u16(), "token revoked");
@@ -276,12 +289,12 @@ impl TokenClient {
     async fn token_request(
         &self,
         p: &Provider,
-        mut form: Vec<(String, String)>,
+        mut form: Form,
         secrets: &[&str],
     ) -> Result<TokenSet, OAuthError> {
         let url = &p.token_url;
         let (req, client_secret) = self.authenticated_post(p, url, &mut form)?;
-        let reply = self.send(p, url, "POST", req.form(&form)).await?;
+        let reply = self.send(p, url, "POST", req.form(&form.0)).await?;
         drop(form);
         let mut scrub = secrets.to_vec();
         scrub.push(client_secret.expose_secret());
@@ -291,7 +304,7 @@ impl TokenClient {
         let json = reply.json(p, url)?;
         // Some providers (TikTok) answer errors with 200.
         if json.get("access_token").is_none() {
-            if let Some((error, description)) = oauth_error(&json, &scrub) {
+            if let Some((error, description)) = oauth_error(p, &json, &scrub) {
                 return Err(classify(p, reply.status, error, description));
             }
         }
@@ -312,7 +325,7 @@ impl TokenClient {
         &self,
         p: &'p Provider,
         url: &Url,
-        form: &mut Vec<(String, String)>,
+        form: &mut Form,
     ) -> Result<(RequestBuilder, &'p SecretString), OAuthError> {
         let client_id = p.client_id()?;
         let client_secret = p.client_secret()?;
@@ -322,16 +335,13 @@ impl TokenClient {
             .header(ACCEPT, "application/json");
         let req = match p.client_auth {
             // RFC 6749 §2.3.1: both form-encoded before Basic encoding.
-            ClientAuth::Basic => req.basic_auth(
-                form_encode(client_id),
-                Some(form_encode(client_secret.expose_secret())),
-            ),
+            ClientAuth::Basic => {
+                let secret = Zeroizing::new(form_encode(client_secret.expose_secret()));
+                req.basic_auth(form_encode(client_id), Some(&*secret))
+            }
             ClientAuth::Post => {
-                form.push((p.client_id_param.clone(), client_id.to_string()));
-                form.push((
-                    "client_secret".to_string(),
-                    client_secret.expose_secret().to_string(),
-                ));
+                form.push(&p.client_id_param, client_id);
+                form.push("client_secret", client_secret.expose_secret());
                 req
             }
         };
@@ -442,7 +452,7 @@ fn status_error(p: &Provider, url: &Url, reply: &Reply, scrub: &[&str]) -> OAuth
     let status = reply.status;
     let parsed = serde_json::from_slice::<Value>(&reply.body)
         .ok()
-        .and_then(|json| oauth_error(&json, scrub));
+        .and_then(|json| oauth_error(p, &json, scrub));
     if status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::REQUEST_TIMEOUT
         || status.is_server_error()
@@ -492,46 +502,268 @@ fn classify(
 }
 
 /// The provider's `error` and `error_description` (GitHub's API uses
-/// `message`), scrubbed of the request's secrets and shortened.
-fn oauth_error(json: &Value, scrub: &[&str]) -> Option<(String, Option<String>)> {
-    let text = |key: &str| {
-        json.get(key)
+/// `message`; TikTok nests both under `error`), made safe to pass on: the
+/// code through [`error_code`], the description through
+/// [`error_description`]. When anything was withheld, the provider's text
+/// is logged at debug level with the request's secrets removed.
+fn oauth_error(p: &Provider, json: &Value, scrub: &[&str]) -> Option<(String, Option<String>)> {
+    let text = |pointer: &str| {
+        json.pointer(pointer)
             .and_then(Value::as_str)
-            .map(|s| clean(s, scrub))
-            .filter(|s| !s.is_empty())
+            .filter(|s| !s.trim().is_empty())
     };
-    let error = text("error").or_else(|| {
-        // TikTok nests: {"error": {"code": "...", "message": "..."}}.
-        json.pointer("/error/code")
-            .and_then(Value::as_str)
-            .map(|s| clean(s, scrub))
-    });
-    let description = text("error_description")
-        .or_else(|| text("message"))
-        .or_else(|| {
-            json.pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(|s| clean(s, scrub))
-                .filter(|s| !s.is_empty())
-        });
-    match (error, description) {
-        (Some(e), d) => Some((e, d)),
-        (None, Some(d)) => Some(("unspecified".to_string(), Some(d))),
-        (None, None) => None,
+    let raw_error = text("/error").or_else(|| text("/error/code"));
+    let raw_description = text("/error_description")
+        .or_else(|| text("/message"))
+        .or_else(|| text("/error/message"));
+    if raw_error.is_none() && raw_description.is_none() {
+        return None;
+    }
+    let error = raw_error.map_or_else(|| "unspecified".to_string(), |e| error_code(e, scrub));
+    let description = raw_description.and_then(|d| error_description(d, scrub));
+    let withheld = raw_error.is_some_and(|e| e != error)
+        || raw_description.is_some_and(|d| description.as_deref() != Some(d.trim()));
+    if withheld {
+        let for_log =
+            |t: Option<&str>| t.map(|t| redact_secrets(&printable(t, MAX_DESCRIPTION * 5), scrub));
+        tracing::debug!(
+            provider = %p.name,
+            error = ?for_log(raw_error),
+            description = ?for_log(raw_description),
+            "the provider's error text was not passed on as it is"
+        );
+    }
+    Some((error, description))
+}
+
+/// Error codes registered by RFC 6749, 6750, 7009, 8628 and OpenID
+/// Connect: fixed words, so they pass even when a secret happens to
+/// contain one.
+const REGISTERED_CODES: &[&str] = &[
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "access_denied",
+    "unsupported_response_type",
+    "server_error",
+    "temporarily_unavailable",
+    "unsupported_token_type",
+    "invalid_token",
+    "insufficient_scope",
+    "authorization_pending",
+    "slow_down",
+    "expired_token",
+    "interaction_required",
+    "login_required",
+    "consent_required",
+    "account_selection_required",
+];
+
+/// A provider's `error` code, or `provider_error` unless it is a plain
+/// code: a registered one, or 1 to 64 ASCII letters, digits, `_`, `-` or
+/// `.` (a subset of RFC 6749's error charset, %x20-21 / %x23-5B /
+/// %x5D-7E, that every registered code fits) without a long digit run or a
+/// piece of a secret.
+pub fn error_code(raw: &str, secrets: &[&str]) -> String {
+    if REGISTERED_CODES.contains(&raw) {
+        return raw.to_string();
+    }
+    let plain = !raw.is_empty()
+        && raw.len() <= MAX_ERROR_CODE
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && replace_numbers(raw) == raw
+        && redact_secrets(raw, secrets) == raw;
+    if plain {
+        raw.to_string()
+    } else {
+        FALLBACK_CODE.to_string()
     }
 }
 
-/// Removes the request's secrets from a provider-supplied text, drops
-/// control characters and caps the length.
-fn clean(text: &str, scrub: &[&str]) -> String {
-    let mut s: String = text.chars().filter(|c| !c.is_control()).collect();
-    for secret in scrub.iter().filter(|s| s.len() >= 4) {
-        s = s.replace(secret, "[REDACTED]");
+/// What the callback passes on to the application of the `error` an
+/// authorization endpoint sent back: one of RFC 6749's codes (section
+/// 4.1.2.1), otherwise `provider_error`; never the provider's text (or an
+/// attacker's, who can craft the callback URL). `missing_code` when the
+/// callback carried neither a code nor an error.
+pub fn authorization_error(error: Option<&str>) -> &'static str {
+    const CODES: [&str; 7] = [
+        "invalid_request",
+        "unauthorized_client",
+        "access_denied",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+    ];
+    match error {
+        None => "missing_code",
+        Some(e) => CODES
+            .iter()
+            .find(|c| **c == e)
+            .copied()
+            .unwrap_or(FALLBACK_CODE),
     }
-    if s.chars().count() > MAX_DESCRIPTION {
-        s = s.chars().take(MAX_DESCRIPTION).collect::<String>() + "…";
+}
+
+/// A provider's `error_description` made safe to show to API clients and
+/// store as `last_error`, or `None` when nothing useful is left:
+/// - markup (`<` or `>` anywhere) withholds the whole text;
+/// - only printable characters are kept (letters and digits of any script,
+///   ASCII punctuation; the rest, such as control and bidi characters,
+///   becomes a space), and runs of spaces shrink to one;
+/// - any stretch sharing 8 or more characters with a secret of the request
+///   becomes `[REDACTED]`;
+/// - words that look like links (`scheme://`, `www.`, `name.tld`, e-mail
+///   addresses, `javascript:`/`data:` and the like) become `[link]`;
+/// - runs of 7 or more digits (phone or account numbers) become `[number]`;
+/// - at most 200 characters are kept.
+pub fn error_description(raw: &str, secrets: &[&str]) -> Option<String> {
+    if raw.contains(['<', '>']) {
+        return None;
     }
-    s
+    // Bounded work: the part that can still matter after the cut.
+    let text = printable(raw, MAX_DESCRIPTION * 4);
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    // Secrets first, on the text as it will read (the later steps only
+    // put placeholders in place of characters).
+    let text = redact_secrets(&text, secrets);
+    let text = text
+        .split(' ')
+        .map(|w| if looks_like_link(w) { "[link]" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let text = replace_numbers(&text);
+    let mut text = text.trim().to_string();
+    if text.chars().count() > MAX_DESCRIPTION {
+        text = text.chars().take(MAX_DESCRIPTION).collect::<String>() + "…";
+    }
+    let informative = text
+        .replace("[link]", "")
+        .replace("[number]", "")
+        .replace("[REDACTED]", "")
+        .chars()
+        .any(char::is_alphabetic);
+    informative.then_some(text)
+}
+
+/// At most `max` characters of `text`: letters and digits of any script
+/// and ASCII punctuation; anything else (control, format, bidi characters,
+/// symbols) becomes a space.
+fn printable(text: &str, max: usize) -> String {
+    text.chars()
+        .take(max)
+        .map(|c| {
+            if c.is_alphanumeric() || c.is_ascii_graphic() {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect()
+}
+
+/// Whether a word names a place: a URL, a bare domain, an e-mail address.
+/// Deliberately broad (a false positive only hides a word of an error
+/// text), which is why this is a few rules rather than a URL parser that
+/// would accept only well-formed links.
+fn looks_like_link(word: &str) -> bool {
+    let w = word.to_ascii_lowercase();
+    let w = w.trim_matches(|c: char| !c.is_ascii_alphanumeric() && c != '/');
+    if w.contains("://") || w.contains("www.") || w.contains('@') {
+        return true;
+    }
+    if ["javascript:", "data:", "mailto:", "file:", "vbscript:"]
+        .iter()
+        .any(|s| w.contains(s))
+    {
+        return true;
+    }
+    // name.tld, name.tld/path: a dot between alphanumerics, the label
+    // after the last dot of the host being 2+ letters.
+    let host = w.split(['/', '?', '#']).next().unwrap_or_default();
+    let labels: Vec<&str> = host.split('.').collect();
+    labels.len() >= 2
+        && labels
+            .iter()
+            .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        && labels
+            .last()
+            .is_some_and(|tld| tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic()))
+}
+
+/// Replaces runs of [`NUMBER_DIGITS`] or more digits (with separators
+/// between them) by `[number]`.
+fn replace_numbers(text: &str) -> String {
+    const SEPARATORS: &[char] = &[' ', '-', '.', '(', ')', '+', '/'];
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if !chars[i].is_ascii_digit() {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // The run: digits and separators, ending at its last digit.
+        let (mut end, mut digits, mut j) = (i, 0, i);
+        while j < chars.len() && (chars[j].is_ascii_digit() || SEPARATORS.contains(&chars[j])) {
+            if chars[j].is_ascii_digit() {
+                digits += 1;
+                end = j + 1;
+            }
+            j += 1;
+        }
+        // A leading '+' or '(' belongs to the number.
+        if digits >= NUMBER_DIGITS {
+            while out.ends_with(['+', '(']) {
+                out.pop();
+            }
+            out.push_str("[number]");
+        } else {
+            out.extend(&chars[i..end]);
+        }
+        i = end;
+    }
+    out
+}
+
+/// Replaces every stretch of `text` that shares [`SECRET_OVERLAP`] or more
+/// characters in a row with one of `secrets` by `[REDACTED]` (secrets
+/// shorter than that: their whole occurrences, from 4 characters).
+fn redact_secrets(text: &str, secrets: &[&str]) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut hidden = vec![false; chars.len()];
+    for secret in secrets {
+        let s: Vec<char> = secret.chars().collect();
+        let width = if s.len() >= SECRET_OVERLAP {
+            SECRET_OVERLAP
+        } else if s.len() >= 4 {
+            s.len()
+        } else {
+            continue;
+        };
+        // Every window of the secret; a longer overlap is a chain of them.
+        let windows: std::collections::HashSet<&[char]> = s.windows(width).collect();
+        for (i, w) in chars.windows(width).enumerate() {
+            if windows.contains(w) {
+                hidden[i..i + width].iter_mut().for_each(|h| *h = true);
+            }
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    for (i, c) in chars.iter().enumerate() {
+        if !hidden[i] {
+            out.push(*c);
+        } else if i == 0 || !hidden[i - 1] {
+            out.push_str("[REDACTED]");
+        }
+    }
+    out
 }
 
 /// A URL without user info or query (which could carry credentials) for
@@ -559,8 +791,30 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn extend(form: &mut Vec<(String, String)>, params: &std::collections::BTreeMap<String, String>) {
-    form.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
+/// A request's form fields. Its values (a refresh token, a code, a PKCE
+/// verifier, the client secret) are cleared from memory when it is
+/// dropped; the encoded body reqwest builds from it is out of reach.
+#[derive(Default)]
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn push(&mut self, key: &str, value: &str) {
+        self.0.push((key.to_string(), value.to_string()));
+    }
+
+    fn extend(&mut self, params: &std::collections::BTreeMap<String, String>) {
+        for (k, v) in params {
+            self.push(k, v);
+        }
+    }
+}
+
+impl Drop for Form {
+    fn drop(&mut self) {
+        for (_, value) in &mut self.0 {
+            value.zeroize();
+        }
+    }
 }
 
 fn form_encode(s: &str) -> String {
@@ -625,13 +879,13 @@ pub fn authorize_url(
 }
 
 /// A PKCE pair `(verifier, challenge)`: the verifier is 43 characters of
-/// base64url (no padding) from 32 random bytes; the challenge is
-/// [`pkce_challenge`] of it (S256).
-pub fn pkce_pair() -> (String, String) {
-    let mut bytes = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut bytes);
-    let verifier = URL_SAFE_NO_PAD.encode(bytes);
-    let challenge = pkce_challenge(&verifier);
+/// base64url (no padding) from 32 random bytes, a secret cleared from
+/// memory when dropped; the challenge is [`pkce_challenge`] of it (S256).
+pub fn pkce_pair() -> (SecretString, String) {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    rand::thread_rng().fill_bytes(bytes.as_mut());
+    let verifier = SecretString::from(URL_SAFE_NO_PAD.encode(bytes.as_ref()));
+    let challenge = pkce_challenge(verifier.expose_secret());
     (verifier, challenge)
 }
 
@@ -652,42 +906,102 @@ mod tests {
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
         let (v, c) = pkce_pair();
+        let v = v.expose_secret().to_string();
         assert_eq!(v.len(), 43);
         assert!(v
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
         assert_eq!(c, pkce_challenge(&v));
-        assert_ne!(pkce_pair().0, v);
+        assert_ne!(pkce_pair().0.expose_secret(), v);
+    }
+
+    fn provider() -> Provider {
+        let toml = "[p]\nauthorize_url = \"https://example.com/a\"\ntoken_url = \"https://example.com/t\"\n\
+                    client_id = \"c\"\nclient_secret_env = \"S\"\nclient_auth = \"post\"\n";
+        super::super::ProviderRegistry::from_toml(toml, "t", &|_: &str| None)
+            .unwrap()
+            .get("p")
+            .unwrap()
+            .clone()
     }
 
     #[test]
-    fn clean_scrubs_secrets_and_caps_length() {
-        let s = clean("token abcd-secret is bad\n", &["abcd-secret", "ab"]);
-        assert_eq!(s, "token [REDACTED] is bad");
+    fn error_codes_pass_only_when_plain() {
+        for ok in ["invalid_grant", "access_token_invalid", "bad.code-1"] {
+            assert_eq!(error_code(ok, &[]), ok);
+        }
+        let long = "a".repeat(65);
+        for bad in [
+            "<script>alert(1)</script>",
+            "invalid grant",
+            "call_5551234567",
+            long.as_str(),
+            "x\u{202e}y",
+            "rt-abcdefgh",
+        ] {
+            assert_eq!(error_code(bad, &["rt-abcdefghijk"]), FALLBACK_CODE, "{bad}");
+        }
+    }
+
+    #[test]
+    fn descriptions_lose_links_numbers_secrets_and_markup() {
+        let rt = "1//0gAbCdEfGhIjKlMnOp-refresh";
+        let d = error_description(
+            "Token 1//0gAbCdEfGhIj is bad; call +1 (555) 010-9999 or see https://evil.example/x?a=1, \
+             www.evil.example, evil.example/help or help@evil.example. Code 4001 expired.",
+            &[rt],
+        )
+        .unwrap();
         assert_eq!(
-            clean(&"x".repeat(1000), &[]).chars().count(),
+            d,
+            "Token [REDACTED] is bad; call [number] or see [link] [link] [link] or [link] Code 4001 expired."
+        );
+        assert_eq!(
+            error_description("<script>alert(1)</script> Token expired", &[]),
+            None
+        );
+        assert_eq!(
+            error_description("bad\u{202e}\u{0}\ttoken\n e.g. grant_type", &[]).unwrap(),
+            "bad token e.g. grant_type"
+        );
+        assert_eq!(
+            error_description("https://evil.example 5551234567", &[]),
+            None
+        );
+        assert_eq!(
+            error_description(&"x".repeat(1000), &[])
+                .unwrap()
+                .chars()
+                .count(),
             MAX_DESCRIPTION + 1
         );
+        // A secret's window anywhere in a long text, and short secrets whole.
+        let d = error_description(
+            "abcd-secret: ab and xx1//0gAbCdEfyy",
+            &["abcd-secret", "ab", rt],
+        );
+        assert_eq!(d.unwrap(), "[REDACTED]: ab and xx[REDACTED]yy");
     }
 
     #[test]
     fn oauth_error_shapes() {
+        let p = provider();
         let j = serde_json::json!({"error": "invalid_grant", "error_description": "expired"});
         assert_eq!(
-            oauth_error(&j, &[]),
+            oauth_error(&p, &j, &[]),
             Some(("invalid_grant".into(), Some("expired".into())))
         );
         let j = serde_json::json!({"error": {"code": "access_token_invalid", "message": "m"}});
         assert_eq!(
-            oauth_error(&j, &[]),
+            oauth_error(&p, &j, &[]),
             Some(("access_token_invalid".into(), Some("m".into())))
         );
         let j = serde_json::json!({"message": "Bad credentials"});
         assert_eq!(
-            oauth_error(&j, &[]),
+            oauth_error(&p, &j, &[]),
             Some(("unspecified".into(), Some("Bad credentials".into())))
         );
-        assert_eq!(oauth_error(&serde_json::json!({"x": 1}), &[]), None);
+        assert_eq!(oauth_error(&p, &serde_json::json!({"x": 1}), &[]), None);
     }
 
     #[test]

@@ -7,8 +7,8 @@ pub mod providers;
 pub mod token;
 
 pub use client::{
-    authorize_url, pkce_challenge, pkce_pair, OAuthError, TokenClient, TokenClientConfig,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
+    authorization_error, authorize_url, error_code, error_description, pkce_challenge, pkce_pair,
+    OAuthError, TokenClient, TokenClientConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT,
 };
 pub use providers::{
     AccountIdFrom, AccountIdRule, ClientAuth, MissingCredential, Provider, ProviderRegistry,

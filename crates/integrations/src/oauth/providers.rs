@@ -535,6 +535,14 @@ impl Entry {
     }
 }
 
+fn is_loopback(host: &url::Host<&str>) -> bool {
+    match host {
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost"),
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -542,12 +550,23 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
-/// An absolute http(s) URL (http is allowed so tests can point at a local
-/// fake provider).
+/// An absolute https URL; http only for a loopback host (127.0.0.0/8,
+/// ::1, localhost), where a local provider (tests, development) runs and
+/// nothing crosses a network.
 fn endpoint(field: &str, value: &str) -> Result<Url, String> {
     let url = Url::parse(value).map_err(|e| format!("field '{field}': not a valid URL ({e})"))?;
-    if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
+    let Some(host) = url.host() else {
         return Err(format!("field '{field}': must be an https:// URL"));
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&host) => {}
+        "http" => {
+            return Err(format!(
+                "field '{field}': http:// is accepted only for loopback hosts (127.0.0.0/8, [::1], localhost), not '{host}'; use https://"
+            ))
+        }
+        _ => return Err(format!("field '{field}': must be an https:// URL")),
     }
     if url.fragment().is_some() {
         return Err(format!("field '{field}': must not have a #fragment"));
@@ -678,6 +697,53 @@ client_auth = "basic"
             e.contains("provider 'demo'") && e.contains("`basic`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn http_is_refused_except_for_loopback_hosts() {
+        for (field, url) in [
+            ("token_url", "http://oauth.example.com/token"),
+            ("authorize_url", "http://10.0.0.8/auth"),
+            ("revoke_url", "http://127.0.0.1.nip.io/revoke"),
+            ("userinfo_url", "http://[::ffff:127.0.0.1]/me"),
+            ("token_url", "http://localhost.example.com/token"),
+        ] {
+            let text = MINIMAL
+                .replace("authorize_url = \"https://example.com/auth\"\n", "")
+                .replace("token_url = \"http://127.0.0.1:9/token\"\n", "");
+            let mut fields = BTreeMap::from([
+                ("authorize_url", "https://example.com/auth"),
+                ("token_url", "https://example.com/token"),
+            ]);
+            fields.insert(field, url);
+            let extra: String = fields
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\"\n"))
+                .collect();
+            let e = ProviderRegistry::from_toml(&format!("{text}{extra}"), "my.toml", &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("provider 'demo': field '{field}': http:// is accepted only for loopback hosts (127.0.0.0/8, [::1], localhost)"))
+                    && e.contains("use https://"),
+                "{url}: {e}"
+            );
+        }
+        for url in [
+            "http://127.0.0.1:9/token",
+            "http://127.8.9.10/token",
+            "http://[::1]:8080/token",
+            "http://localhost:3000/token",
+            "http://LOCALHOST/token",
+            "https://oauth.example.com/token",
+        ] {
+            let text = MINIMAL.replace("http://127.0.0.1:9/token", url);
+            let r = ProviderRegistry::from_toml(&text, "t", &env).unwrap();
+            assert_eq!(
+                r.get("demo").unwrap().token_url.scheme(),
+                &url[..url.find(':').unwrap()].to_lowercase()
+            );
+        }
     }
 
     #[test]

@@ -79,11 +79,15 @@ impl IntegrationsService {
         let access = self.keys.encrypt(
             tokens.access_token.expose_secret().as_bytes(),
             &Self::aad(p, a, "access"),
-        );
-        let mut refresh = tokens.refresh_token.as_ref().map(|t| {
-            self.keys
-                .encrypt(t.expose_secret().as_bytes(), &Self::aad(p, a, "refresh"))
-        });
+        )?;
+        let mut refresh = tokens
+            .refresh_token
+            .as_ref()
+            .map(|t| {
+                self.keys
+                    .encrypt(t.expose_secret().as_bytes(), &Self::aad(p, a, "refresh"))
+            })
+            .transpose()?;
         let mut conn = self.pool.get().await?;
         // Retried once: without a new refresh token, a stored one under an
         // older key is re-encrypted first.
@@ -122,7 +126,7 @@ impl IntegrationsService {
             if let Some((Some(old), key_id)) = rows::stored_refresh_token(&mut conn, p, a).await? {
                 let aad = Self::aad(p, a, "refresh");
                 let plain = self.keys.decrypt(&key_id, &old, &aad)?;
-                refresh = Some(self.keys.encrypt(&plain, &aad));
+                refresh = Some(self.keys.encrypt(&plain, &aad)?);
             }
         }
         Err(ServiceError::Conflict {
@@ -195,7 +199,7 @@ impl IntegrationsService {
         let hash = sha256(state.expose_secret());
         let (verifier, challenge) = if p.pkce {
             let (v, c) = pkce_pair();
-            (Some(Zeroizing::new(v)), Some(c))
+            (Some(v), Some(c))
         } else {
             (None, None)
         };
@@ -207,7 +211,9 @@ impl IntegrationsService {
             None,
         )?;
         let aad = state_aad(&hash);
-        let encrypted = verifier.map(|v| self.keys.encrypt(v.as_bytes(), &aad));
+        let encrypted = verifier
+            .map(|v| self.keys.encrypt(v.expose_secret().as_bytes(), &aad))
+            .transpose()?;
         let ttl = self.config.state_ttl;
         let mut conn = self.pool.get().await?;
         oauth_states::insert(
@@ -290,11 +296,11 @@ impl IntegrationsService {
         let p = self.providers.get(provider.as_str())?;
         let callback = self.config.callback_url.clone().unwrap_or_default();
         let verifier = match &stored.code_verifier {
-            Some(v) => Some(Zeroizing::new(
+            Some(v) => Some(
                 self.keys
                     .decrypt(&stored.key_id, v, &state_aad(hash))
                     .map_err(|_| ServiceError::InvalidState(UNREADABLE))?,
-            )),
+            ),
             None => None,
         };
         let verifier = verifier
@@ -313,7 +319,7 @@ impl IntegrationsService {
             provider.as_str(),
             account.as_str(),
         );
-        let sealed = self.keys.encrypt(&seal(&tokens)?, &pending_aad);
+        let sealed = self.keys.encrypt(&seal(&tokens)?, &pending_aad)?;
         let mut conn = self.pool.get().await?;
         oauth_pending::insert(
             &mut conn,
@@ -371,11 +377,10 @@ impl IntegrationsService {
             &pending.provider,
             &pending.account_id,
         );
-        let plain = Zeroizing::new(
-            self.keys
-                .decrypt(&pending.key_id, &pending.tokens, &aad)
-                .map_err(|_| ServiceError::InvalidFlow(UNREADABLE))?,
-        );
+        let plain = self
+            .keys
+            .decrypt(&pending.key_id, &pending.tokens, &aad)
+            .map_err(|_| ServiceError::InvalidFlow(UNREADABLE))?;
         let tokens = unseal(&plain)?;
         let user = UserId::parse(&pending.user_id)?;
         let provider = ProviderName::parse(&pending.provider)?;

@@ -1,12 +1,10 @@
-//! `rotate-keys`: re-encrypts every row with the current key, in batches,
-//! then the connect flows in progress,
-//! each in its own short transaction; resumable (rows already under the
-//! current key are skipped), safe beside running refreshes: a row changed
+//! `rotate-keys`: re-encrypts every row with the current key in the current
+//! format, in batches, each in its own short transaction, then the connect
+//! flows in progress; resumable (rows already under the current key and
+//! format are skipped), safe beside running refreshes: a row changed
 //! between its read and its update keeps the refresh's tokens (written
 //! under the current key, or under the old one by an instance not yet
 //! restarted with the new keys; the next run re-encrypts those).
-
-use secrecy::zeroize::{Zeroize, Zeroizing};
 
 use super::{IntegrationsService, ServiceError};
 use crate::store::{integrations as rows, oauth_pending, oauth_states};
@@ -38,7 +36,8 @@ pub struct RotationReport {
 pub const MAX_REPORTED_IDS: usize = 20;
 
 impl IntegrationsService {
-    /// Re-encrypts every integration not under the current key. A row that
+    /// Re-encrypts every integration not under the current key or not in
+    /// the current format (values written before XChaCha20-Poly1305). A row that
     /// cannot be decrypted is left as it is and reported; the others go on.
     pub async fn rotate_keys(&self, batch: i64) -> Result<RotationReport, ServiceError> {
         let current = self.keys.current_id().to_string();
@@ -46,7 +45,7 @@ impl IntegrationsService {
         let mut after = 0i64;
         loop {
             let mut conn = self.pool.get().await?;
-            let page = rows::under_other_key(&mut conn, &current, after, batch.max(1)).await?;
+            let page = rows::to_reencrypt(&mut conn, &current, after, batch.max(1)).await?;
             let Some(last) = page.last() else {
                 self.rotate_flows(&current, &mut report).await?;
                 return Ok(report);
@@ -93,8 +92,7 @@ impl IntegrationsService {
             let aad = super::connect::state_aad(&s.state_hash);
             match self.keys.decrypt(&s.key_id, &s.code_verifier, &aad) {
                 Ok(plain) => {
-                    let plain = Zeroizing::new(plain);
-                    let sealed = self.keys.encrypt(&plain, &aad);
+                    let sealed = self.keys.encrypt(&plain, &aad)?;
                     if oauth_states::reencrypt(
                         &mut conn,
                         &s.state_hash,
@@ -119,8 +117,7 @@ impl IntegrationsService {
                 super::connect::pending_aad(&p.flow_hash, &p.user_id, &p.provider, &p.account_id);
             match self.keys.decrypt(&p.key_id, &p.tokens, &aad) {
                 Ok(plain) => {
-                    let plain = Zeroizing::new(plain);
-                    let sealed = self.keys.encrypt(&plain, &aad);
+                    let sealed = self.keys.encrypt(&plain, &aad)?;
                     if oauth_pending::reencrypt(
                         &mut conn,
                         &p.flow_hash,
@@ -149,19 +146,17 @@ impl IntegrationsService {
         row: &rows::Encrypted,
     ) -> Result<(Vec<u8>, Option<Vec<u8>>), crate::crypto::CryptoError> {
         let (p, a) = (&row.provider, &row.account_id);
-        let mut access =
+        // Decrypted values are cleared when dropped.
+        let access =
             self.keys
                 .decrypt(&row.key_id, &row.access_token, &Self::aad(p, a, "access"))?;
-        let new_access = self.keys.encrypt(&access, &Self::aad(p, a, "access"));
-        access.zeroize();
+        let new_access = self.keys.encrypt(&access, &Self::aad(p, a, "access"))?;
         let new_refresh = match &row.refresh_token {
             Some(v) => {
-                let mut plain = self
+                let plain = self
                     .keys
                     .decrypt(&row.key_id, v, &Self::aad(p, a, "refresh"))?;
-                let enc = self.keys.encrypt(&plain, &Self::aad(p, a, "refresh"));
-                plain.zeroize();
-                Some(enc)
+                Some(self.keys.encrypt(&plain, &Self::aad(p, a, "refresh"))?)
             }
             None => None,
         };

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use db_pool::Pool;
+use secrecy::zeroize::Zeroizing;
 use secrecy::SecretString;
 
 pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
@@ -282,9 +283,12 @@ impl IntegrationsService {
 
 /// A decrypted token as a secret: its bytes are moved, not copied (a
 /// copy would be freed without being cleared).
-fn secret(plain: Vec<u8>) -> SecretString {
-    match String::from_utf8(plain) {
+fn secret(mut plain: Zeroizing<Vec<u8>>) -> SecretString {
+    match String::from_utf8(std::mem::take(&mut *plain)) {
         Ok(text) => SecretString::from(text),
-        Err(e) => SecretString::from(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        Err(e) => {
+            let bytes = Zeroizing::new(e.into_bytes());
+            SecretString::from(String::from_utf8_lossy(&bytes).into_owned())
+        }
     }
 }

@@ -258,16 +258,27 @@ impl IntegrationsService {
         let stored_ok = match result {
             Ok(tokens) => {
                 let key = self.keys.current_id().to_string();
-                let access = self.keys.encrypt(
-                    tokens.access_token.expose_secret().as_bytes(),
-                    &Self::aad(p, a, "access"),
-                );
                 // A response without a refresh token keeps the old one,
                 // re-encrypted under the current key with the access token.
                 let refresh_plain = tokens.refresh_token.as_ref().unwrap_or(&old_refresh);
-                let refresh = self
+                let encrypted = self
                     .keys
-                    .encrypt(refresh_plain.expose_secret().as_bytes(), &refresh_aad);
+                    .encrypt(
+                        tokens.access_token.expose_secret().as_bytes(),
+                        &Self::aad(p, a, "access"),
+                    )
+                    .and_then(|access| {
+                        self.keys
+                            .encrypt(refresh_plain.expose_secret().as_bytes(), &refresh_aad)
+                            .map(|refresh| (access, refresh))
+                    });
+                let (access, refresh) = match encrypted {
+                    Ok(values) => values,
+                    Err(e) => {
+                        self.release(&claimed).await;
+                        return Err(e.into());
+                    }
+                };
                 let scopes = (!tokens.scopes.is_empty()).then_some(tokens.scopes.as_slice());
                 let update = Refreshed {
                     access_token: &access,

@@ -555,7 +555,7 @@ pub async fn lease_state(
         .map(|r| (r.get(0), r.get::<_, Option<bool>>(1).unwrap_or(false))))
 }
 
-/// A row still encrypted under an old key.
+/// A row still encrypted under an old key or in the old format.
 pub struct Encrypted {
     /// Row id.
     pub id: i64,
@@ -567,22 +567,29 @@ pub struct Encrypted {
     pub access_token: Vec<u8>,
     /// Encrypted refresh token.
     pub refresh_token: Option<Vec<u8>>,
-    /// The old key.
+    /// The key it is encrypted with.
     pub key_id: String,
 }
 
-const UNDER_OTHER_KEY: &str = "SELECT id, provider, account_id, access_token, refresh_token, key_id \
-                               FROM integrations WHERE key_id <> $1 AND id > $2 ORDER BY id LIMIT $3";
+/// $4: the current format's marker ([`crate::crypto::FORMAT_MARKER`]).
+const TO_REENCRYPT: &str = "SELECT id, provider, account_id, access_token, refresh_token, key_id \
+                            FROM integrations \
+                            WHERE (key_id <> $1 OR substring(access_token FROM 1 FOR 4) <> $4 \
+                                   OR substring(refresh_token FROM 1 FOR 4) <> $4) \
+                              AND id > $2 ORDER BY id LIMIT $3";
 
-/// The next `limit` rows (by id, after `after`) not under `current_key`.
-pub async fn under_other_key(
+/// The next `limit` rows (by id, after `after`) that `rotate-keys` must
+/// rewrite: not under `current_key`, or not in the current encryption
+/// format.
+pub async fn to_reencrypt(
     conn: &mut Conn,
     current_key: &str,
     after: i64,
     limit: i64,
 ) -> Result<Vec<Encrypted>, Error> {
+    let marker: &[u8] = crate::crypto::FORMAT_MARKER;
     Ok(conn
-        .query(UNDER_OTHER_KEY, &[&current_key, &after, &limit])
+        .query(TO_REENCRYPT, &[&current_key, &after, &limit, &marker])
         .await?
         .iter()
         .map(|r| Encrypted {

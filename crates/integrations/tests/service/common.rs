@@ -16,7 +16,7 @@ use serde_json::json;
 
 #[path = "../support/fake_provider.rs"]
 mod fake_provider;
-pub use fake_provider::{FakeProvider, Mode};
+pub use fake_provider::{hostile_description, FakeProvider, Mode};
 
 /// A service on a fresh database, talking to the fake provider.
 pub struct TestService {

@@ -8,6 +8,7 @@ mod batch;
 mod cache;
 mod connect_flow;
 mod dead_connections;
+mod encryption;
 mod refresh;
 mod refresher;
 mod storage;

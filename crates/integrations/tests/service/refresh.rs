@@ -8,7 +8,9 @@ use futures_util::future::join_all;
 use integrations::domain::Status;
 use integrations::service::ServiceError;
 
-use crate::common::{account_id, provider_name, secret_text, user_id, Mode, TestService};
+use crate::common::{
+    account_id, hostile_description, provider_name, secret_text, user_id, Mode, TestService,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_access_token_calls_cause_one_refresh() {
@@ -217,4 +219,65 @@ async fn unknown_provider_and_integration_are_clear_errors() {
         .await
         .unwrap_err();
     assert!(matches!(err, ServiceError::NotFound { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_hostile_provider_error_reaches_neither_the_api_nor_last_error() {
+    use axum::response::IntoResponse;
+    let t = TestService::start().await;
+    let rt = t.seed("u1", "bad", "hostile", 60).await;
+    t.fake.set_mode("bad", Mode::Hostile);
+    let (p, a) = (provider_name("bad"), account_id("hostile"));
+    let err = t.service.refresh(&p, &a).await.unwrap_err();
+    let response = integrations::http::ApiError::from(err).into_response();
+    let api = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let api = String::from_utf8(api.to_vec()).unwrap();
+    // The same through access_token, which reports the stored last_error.
+    let err = t
+        .service
+        .access_token(&p, &a)
+        .await
+        .unwrap_err()
+        .to_string();
+    let stored = t
+        .service
+        .integration("bad", "hostile")
+        .await
+        .unwrap()
+        .last_error
+        .unwrap();
+    t.service.invalidate("u1").await;
+    let view = t.service.status(&user_id("u1")).await.unwrap();
+    let view = String::from_utf8(view.json().to_vec()).unwrap();
+
+    let hostile = hostile_description(&rt);
+    assert!(hostile.contains(&rt[..12]), "the provider quotes the token");
+    for text in [&api, &err, &stored, &view] {
+        for bad in [
+            "<script",
+            "alert",
+            "555",
+            "9999",
+            "evil.example",
+            "https://",
+            "\u{202e}",
+            &rt[..8],
+        ] {
+            assert!(!text.contains(bad), "{bad:?} in {text}");
+        }
+    }
+    let body: serde_json::Value = serde_json::from_str(&api).unwrap();
+    assert_eq!(body["error"]["code"], "refresh_failed");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("(provider_error)"), "{message}");
+    assert!(
+        message.contains("is blocked"),
+        "what is harmless stays: {message}"
+    );
+    assert!(
+        stored.contains("(provider_error)") && stored.contains("[number]"),
+        "{stored}"
+    );
 }

@@ -181,7 +181,7 @@ async fn rotation_never_overwrites_tokens_a_refresh_wrote_after_it_read_them() {
     let t = TestService::start().await;
     t.seed("u1", "good", "a1", 3600).await;
     let mut conn = t.service.pool().get().await.unwrap();
-    let read = integrations::store::integrations::under_other_key(&mut conn, "k-new", 0, 10)
+    let read = integrations::store::integrations::to_reencrypt(&mut conn, "k-new", 0, 10)
         .await
         .unwrap();
     // Meanwhile an instance still on the old keys refreshes: new tokens,

@@ -26,6 +26,21 @@ pub enum Mode {
     InvalidGrant,
     /// 500.
     ServerError,
+    /// 400 with a hostile error answer: markup as the code; a description
+    /// quoting a prefix of the refresh token presented, a phone number, links
+    /// and a bidi override.
+    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
+    Hostile,
+}
+
+/// The hostile answer's description for a presented refresh token.
+#[allow(dead_code)] // the service tests check against it; the HTTP tests do not
+pub fn hostile_description(presented: &str) -> String {
+    let prefix: String = presented.chars().take(12).collect();
+    format!(
+        "Your token {prefix} is blocked.\u{202e} Call +1 (555) 010-9999 or visit \
+         https://evil.example/recover?t={prefix} or www.evil.example now"
+    )
 }
 
 #[derive(Default)]
@@ -187,6 +202,16 @@ async fn token(
                 Mode::InvalidGrant => return invalid_grant(),
                 Mode::ServerError => {
                     return (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response()
+                }
+                Mode::Hostile => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        Json(json!({
+                            "error": "<script>alert(1)</script>",
+                            "error_description": hostile_description(&presented),
+                        })),
+                    )
+                        .into_response()
                 }
                 Mode::Rotate | Mode::Omit => {}
             }
