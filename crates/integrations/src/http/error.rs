@@ -129,11 +129,18 @@ impl From<&db_pool::Error> for ApiError {
             _ => return ApiError::internal(e),
         };
         tracing::warn!(code = e.code(), error = %e, "database unavailable");
-        // The pool's messages name no secret; they are what an operator needs.
+        // The pool's messages name no secret. The database's address stays
+        // in the log: clients learn the code and when to retry.
+        let message = match e {
+            E::Unreachable { .. } => {
+                "P1001: Can't reach the database server; the request id finds the details in the logs".to_string()
+            }
+            _ => e.to_string(),
+        };
         ApiError {
             status,
             code: e.code().to_string(),
-            message: e.to_string(),
+            message,
             hint: Some(e.hint().to_string()),
             retry_after: retry,
         }

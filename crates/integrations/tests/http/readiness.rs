@@ -41,6 +41,22 @@ async fn readyz_is_503_while_the_database_is_down_and_200_once_it_is_back() {
         "{}",
         down.text
     );
+    // The database's address stays in the logs: an API error names the
+    // code, not where the database is.
+    let unreachable = eventually(Duration::from_secs(15), || async {
+        let r = app
+            .get("/v1/users/user-1/integrations", Some(&app.keys.read))
+            .await;
+        (r.status == 503 && r.json()["error"]["code"] == "P1001").then_some(r)
+    })
+    .await
+    .expect("no P1001 answer with the database stopped");
+    let port = cluster.port().to_string();
+    assert!(
+        !unreachable.text.contains(&port) && !unreachable.text.contains("127.0.0.1"),
+        "{}",
+        unreachable.text
+    );
     // Liveness does not depend on the database.
     assert_eq!(app.get("/healthz", None).await.status, 200);
 
