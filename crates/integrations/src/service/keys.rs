@@ -90,23 +90,15 @@ impl IntegrationsService {
         let mut conn = self.pool.get().await?;
         for s in oauth_states::under_other_key(&mut conn, current).await? {
             let aad = super::connect::state_aad(&s.state_hash);
-            match self.keys.decrypt(&s.key_id, &s.code_verifier, &aad) {
-                Ok(plain) => {
-                    let sealed = self.keys.encrypt(&plain, &aad)?;
-                    if oauth_states::reencrypt(
-                        &mut conn,
-                        &s.state_hash,
-                        &s.key_id,
-                        &sealed,
-                        current,
-                    )
-                    .await?
-                    {
-                        report.flows_reencrypted += 1;
-                    }
+            match self.reseal(&s.key_id, &s.code_verifier, &aad)? {
+                Some(sealed) => {
+                    let hash = &s.state_hash;
+                    let done =
+                        oauth_states::reencrypt(&mut conn, hash, &s.key_id, &sealed, current)
+                            .await?;
+                    report.flows_reencrypted += u64::from(done);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "rotate-keys: a connect flow's state cannot be decrypted; dropped");
+                None => {
                     oauth_states::delete(&mut conn, &s.state_hash).await?;
                     report.flows_dropped += 1;
                 }
@@ -115,29 +107,38 @@ impl IntegrationsService {
         for p in oauth_pending::under_other_key(&mut conn, current).await? {
             let aad =
                 super::connect::pending_aad(&p.flow_hash, &p.user_id, &p.provider, &p.account_id);
-            match self.keys.decrypt(&p.key_id, &p.tokens, &aad) {
-                Ok(plain) => {
-                    let sealed = self.keys.encrypt(&plain, &aad)?;
-                    if oauth_pending::reencrypt(
-                        &mut conn,
-                        &p.flow_hash,
-                        &p.key_id,
-                        &sealed,
-                        current,
-                    )
-                    .await?
-                    {
-                        report.flows_reencrypted += 1;
-                    }
+            match self.reseal(&p.key_id, &p.tokens, &aad)? {
+                Some(sealed) => {
+                    let hash = &p.flow_hash;
+                    let done =
+                        oauth_pending::reencrypt(&mut conn, hash, &p.key_id, &sealed, current)
+                            .await?;
+                    report.flows_reencrypted += u64::from(done);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "rotate-keys: a pending connect flow cannot be decrypted; dropped");
+                None => {
                     oauth_pending::delete(&mut conn, &p.flow_hash).await?;
                     report.flows_dropped += 1;
                 }
             }
         }
         Ok(())
+    }
+
+    /// A connect flow's value under the current key; `None` when it cannot
+    /// be decrypted (the flow is then dropped: it would fail anyway).
+    fn reseal(
+        &self,
+        key_id: &str,
+        value: &[u8],
+        aad: &str,
+    ) -> Result<Option<Vec<u8>>, ServiceError> {
+        match self.keys.decrypt(key_id, value, aad) {
+            Ok(plain) => Ok(Some(self.keys.encrypt(&plain, aad)?)),
+            Err(e) => {
+                tracing::warn!(error = %e, "rotate-keys: a connect flow in progress cannot be decrypted; dropped");
+                Ok(None)
+            }
+        }
     }
 
     /// A row's tokens encrypted with the current key.
