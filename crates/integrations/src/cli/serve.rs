@@ -145,6 +145,8 @@ async fn serve(
         connection_limit = pool_cfg.connection_limit,
         pool_timeout_secs = pool_cfg.pool_timeout.map(|d| d.as_secs()),
         connect_timeout_secs = pool_cfg.connect_timeout.map(|d| d.as_secs()),
+        socket_timeout_secs = pool_cfg.socket_timeout.map(|d| d.as_secs()),
+        keepalives = pool_cfg.keepalives,
         statement_cache_size = pool_cfg.effective_statement_cache_size(),
         pgbouncer = pool_cfg.pgbouncer,
         profile = pool_cfg.profile.map(|p| p.as_str()),
