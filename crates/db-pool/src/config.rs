@@ -244,6 +244,11 @@ pub const PARAMETERS: &[&str] = &[
     "pool_timeout",
     "connect_timeout",
     "socket_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
     "statement_cache_size",
     "pgbouncer",
     "max_connection_lifetime",
@@ -285,6 +290,23 @@ pub struct PoolConfig {
     pub connect_timeout: Option<Duration>,
     /// Longest time one query may wait on the server; `None` is no limit.
     pub socket_timeout: Option<Duration>,
+    /// TCP keepalive on server connections (libpq's `keepalives`): a peer
+    /// that vanished (packets silently dropped) is then detected after
+    /// `keepalives_idle + keepalives_interval * keepalives_count` of silence
+    /// and the connection discarded. Ignored over a Unix socket.
+    pub keepalives: bool,
+    /// Silence before the first keepalive probe (libpq's `keepalives_idle`).
+    pub keepalives_idle: Duration,
+    /// Time between unanswered probes (libpq's `keepalives_interval`).
+    pub keepalives_interval: Duration,
+    /// Unanswered probes before the connection is dropped (libpq's
+    /// `keepalives_count`).
+    pub keepalives_count: u32,
+    /// Longest time sent data may stay unacknowledged before the kernel
+    /// drops the connection (libpq's `tcp_user_timeout`, `TCP_USER_TIMEOUT`;
+    /// Linux only); `None` leaves the system default (about 15 minutes of
+    /// retransmissions).
+    pub tcp_user_timeout: Option<Duration>,
     /// Prepared statements cached per connection, as configured (see
     /// [`PoolConfig::effective_statement_cache_size`]).
     pub statement_cache_size: usize,
@@ -324,6 +346,42 @@ pub struct PoolConfig {
     sources: BTreeMap<&'static str, Source>,
     /// The query parameters as given, secrets already replaced by `****`.
     raw_params: Vec<(String, String)>,
+}
+
+/// Default `keepalives_idle`: with the interval and count below, a vanished
+/// server is detected within a minute of silence (libpq leaves the system's
+/// two hours).
+pub const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+/// Default `keepalives_interval`.
+pub const DEFAULT_KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+/// Default `keepalives_count`.
+pub const DEFAULT_KEEPALIVES_COUNT: u32 = 3;
+/// Default `tcp_user_timeout`: the same minute for a connection whose sent
+/// data goes unacknowledged (keepalives only probe idle connections).
+pub const DEFAULT_TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest `keepalives_idle`/`keepalives_interval` the kernel accepts
+/// (`TCP_KEEPIDLE`/`TCP_KEEPINTVL`, seconds).
+const KEEPALIVE_SECS_MAX: u64 = 32_767;
+/// Largest `keepalives_count` the kernel accepts (`TCP_KEEPCNT`).
+const KEEPALIVE_COUNT_MAX: u64 = 127;
+/// Largest `tcp_user_timeout` in milliseconds (`TCP_USER_TIMEOUT` is a C int).
+const TCP_USER_TIMEOUT_MAX: u64 = i32::MAX as u64;
+
+/// Parses a whole number within `min..=max`, naming the parameter and what
+/// is accepted.
+fn parse_range(
+    name: &str,
+    value: &str,
+    min: u64,
+    max: u64,
+    unit: &str,
+) -> Result<u64, ConfigError> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(invalid(format!(
+            "{name}='{value}' is not valid; accepted: a whole number of {unit} from {min} to {max}"
+        ))),
+    }
 }
 
 /// Parses a whole number, naming the parameter and what is accepted.
@@ -418,6 +476,11 @@ impl PoolConfig {
             pool_timeout: Some(Duration::from_secs(10)),
             connect_timeout: Some(Duration::from_secs(5)),
             socket_timeout: None,
+            keepalives: true,
+            keepalives_idle: DEFAULT_KEEPALIVES_IDLE,
+            keepalives_interval: DEFAULT_KEEPALIVES_INTERVAL,
+            keepalives_count: DEFAULT_KEEPALIVES_COUNT,
+            tcp_user_timeout: Some(DEFAULT_TCP_USER_TIMEOUT),
             statement_cache_size: 100,
             pgbouncer: false,
             max_connection_lifetime: None,
@@ -592,6 +655,39 @@ impl PoolConfig {
             "socket_timeout" => {
                 self.socket_timeout = zero_is_none(parse_uint(key, value, 0, "seconds")?, false);
                 self.mark("socket_timeout");
+            }
+            "keepalives" => {
+                // libpq takes an integer (0 off, 1 on); true/false as for pgbouncer.
+                self.keepalives = match value {
+                    "1" | "true" => true,
+                    "0" | "false" => false,
+                    _ => {
+                        return Err(invalid(format!(
+                            "keepalives='{value}' is not valid; accepted: 1, 0, true, false"
+                        )))
+                    }
+                };
+                self.mark("keepalives");
+            }
+            "keepalives_idle" => {
+                self.keepalives_idle =
+                    Duration::from_secs(parse_range(key, value, 1, KEEPALIVE_SECS_MAX, "seconds")?);
+                self.mark("keepalives_idle");
+            }
+            "keepalives_interval" => {
+                self.keepalives_interval =
+                    Duration::from_secs(parse_range(key, value, 1, KEEPALIVE_SECS_MAX, "seconds")?);
+                self.mark("keepalives_interval");
+            }
+            "keepalives_count" => {
+                let n = parse_range(key, value, 1, KEEPALIVE_COUNT_MAX, "probes")?;
+                self.keepalives_count = u32::try_from(n).unwrap_or(DEFAULT_KEEPALIVES_COUNT);
+                self.mark("keepalives_count");
+            }
+            "tcp_user_timeout" => {
+                let n = parse_range(key, value, 0, TCP_USER_TIMEOUT_MAX, "milliseconds")?;
+                self.tcp_user_timeout = zero_is_none(n, true);
+                self.mark("tcp_user_timeout");
             }
             "statement_cache_size" => {
                 let n = parse_uint(key, value, 0, "statements")?;
@@ -771,7 +867,8 @@ impl PoolConfig {
 
     /// The effective settings as one JSON object: every parameter plus
     /// `host`, `port`, `database`, `user`, `profile` and `ignored_parameters`.
-    /// Durations are seconds (`slow_query_threshold` milliseconds), `null`
+    /// Durations are seconds (`slow_query_threshold` and `tcp_user_timeout`
+    /// milliseconds), `null`
     /// where disabled or unlimited. The password is never included;
     /// `sslpassword` is `"****"` when set.
     pub fn to_json(&self) -> Value {
@@ -787,6 +884,11 @@ impl PoolConfig {
             "pool_timeout": secs(self.pool_timeout),
             "connect_timeout": secs(self.connect_timeout),
             "socket_timeout": secs(self.socket_timeout),
+            "keepalives": self.keepalives,
+            "keepalives_idle": self.keepalives_idle.as_secs(),
+            "keepalives_interval": self.keepalives_interval.as_secs(),
+            "keepalives_count": self.keepalives_count,
+            "tcp_user_timeout": self.tcp_user_timeout.map(|d| d.as_millis() as u64),
             "statement_cache_size": self.effective_statement_cache_size(),
             "pgbouncer": self.pgbouncer,
             "max_connection_lifetime": secs(self.max_connection_lifetime),
@@ -811,8 +913,10 @@ impl PoolConfig {
         let json = self.to_json();
         let show = |v: &Value, name: &str| -> String {
             let unit = match name {
-                "slow_query_threshold" => "ms",
+                "slow_query_threshold" | "tcp_user_timeout" => "ms",
                 "pool_timeout"
+                | "keepalives_idle"
+                | "keepalives_interval"
                 | "connect_timeout"
                 | "socket_timeout"
                 | "max_connection_lifetime"
@@ -825,6 +929,7 @@ impl PoolConfig {
                     "unlimited".to_string()
                 }
                 Value::Null if name == "connect_timeout" => "unlimited".to_string(),
+                Value::Null if name == "tcp_user_timeout" => "system default".to_string(),
                 Value::Null => "off".to_string(),
                 Value::String(s) => s.clone(),
                 other => format!("{other}{unit}"),
@@ -889,6 +994,11 @@ mod tests {
         assert_eq!(c.pool_timeout, Some(Duration::from_secs(10)));
         assert_eq!(c.connect_timeout, Some(Duration::from_secs(5)));
         assert_eq!(c.socket_timeout, None);
+        assert!(c.keepalives);
+        assert_eq!(c.keepalives_idle, Duration::from_secs(30));
+        assert_eq!(c.keepalives_interval, Duration::from_secs(10));
+        assert_eq!(c.keepalives_count, 3);
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_secs(60)));
         assert_eq!(c.statement_cache_size, 100);
         assert!(!c.pgbouncer);
         assert_eq!(c.max_connection_lifetime, None);
@@ -923,7 +1033,8 @@ mod tests {
     fn every_parameter_parses() {
         let c = with(
             "connection_limit=7&pool_timeout=20&connect_timeout=3&socket_timeout=9\
-             &statement_cache_size=250&pgbouncer=false&max_connection_lifetime=600\
+             &keepalives=0&keepalives_idle=5&keepalives_interval=2&keepalives_count=4\
+             &tcp_user_timeout=1500&statement_cache_size=250&pgbouncer=false&max_connection_lifetime=600\
              &max_idle_connection_lifetime=60&application_name=svc&schema=app\
              &options=-c%20statement_timeout%3D5000&sslmode=verify-full&sslrootcert=%2Fca.pem\
              &sslcert=server.pem&sslidentity=id.p12&sslpassword=s3cret&sslaccept=strict\
@@ -933,6 +1044,11 @@ mod tests {
         assert_eq!(c.pool_timeout, Some(Duration::from_secs(20)));
         assert_eq!(c.connect_timeout, Some(Duration::from_secs(3)));
         assert_eq!(c.socket_timeout, Some(Duration::from_secs(9)));
+        assert!(!c.keepalives);
+        assert_eq!(c.keepalives_idle, Duration::from_secs(5));
+        assert_eq!(c.keepalives_interval, Duration::from_secs(2));
+        assert_eq!(c.keepalives_count, 4);
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_millis(1500)));
         assert_eq!(c.statement_cache_size, 250);
         assert_eq!(c.effective_statement_cache_size(), 250);
         assert!(!c.pgbouncer);
@@ -974,6 +1090,40 @@ mod tests {
         let j = c.to_json();
         assert_eq!(j["pool_timeout"], Value::Null);
         assert_eq!(j["connect_timeout"], Value::Null);
+    }
+
+    #[test]
+    fn keepalive_parameters_parse_and_show() {
+        let c = with("keepalives=1&keepalives_idle=1&keepalives_interval=1&keepalives_count=2&tcp_user_timeout=0");
+        assert!(c.keepalives);
+        assert_eq!(c.keepalives_idle, Duration::from_secs(1));
+        assert_eq!(c.keepalives_count, 2);
+        assert_eq!(c.tcp_user_timeout, None);
+        assert!(with("keepalives=true").keepalives);
+        assert!(!with("keepalives=false").keepalives);
+        let j = with("keepalives=0").to_json();
+        assert_eq!(j["keepalives"], false);
+        assert_eq!(j["keepalives_idle"], 30);
+        assert_eq!(j["keepalives_count"], 3);
+        assert_eq!(j["tcp_user_timeout"], 60_000);
+        let rows = parse("postgresql://h/db?tcp_user_timeout=0").describe();
+        let shown = |name: &str| {
+            rows.iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, v, s)| (v.clone(), *s))
+                .unwrap()
+        };
+        assert_eq!(shown("keepalives"), ("true".into(), Source::Default));
+        assert_eq!(shown("keepalives_idle"), ("30s".into(), Source::Default));
+        assert_eq!(
+            shown("keepalives_interval"),
+            ("10s".into(), Source::Default)
+        );
+        assert_eq!(shown("keepalives_count"), ("3".into(), Source::Default));
+        assert_eq!(
+            shown("tcp_user_timeout"),
+            ("system default".into(), Source::Url)
+        );
     }
 
     #[test]
@@ -1054,6 +1204,38 @@ mod tests {
             ("pool_timeout=1.5", "pool_timeout='1.5'", "whole number"),
             ("connect_timeout=soon", "connect_timeout='soon'", ">= 0"),
             ("socket_timeout=x", "socket_timeout='x'", ">= 0"),
+            ("keepalives=yes", "keepalives='yes'", "1, 0, true, false"),
+            ("keepalives=2", "keepalives='2'", "1, 0, true, false"),
+            (
+                "keepalives_idle=0",
+                "keepalives_idle='0'",
+                "seconds from 1 to 32767",
+            ),
+            (
+                "keepalives_idle=40000",
+                "keepalives_idle='40000'",
+                "seconds from 1 to 32767",
+            ),
+            (
+                "keepalives_interval=1s",
+                "keepalives_interval='1s'",
+                "seconds from 1 to 32767",
+            ),
+            (
+                "keepalives_count=0",
+                "keepalives_count='0'",
+                "probes from 1 to 127",
+            ),
+            (
+                "keepalives_count=128",
+                "keepalives_count='128'",
+                "probes from 1 to 127",
+            ),
+            (
+                "tcp_user_timeout=-1",
+                "tcp_user_timeout='-1'",
+                "milliseconds from 0 to 2147483647",
+            ),
             (
                 "statement_cache_size=-5",
                 "statement_cache_size='-5'",

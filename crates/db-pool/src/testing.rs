@@ -23,6 +23,9 @@ use url::Url;
 
 use crate::cluster::{ClusterOptions, LocalCluster};
 
+mod proxy;
+pub use proxy::{Fault, FaultProxy};
+
 /// The environment variable naming the server tests run against.
 pub const TEST_DATABASE_URL: &str = "TEST_DATABASE_URL";
 

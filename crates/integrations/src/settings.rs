@@ -53,6 +53,9 @@ pub struct ServiceSettings {
     pub refresher: crate::service::Refresher,
     /// The HTTP server's timeouts and connection cap.
     pub http: crate::http::ServerLimits,
+    /// `INTEGRATIONS_REQUEST_TIMEOUT`: a request still running after this
+    /// is stopped and answered 503 `request_timeout`.
+    pub request_timeout: std::time::Duration,
 }
 
 /// Most `INTEGRATIONS_HTTP_MAX_CONNECTIONS` accepted.
@@ -141,6 +144,10 @@ impl ServiceSettings {
                     })?,
             );
         }
+        let request_timeout = secs(
+            "INTEGRATIONS_REQUEST_TIMEOUT",
+            crate::http::DEFAULT_REQUEST_TIMEOUT,
+        )?;
         Ok(ServiceSettings {
             encryption_keys: env(crate::crypto::KEYS_ENV)
                 .filter(|v| !v.trim().is_empty())
@@ -151,6 +158,7 @@ impl ServiceSettings {
             service,
             refresher,
             http,
+            request_timeout,
         })
     }
 
@@ -214,8 +222,17 @@ mod tests {
     }
 
     #[test]
+    fn request_timeout_defaults_to_10s_and_parses() {
+        assert_eq!(settings(&[]).unwrap().request_timeout.as_secs(), 10);
+        let s = settings(&[("INTEGRATIONS_REQUEST_TIMEOUT", " 3 ")]).unwrap();
+        assert_eq!(s.request_timeout.as_secs(), 3);
+    }
+
+    #[test]
     fn bad_http_limits_name_the_variable_and_what_is_accepted() {
         for (var, value) in [
+            ("INTEGRATIONS_REQUEST_TIMEOUT", "0"),
+            ("INTEGRATIONS_REQUEST_TIMEOUT", "10s"),
             ("INTEGRATIONS_HTTP_HEADER_TIMEOUT", "0"),
             ("INTEGRATIONS_HTTP_IDLE_TIMEOUT", "1m"),
             ("INTEGRATIONS_HTTP_MAX_CONNECTIONS", "0"),

@@ -418,8 +418,14 @@ fn pg_config(cfg: &PoolConfig) -> tokio_postgres::Config {
         .dbname(&cfg.database)
         .application_name(&cfg.application_name)
         .ssl_mode(ssl_mode)
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(60));
+        // TCP only: tokio-postgres ignores them on a Unix socket.
+        .keepalives(cfg.keepalives)
+        .keepalives_idle(cfg.keepalives_idle)
+        .keepalives_interval(cfg.keepalives_interval)
+        .keepalives_retries(cfg.keepalives_count);
+    if let Some(limit) = cfg.tcp_user_timeout {
+        pg.tcp_user_timeout(limit);
+    }
     if let Some(pw) = cfg.password() {
         pg.password(pw);
     }
@@ -467,6 +473,27 @@ mod tests {
             distinct.len() > 150,
             "jitter must differ between connections"
         );
+    }
+
+    #[test]
+    fn keepalive_parameters_reach_the_driver() {
+        let pg =
+            pg_config(&PoolConfig::parse("postgresql://h/db").unwrap_or_else(|e| panic!("{e}")));
+        assert!(pg.get_keepalives());
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(pg.get_keepalives_interval(), Some(Duration::from_secs(10)));
+        assert_eq!(pg.get_keepalives_retries(), Some(3));
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        let cfg = PoolConfig::parse(
+            "postgresql://h/db?keepalives=0&keepalives_idle=1&keepalives_interval=2&keepalives_count=5&tcp_user_timeout=0",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let pg = pg_config(&cfg);
+        assert!(!pg.get_keepalives());
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(1));
+        assert_eq!(pg.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(pg.get_keepalives_retries(), Some(5));
+        assert_eq!(pg.get_tcp_user_timeout(), None);
     }
 
     #[test]

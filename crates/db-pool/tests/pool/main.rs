@@ -6,6 +6,7 @@ mod common;
 mod cancellation;
 mod close;
 mod errors;
+mod faults;
 mod lifetimes;
 mod limits;
 mod pgbouncer;

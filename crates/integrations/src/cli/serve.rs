@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::DatabaseArgs;
 use crate::auth::{ApiKeys, DEFAULT_VERIFY_TTL};
 use crate::crypto::Keyring;
-use crate::http::{self, app, AppState};
+use crate::http::{self, app_with_deadline, AppState};
 use crate::oauth::{TokenClient, TokenClientConfig};
 use crate::service::IntegrationsService;
 use crate::settings::{process_env, ServiceSettings};
@@ -145,6 +145,8 @@ async fn serve(
         connection_limit = pool_cfg.connection_limit,
         pool_timeout_secs = pool_cfg.pool_timeout.map(|d| d.as_secs()),
         connect_timeout_secs = pool_cfg.connect_timeout.map(|d| d.as_secs()),
+        socket_timeout_secs = pool_cfg.socket_timeout.map(|d| d.as_secs()),
+        keepalives = pool_cfg.keepalives,
         statement_cache_size = pool_cfg.effective_statement_cache_size(),
         pgbouncer = pool_cfg.pgbouncer,
         profile = pool_cfg.profile.map(|p| p.as_str()),
@@ -202,12 +204,14 @@ async fn serve(
     tracing::info!(
         header_timeout_secs = settings.http.header_read_timeout.as_secs(),
         idle_timeout_secs = settings.http.idle_timeout.as_secs(),
+        request_timeout_secs = settings.request_timeout.as_secs(),
         max_connections = cap,
         open_files_limit = open_files,
         "HTTP limits"
     );
     tracing::info!(address = %local, "listening on http://{local}");
-    let server = http::serve(listener, app(state), &settings.http, cap, shutdown.clone());
+    let app = app_with_deadline(state, settings.request_timeout);
+    let server = http::serve(listener, app, &settings.http, cap, shutdown.clone());
     let deadline = Duration::from_secs(args.shutdown_timeout);
     tokio::pin!(server);
     tokio::select! {

@@ -48,8 +48,9 @@ use crate::service::IntegrationsService;
 /// Largest request body accepted (token responses are a few KiB).
 pub const BODY_LIMIT: usize = 64 * 1024;
 
-/// Longest a request may take before it is answered 503.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest time a request may take before it is answered 503
+/// (`INTEGRATIONS_REQUEST_TIMEOUT`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every handler can reach: cloned for every request, so one `Arc`.
 #[derive(Clone)]
@@ -136,8 +137,16 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The application: routes, `/openapi.json`, and the middleware stack.
+/// The application with the default request deadline
+/// ([`DEFAULT_REQUEST_TIMEOUT`]).
 pub fn app(state: AppState) -> Router {
+    app_with_deadline(state, DEFAULT_REQUEST_TIMEOUT)
+}
+
+/// The application: routes, `/openapi.json`, and the middleware stack; a
+/// request still running after `request_timeout` is stopped and answered
+/// 503 `request_timeout`.
+pub fn app_with_deadline(state: AppState, request_timeout: Duration) -> Router {
     let (router, openapi) = routes();
     let openapi = Arc::new(openapi);
     let request_id = HeaderName::from_static("x-request-id");
@@ -153,7 +162,10 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn(deadline))
+        .layer(middleware::from_fn_with_state(
+            RequestTimeout(request_timeout),
+            deadline,
+        ))
         // Outside the deadline, so requests it answers 503 are counted.
         .layer(middleware::from_fn(record_metrics))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
@@ -234,22 +246,49 @@ impl MakeRequestId for SequentialIds {
     }
 }
 
-/// Answers 503 in the API's error shape when a request takes longer than
-/// [`REQUEST_TIMEOUT`] (tower-http's timeout answers with an empty body).
-async fn deadline(req: Request, next: Next) -> Response {
-    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(req)).await {
+/// The request deadline, as the deadline middleware's state.
+#[derive(Clone, Copy)]
+struct RequestTimeout(Duration);
+
+/// Answers 503 `request_timeout` in the API's error shape when a request
+/// takes longer than the deadline (tower-http's timeout answers with an
+/// empty body). The handler's future is dropped: a database connection it
+/// held mid-statement is discarded by the pool, which first sends the
+/// server a cancel request, so the statement stops there too and no
+/// session is left "idle in transaction".
+async fn deadline(
+    axum::extract::State(RequestTimeout(limit)): axum::extract::State<RequestTimeout>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => axum::response::IntoResponse::into_response(
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!(
-                    "the request took longer than {}s",
-                    REQUEST_TIMEOUT.as_secs()
+        Err(_) => {
+            let secs = limit.as_secs();
+            tracing::warn!(
+                request_timeout_secs = secs,
+                "request deadline passed: stopped; a statement it was running is cancelled on the server"
+            );
+            let mut response = axum::response::IntoResponse::into_response(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "request_timeout",
+                    format!(
+                        "the request did not finish within {secs}s (INTEGRATIONS_REQUEST_TIMEOUT) and was stopped; a database statement it was running was cancelled"
+                    ),
+                )
+                .hint(
+                    "retry later; if it persists, check the database's health (GET /v1/admin/pool, `integrations doctor`), \
+                     set socket_timeout in DATABASE_URL below this deadline so slow statements fail fast with P1008, \
+                     or raise INTEGRATIONS_REQUEST_TIMEOUT",
                 ),
-            )
-            .hint("retry; if it persists, see /v1/admin/pool and the server logs"),
-        ),
+            );
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+            response
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod common;
 
 mod auth;
 mod connections;
+mod deadline;
 mod embedded;
 mod endpoints;
 mod errors;
