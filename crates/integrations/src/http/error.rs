@@ -32,7 +32,7 @@ pub(crate) struct ErrorBody {
 pub(crate) struct ErrorDetail {
     /// Stable machine-readable code: `invalid_request`, `unauthorized`,
     /// `forbidden`, `not_found`, `method_not_allowed`, `conflict`,
-    /// `reconnect_required`, `refresh_failed`, `invalid_flow`, `payload_too_large`,
+    /// `reconnect_required`, `refresh_failed`, `invalid_flow`, `request_timeout`, `payload_too_large`,
     /// `internal`, or a Prisma code (`P2024`, `P2037`, `P1001`, ...) for
     /// database errors.
     code: String,
