@@ -261,7 +261,7 @@ def row(args):
     # accept connections", else the end of the fault) to the first success.
     ready = m.get("ready", t2)
     back = "—"
-    if ready is not None:
+    if ready is not None and errors:
         oks = [t for t, lab in events if t >= ready and lab.endswith(" ok")]
         back = f"{oks[0] - ready:.2f}" if oks else "never"
     lost = args.lost
