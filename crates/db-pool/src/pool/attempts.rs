@@ -187,8 +187,16 @@ fn annotate(e: &Error, next: Duration, probing: bool) -> Error {
 /// another caller returns.
 #[derive(Default)]
 pub(crate) struct Handoff {
+    /// How many wait in line: kept equal to the line's length under its
+    /// lock, read without it on the return path.
     waiting: AtomicUsize,
-    queue: Mutex<VecDeque<oneshot::Sender<ClientConn>>>,
+    line: Mutex<Line>,
+}
+
+#[derive(Default)]
+struct Line {
+    next_id: u64,
+    waiters: VecDeque<(u64, oneshot::Sender<ClientConn>)>,
 }
 
 impl Handoff {
@@ -201,19 +209,26 @@ impl Handoff {
     /// Waits in line for a returned connection.
     pub fn wait(&self) -> Waiter<'_> {
         let (tx, rx) = oneshot::channel();
-        let mut queue = lock(&self.queue);
-        queue.retain(|tx| !tx.is_closed());
-        queue.push_back(tx);
-        drop(queue);
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        Waiter { handoff: self, rx }
+        let mut line = lock(&self.line);
+        let id = line.next_id;
+        line.next_id += 1;
+        line.waiters.push_back((id, tx));
+        self.waiting.store(line.waiters.len(), Ordering::Release);
+        Waiter {
+            handoff: self,
+            rx,
+            id,
+        }
     }
 
-    /// Hands a connection to the longest waiting caller still there;
-    /// gives it back when nobody takes it.
+    /// Hands a connection to the longest waiting caller; gives it back
+    /// when nobody takes it. A waiter leaves the line when it is served
+    /// (so a caller busy checking the connection it got does not count as
+    /// waiting) or gone.
     pub fn offer(&self, mut conn: ClientConn) -> Option<ClientConn> {
-        let mut queue = lock(&self.queue);
-        while let Some(tx) = queue.pop_front() {
+        let mut line = lock(&self.line);
+        while let Some((_, tx)) = line.waiters.pop_front() {
+            self.waiting.store(line.waiters.len(), Ordering::Release);
             match tx.send(conn) {
                 Ok(()) => return None,
                 Err(back) => conn = back,
@@ -224,7 +239,9 @@ impl Handoff {
 
     /// Ends every wait (the pool is closing).
     pub fn close(&self) {
-        lock(&self.queue).clear();
+        let mut line = lock(&self.line);
+        line.waiters.clear();
+        self.waiting.store(0, Ordering::Release);
     }
 }
 
@@ -232,6 +249,7 @@ impl Handoff {
 pub(crate) struct Waiter<'a> {
     handoff: &'a Handoff,
     rx: oneshot::Receiver<ClientConn>,
+    id: u64,
 }
 
 impl Waiter<'_> {
@@ -243,10 +261,17 @@ impl Waiter<'_> {
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        self.handoff.waiting.fetch_sub(1, Ordering::AcqRel);
-        // Its sender stays in the queue until an offer or the next wait
-        // skips it (a closed receiver refuses the send). A connection sent
-        // just before the drop goes to the next in line, or closes.
+        {
+            let mut line = lock(&self.handoff.line);
+            if let Some(at) = line.waiters.iter().position(|(id, _)| *id == self.id) {
+                line.waiters.remove(at);
+            }
+            self.handoff
+                .waiting
+                .store(line.waiters.len(), Ordering::Release);
+        }
+        // A connection sent just before the drop goes to the next in line,
+        // or closes.
         self.rx.close();
         if let Ok(conn) = self.rx.try_recv() {
             drop(self.handoff.offer(conn));

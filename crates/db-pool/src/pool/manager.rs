@@ -187,9 +187,12 @@ impl Shared {
                     let Some(mut conn) = handed else {
                         return Err(Error::PoolClosed);
                     };
-                    if self.recycle(&mut conn).await.is_ok() {
-                        Counters::inc(&self.counters.handoffs);
-                        return Ok(conn);
+                    match self.recycle(&mut conn).await {
+                        Ok(()) => {
+                            Counters::inc(&self.counters.handoffs);
+                            return Ok(conn);
+                        }
+                        Err(reason) => conn.closing(reason),
                     }
                 }
                 () = tokio::time::sleep_until(retry_at.into()) => {}

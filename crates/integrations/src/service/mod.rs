@@ -165,6 +165,10 @@ impl From<db_pool::Error> for ServiceError {
     }
 }
 
+/// How many times a read whose connection turned out dead (P1017 before
+/// any row came) is tried in all, each on another connection.
+pub(crate) const READ_ATTEMPTS: u32 = 3;
+
 /// A usable access token.
 #[derive(Clone)]
 pub struct AccessToken {

@@ -68,14 +68,18 @@ impl IntegrationsService {
     }
 
     /// The row's token columns. A read whose connection turned out dead
-    /// (its backend terminated, the server restarted) is tried once more
-    /// on another connection: it changed nothing.
+    /// (its backend terminated, the server restarted) is tried again on
+    /// another connection, up to [`super::READ_ATTEMPTS`] in all: it
+    /// changed nothing, and when every backend dies at once the next
+    /// connection may be dead too.
     async fn token_row(&self, p: &str, a: &str) -> Result<TokenRow, ServiceError> {
-        let mut retried = false;
+        let mut attempt = 1;
         loop {
             let mut conn = self.pool.get().await?;
             match rows::token_row(&mut conn, p, a).await {
-                Err(db_pool::Error::ConnectionClosed) if !retried => retried = true,
+                Err(db_pool::Error::ConnectionClosed) if attempt < super::READ_ATTEMPTS => {
+                    attempt += 1;
+                }
                 read => return read?.ok_or_else(|| not_found(p, a)),
             }
         }

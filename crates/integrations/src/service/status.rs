@@ -355,31 +355,35 @@ async fn run_loader(pool: db_pool::Pool, cache: Arc<StatusCache>) {
                 // The statement failed: go on with a connection checked
                 // out anew (the pool drops this one if it is broken).
                 Loaded::Failed => break,
-                Loaded::Dead(batch) => {
+                Loaded::Dead(mut batch) => {
                     // The connection was dead before any row came (its
                     // backend terminated, the server restarted): the read
-                    // is tried once more on another connection, so one
-                    // dead connection does not fail a batch of callers.
-                    let guard = Taken {
-                        cache: &cache,
-                        ids: batch.iter().map(|(id, _)| *id).collect(),
-                    };
-                    match pool.get().await {
-                        Ok(fresh) => {
-                            guard.disarm();
-                            conn = fresh;
-                            if !matches!(
-                                load_batch(&cache, &mut conn, batch, false).await,
-                                Loaded::Done
-                            ) {
+                    // is tried again on another connection, so one dead
+                    // connection does not fail a batch of callers.
+                    let mut attempt = 2;
+                    loop {
+                        let guard = Taken {
+                            cache: &cache,
+                            ids: batch.iter().map(|(id, _)| *id).collect(),
+                        };
+                        let fresh = pool.get().await;
+                        guard.disarm();
+                        match fresh {
+                            Ok(fresh) => conn = fresh,
+                            Err(e) => {
+                                let e = ServiceError::from(e);
+                                cache.answer(batch.iter().map(|(id, _)| (*id, Err(e.shared()))));
                                 break;
                             }
                         }
-                        Err(e) => {
-                            let e = ServiceError::from(e);
-                            guard.disarm();
-                            cache.answer(batch.iter().map(|(id, _)| (*id, Err(e.shared()))));
-                            break;
+                        let may_retry = attempt < super::READ_ATTEMPTS;
+                        match load_batch(&cache, &mut conn, batch, may_retry).await {
+                            Loaded::Done => break,
+                            Loaded::Failed => break,
+                            Loaded::Dead(again) => {
+                                batch = again;
+                                attempt += 1;
+                            }
                         }
                     }
                 }
