@@ -54,71 +54,110 @@ async fn the_table_holds_no_clear_text_token() {
     }
 }
 
+/// EXPLAIN of one of the product's statements, with sample values for its
+/// parameters (by the types the server inferred), under a plan cache mode
+/// ("force_custom_plan" for the first executions of a prepared statement,
+/// "force_generic_plan" for what the server may switch to later).
+async fn explain(client: &db_pool::tokio_postgres::Client, sql: &str, mode: &str) -> String {
+    use db_pool::types::ToSql;
+    client
+        .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+        .await
+        .unwrap();
+    let stmt = client.prepare(&format!("EXPLAIN {sql}")).await.unwrap();
+    let params: Vec<Box<dyn ToSql + Sync>> = stmt
+        .params()
+        .iter()
+        .map(|t| -> Box<dyn ToSql + Sync> {
+            match *t {
+                Type::TEXT => Box::new("user42".to_string()),
+                Type::TEXT_ARRAY => Box::new(vec!["user42".to_string(), "user7".to_string()]),
+                Type::FLOAT8 => Box::new(300.0f64),
+                Type::INT8 => Box::new(100i64),
+                Type::BYTEA => Box::new(vec![0u8; 4]),
+                ref other => panic!("no sample value for {other} in {sql}"),
+            }
+        })
+        .collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|b| b.as_ref()).collect();
+    let rows = client.query(&stmt, &refs).await.unwrap();
+    rows.iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The product's own hot statements (not copies) use their indexes, under
+/// custom and generic plans alike.
 #[tokio::test]
 async fn hot_queries_use_their_indexes() {
+    use integrations::store::integrations as sql;
     let t = TestService::start().await;
     let client = t.db.connect().await;
-    // Enough rows that a sequential scan would not be chosen on merit.
+    // Enough rows that a sequential scan would not be chosen on merit;
+    // about 1 in 50 is due (expires within the 300 s margin).
     client
         .batch_execute(
             "INSERT INTO integrations (user_id, provider, account_id, access_token, refresh_token, key_id, expires_at) \
-             SELECT 'user' || i, 'good', 'acct' || i, '\\x00', '\\x00', 'k1', now() + (i || ' seconds')::interval \
+             SELECT 'user' || i, 'good', 'acct' || i, '\\x00', '\\x00', 'k1', now() + (i * 15 || ' seconds')::interval \
              FROM generate_series(1, 20000) i; ANALYZE integrations",
         )
         .await
         .unwrap();
-    let plan = |sql: &'static str, types: &'static [Type]| {
-        let client = &client;
-        async move {
-            let stmt = client
-                .prepare_typed(&format!("EXPLAIN {sql}"), types)
-                .await
-                .unwrap();
-            let params: Vec<Box<dyn db_pool::types::ToSql + Sync>> = types
-                .iter()
-                .map(|t| -> Box<dyn db_pool::types::ToSql + Sync> {
-                    match *t {
-                        Type::TEXT => Box::new("user42".to_string()),
-                        Type::FLOAT8 => Box::new(300.0f64),
-                        _ => Box::new(100i64),
-                    }
-                })
-                .collect();
-            let refs: Vec<&(dyn db_pool::types::ToSql + Sync)> =
-                params.iter().map(|b| b.as_ref()).collect();
-            let rows = client.query(&stmt, &refs).await.unwrap();
-            rows.iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-                .join("\n")
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let plan = |sql: &'static str| explain(&client, sql, mode);
+        // The status read: `user_id = ANY($1)`, in (user, provider,
+        // account) order from the index.
+        let status = plan(sql::LIST_FOR_USERS).await;
+        assert!(
+            status.contains("integrations_user_provider_account") && !status.contains("Seq Scan"),
+            "{mode}: {status}"
+        );
+        // Lookups by (provider, account): the unique key.
+        for (name, stmt) in [
+            ("TOKEN_ROW", sql::TOKEN_ROW),
+            ("GET_STATUS", sql::GET_STATUS),
+            ("OWNER", sql::OWNER),
+            ("STORED_REFRESH", sql::STORED_REFRESH),
+            ("CLAIM", sql::CLAIM),
+            ("DELETE", sql::DELETE),
+        ] {
+            let p = plan(stmt).await;
+            assert!(
+                p.contains("integrations_provider_account_key") && !p.contains("Seq Scan"),
+                "{mode} {name}: {p}"
+            );
         }
-    };
-    let status = plan(
-        "SELECT provider FROM integrations WHERE user_id = $1 ORDER BY provider, account_id",
-        &[Type::TEXT],
-    )
-    .await;
-    // The index gives the order: no sort step.
-    assert!(
-        status.contains("integrations_user_provider_account") && !status.contains("Sort"),
-        "{status}"
-    );
-    let token = plan(
-        "SELECT key_id FROM integrations WHERE provider = $1 AND account_id = $2",
-        &[Type::TEXT, Type::TEXT],
-    )
-    .await;
-    assert!(
-        token.contains("integrations_provider_account_key"),
-        "{token}"
-    );
-    let due = plan(
-        "SELECT id FROM integrations WHERE status = 'connected' AND refresh_token IS NOT NULL \
-         AND expires_at < now() + make_interval(secs => $1) ORDER BY expires_at LIMIT $2",
-        &[Type::FLOAT8, Type::INT8],
-    )
-    .await;
-    assert!(due.contains("integrations_refresh_due"), "{due}");
+        let many = plan(sql::CLAIM_MANY).await;
+        assert!(
+            many.contains("integrations_provider_account_key")
+                && !many.contains("Seq Scan on integrations"),
+            "{mode} CLAIM_MANY: {many}"
+        );
+        // The refresher's claim: the partial due index, `provider = ANY`,
+        // the lease condition and SKIP LOCKED (a LockRows step).
+        let due = plan(sql::CLAIM_DUE).await;
+        assert!(
+            due.contains("integrations_refresh_due")
+                && due.contains("LockRows")
+                && !due.contains("Seq Scan on integrations"),
+            "{mode} CLAIM_DUE: {due}"
+        );
+        // rotate-keys pages by id: the primary key, no sort of the table.
+        let rotate = plan(sql::TO_REENCRYPT).await;
+        assert!(
+            rotate.contains("integrations_pkey") && !rotate.contains("Sort"),
+            "{mode} TO_REENCRYPT: {rotate}"
+        );
+        // The rewrite of one row: by id (or by the rare old key_id, when
+        // the planner expects it to match fewer rows), never a scan.
+        let reencrypt = plan(sql::REENCRYPT).await;
+        assert!(
+            (reencrypt.contains("integrations_pkey") || reencrypt.contains("integrations_key_id"))
+                && !reencrypt.contains("Seq Scan"),
+            "{mode} REENCRYPT: {reencrypt}"
+        );
+    }
 }
 
 #[tokio::test]
