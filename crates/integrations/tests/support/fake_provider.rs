@@ -69,6 +69,8 @@ struct Grant {
 struct ProviderState {
     mode: HashMap<String, Mode>,
     delay: HashMap<String, Duration>,
+    /// Providers whose token endpoint holds every answer until released.
+    held: HashMap<String, Arc<tokio::sync::Semaphore>>,
     valid_refresh: HashSet<String>,
     issued: usize,
     codes: HashMap<String, Grant>,
@@ -155,6 +157,25 @@ impl FakeProvider {
             .unwrap()
             .delay
             .insert(provider.into(), delay);
+    }
+
+    /// Holds every answer of `provider`'s token endpoint (after counting the
+    /// request) until [`FakeProvider::release`].
+    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
+    pub fn hold(&self, provider: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .held
+            .insert(provider.into(), Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+
+    /// Lets the held answers of `provider` go, and any later ones.
+    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
+    pub fn release(&self, provider: &str) {
+        if let Some(gate) = self.state.lock().unwrap().held.remove(provider) {
+            gate.close();
+        }
     }
 
     /// Registers a refresh token the provider accepts.
@@ -310,16 +331,21 @@ async fn token(
     if let Err(why) = check_client(&name, &headers, &form) {
         return refuse(&fake, StatusCode::UNAUTHORIZED, "invalid_client", why);
     }
-    let (mode, delay) = {
+    let (mode, delay, gate) = {
         let s = fake.state.lock().unwrap();
         (
             s.mode.get(&name).copied().unwrap_or(Mode::Rotate),
             s.delay.get(&name).copied().unwrap_or_default(),
+            s.held.get(&name).cloned(),
         )
     };
     let now = fake.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     fake.max_in_flight.fetch_max(now, Ordering::SeqCst);
     tokio::time::sleep(delay).await;
+    if let Some(gate) = gate {
+        // Closed on release: every waiter goes on.
+        let _ = gate.acquire().await;
+    }
     fake.in_flight.fetch_sub(1, Ordering::SeqCst);
     match form.get("grant_type").map(String::as_str) {
         Some("refresh_token") => {
