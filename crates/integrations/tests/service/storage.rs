@@ -301,38 +301,76 @@ async fn an_account_belongs_to_one_user() {
         .unwrap();
 }
 
+/// A reconnect that brings no refresh token (GitHub-style) while the
+/// stored refresh token is under an older key: the stored one is kept,
+/// re-encrypted under the current key (the re-encryption branch of
+/// `connect`), so it still works once the old key is removed.
 #[tokio::test]
-async fn reconnecting_without_a_refresh_token_works_after_a_key_change() {
+async fn reconnecting_without_a_refresh_token_after_a_key_change_reencrypts_the_stored_one() {
     let t = TestService::start().await;
-    // GitHub OAuth apps never send a refresh token.
-    let tokens = |access: &str| {
+    let tokens = |json: serde_json::Value| {
         integrations::oauth::TokenSet::from_response(
-            &serde_json::json!({"access_token": access}),
+            &json,
             chrono::Utc::now(),
-            integrations::oauth::Expiry::Never,
+            integrations::oauth::Expiry::Default(std::time::Duration::from_secs(3600)),
         )
         .unwrap()
     };
-    let (u, p, a) = (user_id("u1"), provider_name("good"), account_id("no-rt"));
+    let (u, p, a) = (user_id("u1"), provider_name("good"), account_id("keep-rt"));
+    t.fake.accept_refresh("rt-1");
     t.service
-        .connect(&u, &p, &a, &tokens("at-1"), None)
+        .connect(
+            &u,
+            &p,
+            &a,
+            &tokens(serde_json::json!({"access_token": "at-1", "refresh_token": "rt-1"})),
+            None,
+        )
         .await
         .unwrap();
-    // A new current key; the row is still under the old one.
-    let new_spec = format!("{},{}", Keyring::generate_spec("k2"), t.keys);
+    // A new current key; the row (and its refresh token) is under k1.
+    let k2 = Keyring::generate_spec("k2");
     let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
-    let rotated = IntegrationsService::new(
-        t.service.pool().clone(),
-        Keyring::parse(&new_spec).unwrap(),
-        ProviderRegistry::from_toml(&t.fake.registry_toml(PROVIDERS), "test", &env).unwrap(),
-        TokenClient::new(&TokenClientConfig::default()).unwrap(),
-        ServiceConfig::default(),
-    );
+    let with_keys = |spec: &str| {
+        IntegrationsService::new(
+            t.service.pool().clone(),
+            Keyring::parse(spec).unwrap(),
+            ProviderRegistry::from_toml(&t.fake.registry_toml(PROVIDERS), "test", &env).unwrap(),
+            TokenClient::new(&TokenClientConfig::default()).unwrap(),
+            ServiceConfig::default(),
+        )
+    };
+    let rotated = with_keys(&format!("{k2},{}", t.keys));
     let stored = rotated
-        .connect(&u, &p, &a, &tokens("at-2"), None)
+        .connect(
+            &u,
+            &p,
+            &a,
+            &tokens(serde_json::json!({"access_token": "at-2"})),
+            None,
+        )
         .await
         .unwrap();
-    assert_eq!(stored.account_id, "no-rt");
-    let tok = rotated.access_token(&p, &a).await.unwrap();
+    assert_eq!(stored.account_id, "keep-rt");
+    let client = t.db.connect().await;
+    let row = client
+        .query_one(
+            "SELECT key_id, refresh_token IS NOT NULL FROM integrations WHERE account_id = 'keep-rt'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, bool>(1)),
+        ("k2".to_string(), true),
+        "the kept refresh token is under the new key"
+    );
+
+    // Only k2 left: the new access token reads, and the kept refresh token
+    // (re-encrypted, not lost) refreshes.
+    let only_k2 = with_keys(&k2);
+    let tok = only_k2.access_token(&p, &a).await.unwrap();
     assert_eq!(secret_text(&tok.token), "at-2");
+    only_k2.refresh(&p, &a).await.unwrap();
+    assert_eq!(*t.fake.seen_refresh_tokens.lock().unwrap(), ["rt-1"]);
 }
