@@ -170,7 +170,7 @@ async fn a_slow_provider_never_exhausts_the_pool() {
         t.seed("u1", "slow", &format!("s{i}"), 3600).await;
     }
     t.seed("u2", "good", "other", 3600).await;
-    t.fake.set_delay("slow", Duration::from_secs(3));
+    t.fake.hold("slow");
     let refreshes: Vec<_> = (0..20)
         .map(|i| {
             let svc = t.service.clone();
@@ -180,7 +180,14 @@ async fn a_slow_provider_never_exhausts_the_pool() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // All 20 at the provider, held there.
+    for _ in 0..200 {
+        if t.fake.in_flight.load(Ordering::SeqCst) == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.fake.in_flight.load(Ordering::SeqCst), 20);
     // While 20 refreshes wait on the provider, an unrelated read gets a
     // connection within pool_timeout=1s, every time.
     for _ in 0..10 {
@@ -191,8 +198,13 @@ async fn a_slow_provider_never_exhausts_the_pool() {
             .await
             .unwrap_or_else(|e| panic!("status failed: {e}"));
         assert_eq!(list.integrations().unwrap().len(), 1);
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(
+        t.fake.in_flight.load(Ordering::SeqCst),
+        20,
+        "still all at the provider"
+    );
+    t.fake.release("slow");
     for r in join_all(refreshes).await {
         r.unwrap().unwrap();
     }
