@@ -151,6 +151,7 @@ impl FakeProvider {
             .insert(provider.into(), mode);
     }
 
+    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
     pub fn set_delay(&self, provider: &str, delay: Duration) {
         self.state
             .lock()
@@ -161,7 +162,6 @@ impl FakeProvider {
 
     /// Holds every answer of `provider`'s token endpoint (after counting the
     /// request) until [`FakeProvider::release`].
-    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
     pub fn hold(&self, provider: &str) {
         self.state
             .lock()
@@ -171,7 +171,6 @@ impl FakeProvider {
     }
 
     /// Lets the held answers of `provider` go, and any later ones.
-    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
     pub fn release(&self, provider: &str) {
         if let Some(gate) = self.state.lock().unwrap().held.remove(provider) {
             gate.close();
