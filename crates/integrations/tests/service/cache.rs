@@ -318,3 +318,32 @@ async fn concurrent_misses_share_round_trips_and_each_gets_its_own_user() {
     assert_eq!(t.service.cache_stats().misses, 40);
     assert!(checkouts < 10, "{checkouts} checkouts for 40 loads");
 }
+
+/// `status_cache_capacity` bounds the users kept: reading many more users
+/// than that keeps at most that many, and every read still answers.
+#[tokio::test]
+async fn the_status_cache_keeps_at_most_its_capacity() {
+    let config = ServiceConfig {
+        status_cache_capacity: 10,
+        ..ServiceConfig::default()
+    };
+    let t = TestService::start_with("connection_limit=2", config).await;
+    t.seed("u0", "good", "a0", 3600).await;
+    for round in 0..2 {
+        for i in 0..200 {
+            let list = t.service.status(&user_id(&format!("u{i}"))).await.unwrap();
+            let expected = usize::from(i == 0);
+            assert_eq!(
+                list.integrations().unwrap().len(),
+                expected,
+                "round {round}"
+            );
+            let entries = t.service.cache_stats().entries;
+            assert!(entries <= 10, "{entries} users cached (capacity 10)");
+        }
+    }
+    let s = t.service.cache_stats();
+    assert!(s.entries > 0, "the cache is in use: {s:?}");
+    // 400 reads of 200 users through 10 places: nearly all loads.
+    assert!(s.misses >= 380, "{s:?}");
+}

@@ -338,3 +338,56 @@ async fn a_code_issued_for_another_flow_is_refused_by_its_pkce_verifier() {
     assert!(connected(&t, "victim").await.is_empty());
     assert!(t.fake.issued_tokens().is_empty());
 }
+
+/// Abandoned flows do not pile up: expired states (flows waiting at the
+/// provider) and expired pending answers (waiting for the application) are
+/// purged; live ones stay and still finish.
+#[tokio::test]
+async fn purging_removes_expired_states_and_pending_answers_only() {
+    let t = TestService::start_with("connection_limit=3", config(Duration::from_millis(500))).await;
+    let (_, _abandoned_state) = start(&t, "u1").await;
+    let (unconfirmed, state) = start(&t, "u2").await;
+    t.fake
+        .authorize(&unconfirmed.authorize_url, "code-u2", "acct-u2");
+    t.service
+        .finish_connect(&state, "code-u2")
+        .await
+        .result
+        .unwrap();
+    let client = t.db.connect().await;
+    let counts = || async {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM oauth_states), (SELECT count(*) FROM oauth_pending), \
+                        (SELECT count(*) FROM oauth_states WHERE expires_at >= now()) \
+                      + (SELECT count(*) FROM oauth_pending WHERE expires_at >= now())",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+        )
+    };
+    assert_eq!(counts().await, (1, 1, 2));
+    // Nothing expired yet: nothing purged.
+    assert_eq!(t.service.purge_expired_states().await.unwrap(), 0);
+    // Once both have expired (as the server sees it), a fresh flow starts.
+    let mut now = counts().await;
+    for _ in 0..100 {
+        if now.2 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = counts().await;
+    }
+    assert_eq!(now, (1, 1, 0));
+    let (live, live_state) = start(&t, "u3").await;
+    assert_eq!(t.service.purge_expired_states().await.unwrap(), 2);
+    assert_eq!(counts().await, (1, 0, 1), "only the live state is left");
+    t.fake.authorize(&live.authorize_url, "code-u3", "acct-u3");
+    let done = t.service.finish_connect(&live_state, "code-u3").await;
+    assert!(done.result.is_ok(), "the live flow still finishes");
+}
