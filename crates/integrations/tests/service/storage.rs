@@ -374,3 +374,83 @@ async fn reconnecting_without_a_refresh_token_after_a_key_change_reencrypts_the_
     only_k2.refresh(&p, &a).await.unwrap();
     assert_eq!(*t.fake.seen_refresh_tokens.lock().unwrap(), ["rt-1"]);
 }
+
+/// `rotate-keys` while refreshes write, from an instance with the new key
+/// first and from one that knows it but still writes under the old key (a
+/// rolling change of the key list): no newer token is overwritten with an
+/// older one and no row is left unreadable. Once a second pass has
+/// caught the rows written meanwhile under the old key, a service with only
+/// the new key reads and refreshes every integration (the rotating fake
+/// provider would refuse a stale refresh token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_keys_while_refreshes_write_loses_no_token() {
+    let t = TestService::start_with("connection_limit=8", ServiceConfig::default()).await;
+    const N: usize = 30;
+    for i in 0..N {
+        t.seed("u1", "good", &format!("r{i}"), 3600).await;
+    }
+    t.fake
+        .set_delay("good", std::time::Duration::from_millis(5));
+    let k2 = Keyring::generate_spec("k2");
+    let rotated = t
+        .with_keys(&format!("{k2},{}", t.keys), ServiceConfig::default())
+        .await;
+    let new_first = t
+        .with_keys(&format!("{k2},{}", t.keys), ServiceConfig::default())
+        .await;
+    let old_first = t
+        .with_keys(&format!("{},{k2}", t.keys), ServiceConfig::default())
+        .await;
+    let refreshes = {
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for round in 0..3 {
+                let requests = (0..N)
+                    .map(|i| integrations::service::RefreshRequest {
+                        provider: provider_name("good"),
+                        account_id: account_id(&format!("r{i}")),
+                    })
+                    .collect();
+                let svc = if round % 2 == 0 {
+                    &new_first
+                } else {
+                    &old_first
+                };
+                let results = svc.batch_refresh(requests, 4).await;
+                for r in &results {
+                    assert!(r.is_ok(), "round {round}: {r:?}");
+                }
+                ok += results.len();
+            }
+            ok
+        })
+    };
+    let mut passes = 0;
+    while !refreshes.is_finished() {
+        let report = rotated.rotate_keys(3).await.unwrap();
+        assert_eq!(report.unreadable, 0, "{report:?}");
+        passes += 1;
+    }
+    assert_eq!(refreshes.await.unwrap(), 3 * N);
+    assert!(passes > 1, "rotation ran while refreshes wrote");
+    // The rows the old instance wrote under k1 meanwhile.
+    let report = rotated.rotate_keys(3).await.unwrap();
+    assert_eq!(report.unreadable, 0, "{report:?}");
+
+    let only_k2 = t.with_keys(&k2, ServiceConfig::default()).await;
+    let client = t.db.connect().await;
+    let keys: Vec<String> = client
+        .query("SELECT DISTINCT key_id FROM integrations", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, ["k2"]);
+    for i in 0..N {
+        let (p, a) = (provider_name("good"), account_id(&format!("r{i}")));
+        only_k2.access_token(&p, &a).await.unwrap();
+        let s = only_k2.refresh(&p, &a).await.unwrap();
+        assert_eq!(s.status, Status::Connected, "r{i}");
+    }
+}
