@@ -128,8 +128,58 @@ async fn four_callers_on_two_connections_show_two_waiting_then_none() {
     }
 }
 
+/// How many connections the server has for `app` (from a fresh admin
+/// connection: the server restarts during the test); `None` while it is
+/// down.
+async fn server_count(admin_url: &str, app: &str) -> Option<i64> {
+    let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .ok()?;
+    Some(row.get(0))
+}
+
+/// Waits (at most 10 s) until the pool's raw counts agree with themselves
+/// and with the server: `checkouts - returns == in_use == in_use_now`,
+/// `in_use + idle == open`, and `open` equals the server's own count of
+/// the pool's connections in `pg_stat_activity`.
+async fn counts_match_the_server(
+    pool: &Pool,
+    admin_url: &str,
+    app: &str,
+    in_use_now: usize,
+) -> db_pool::PoolStats {
+    let mut last = None;
+    for _ in 0..200 {
+        let s = pool.stats();
+        let server = server_count(admin_url, app).await;
+        let outstanding = s.checkouts.checked_sub(s.returns);
+        if outstanding == Some(in_use_now as u64)
+            && s.in_use == in_use_now
+            && s.in_use + s.idle == s.open
+            && server == Some(s.open as i64)
+        {
+            return s;
+        }
+        last = Some((s, server));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("pool and server disagree (expected {in_use_now} in use): {last:#?}");
+}
+
+/// The gauges are the raw counts, checked against the server: through
+/// load with cancelled queries and cancelled checkouts, a server restart,
+/// and a cancelled query on a held connection, `checkouts - returns` is
+/// what is in use and `open` is what `pg_stat_activity` shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn gauges_stay_consistent_through_a_server_restart() {
+async fn gauges_match_the_servers_count_through_restarts_and_cancellations() {
     let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
         .await
         .unwrap();
@@ -137,17 +187,45 @@ async fn gauges_stay_consistent_through_a_server_restart() {
         "postgresql://postgres@127.0.0.1:{}/postgres?sslmode=disable",
         cluster.port()
     );
+    let admin_url = cluster.url("postgres");
     let (pool, app) = pool(&url, "connection_limit=4&pool_timeout=1&connect_timeout=1");
+
+    let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
+    let held: Vec<_> = held.into_iter().map(Result::unwrap).collect();
+    counts_match_the_server(&pool, &admin_url, &app, 3).await;
+    drop(held);
+    counts_match_the_server(&pool, &admin_url, &app, 0).await;
+
+    const TASKS: usize = 8;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..8)
-        .map(|_| {
-            let (pool, stop) = (pool.clone(), stop.clone());
+    let cancelled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let load: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let (pool, stop, cancelled) = (pool.clone(), stop.clone(), cancelled.clone());
             tokio::spawn(async move {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if let Ok(mut c) = pool.get().await {
-                        let _ = c.query("SELECT pg_sleep(0.001)", &[]).await;
+                    // A third give up waiting for a connection now and then.
+                    let patience = if i % 3 == 2 { 2 } else { 1000 };
+                    let got =
+                        tokio::time::timeout(Duration::from_millis(patience), pool.get()).await;
+                    let Ok(Ok(mut c)) = got else {
+                        if got.is_err() {
+                            cancelled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    if i % 3 == 1 {
+                        // Another third gives up in the middle of a query.
+                        let q = c.query("SELECT pg_sleep(1)", &[]);
+                        if tokio::time::timeout(Duration::from_millis(5), q)
+                            .await
+                            .is_err()
+                        {
+                            cancelled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                     } else {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let _ = c.query("SELECT 1", &[]).await;
                     }
                 }
             })
@@ -159,37 +237,64 @@ async fn gauges_stay_consistent_through_a_server_restart() {
             let mut samples = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let s = pool.stats();
-                assert_eq!(s.in_use + s.idle, s.open, "{s:?}");
-                assert!(s.open <= 4 && s.in_use <= 4, "{s:?}");
+                // Each task holds at most one checkout at a time: a
+                // drifted or wrapped count shows here (no clamp hides it).
+                assert!(s.in_use <= TASKS && s.open <= 4, "{s:?}");
                 samples += 1;
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                tokio::task::yield_now().await;
             }
             samples
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let progress = |more: u64| {
+        let from = pool.stats().checkouts;
+        let pool = pool.clone();
+        async move { wait_until(|| pool.stats().checkouts >= from + more).await }
+    };
+    progress(50).await;
+    let failures = pool.stats().connect_failures;
     cluster.stop().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(|| pool.stats().connect_failures > failures).await;
     cluster.start().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    progress(50).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
     }
-    assert!(sampler.await.unwrap() > 50);
-    let s = pool.stats();
-    assert_eq!((s.in_use, s.waiting), (0, 0), "{s:?}");
-    assert_eq!(s.idle, s.open);
+    assert!(sampler.await.unwrap() > 0);
+    assert!(
+        cancelled.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "some callers gave up"
+    );
+    let s = counts_match_the_server(&pool, &admin_url, &app, 0).await;
     assert!(s.closed_broken >= 1, "the restart broke connections: {s:?}");
+
+    // A held connection whose query is cancelled: discarded, its backend
+    // gone from the server, the other one still counted.
+    let mut a = pool.get().await.unwrap();
+    let mut b = pool.get().await.unwrap();
+    b.query("SELECT 1", &[]).await.unwrap();
+    counts_match_the_server(&pool, &admin_url, &app, 2).await;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        a.query("SELECT pg_sleep(60)", &[]),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    drop(a);
+    counts_match_the_server(&pool, &admin_url, &app, 1).await;
+    drop(b);
+    let s = counts_match_the_server(&pool, &admin_url, &app, 0).await;
+
     pool.export_metrics();
-    for gauge in [
-        "db_pool_connections_in_use",
-        "db_pool_connections_idle",
-        "db_pool_connections_open",
-        "db_pool_waiting",
+    for (gauge, value) in [
+        ("db_pool_connections_in_use", 0.0),
+        ("db_pool_connections_idle", s.idle as f64),
+        ("db_pool_connections_open", s.open as f64),
+        ("db_pool_waiting", 0.0),
     ] {
         let v = sample(&format!("{gauge}{{pool=\"{app}\"}}")).unwrap();
-        assert!(v >= 0.0, "{gauge} = {v}");
+        assert_eq!(v, value, "{gauge}");
     }
     let broken = sample(&format!(
         "db_pool_connections_closed_total{{pool=\"{app}\",reason=\"broken\"}}"

@@ -251,3 +251,85 @@ fn invalid_input_exits_2() {
         assert_eq!(activity(url, args).status.code(), Some(2), "{args:?}");
     }
 }
+
+/// Lines of a child's output, as they come, on a channel.
+fn lines_of(output: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// `--watch` outlives a server restart: while the server is down it says
+/// so on standard error and keeps going; once the server is back the
+/// samples resume.
+#[tokio::test]
+async fn watch_survives_a_server_restart() {
+    use db_pool::cluster::{ClusterOptions, LocalCluster};
+    let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
+        .await
+        .unwrap();
+    let url = format!(
+        "{}?sslmode=disable&connect_timeout=2&pool_timeout=2",
+        cluster.url("postgres")
+    );
+    let (mut cmd, _dir) = command(&url, &["--json", "--watch", "1"]);
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = lines_of(child.stdout.take().unwrap());
+    let err = lines_of(child.stderr.take().unwrap());
+    let wait = Duration::from_secs(30);
+    let before: Value = serde_json::from_str(&out.recv_timeout(wait).unwrap()).unwrap();
+
+    cluster.stop().await.unwrap();
+    // It reports the outage (an error code and a hint) and keeps running.
+    let mut said = Vec::new();
+    let deadline = std::time::Instant::now() + wait;
+    while !said.iter().any(|l: &String| l.starts_with("hint: ")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no error reported: {said:?}"
+        );
+        if let Ok(line) = err.recv_timeout(Duration::from_millis(100)) {
+            said.push(line);
+        }
+    }
+    assert!(said.iter().any(|l| l.starts_with('P')), "{said:?}");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with the server down"
+    );
+
+    cluster.start().await.unwrap();
+    let restarted = chrono::Utc::now();
+    // The next sample taken after the restart (any line still in the pipe
+    // from before the stop is older).
+    let after = loop {
+        let line: Value = serde_json::from_str(&out.recv_timeout(wait).unwrap()).unwrap();
+        let at =
+            chrono::DateTime::parse_from_rfc3339(line["sampled_at"].as_str().unwrap()).unwrap();
+        if at >= restarted {
+            break line;
+        }
+    };
+    assert_eq!(after["database"], before["database"]);
+
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

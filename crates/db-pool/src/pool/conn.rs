@@ -503,6 +503,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let observer = &self.shared.observer;
         observer.in_use.fetch_sub(1, Ordering::Relaxed);
+        super::stats::Counters::inc(&self.shared.counters.returns);
         observer.hold_time.record(self.at.elapsed());
         if let Some(id) = self.leak_watch {
             observer.returned(id);

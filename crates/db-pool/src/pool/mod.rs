@@ -141,22 +141,24 @@ impl Pool {
         }
     }
 
-    /// A snapshot of the pool's gauges and counters. `in_use + idle` always
-    /// equals `open`, and none of them goes negative.
+    /// A snapshot of the pool's gauges and counters. `in_use` is the raw
+    /// count of checkouts not yet ended, not clamped to `open`: a drifted or
+    /// wrapped count shows rather than hides. While connections move, a
+    /// snapshot may catch one discarded (no longer `open`) whose checkout
+    /// has not ended yet; at rest `in_use + idle == open`.
     pub fn stats(&self) -> PoolStats {
         let shared = &self.inner.shared;
         let open = self.inner.pool.status().size;
         let in_use = shared
             .observer
             .in_use
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .min(open);
+            .load(std::sync::atomic::Ordering::Relaxed);
         let (waiting, oldest) = shared.observer.waiters();
         let mut s = PoolStats {
             max: self.config().connection_limit,
             open,
             in_use,
-            idle: open - in_use,
+            idle: open.saturating_sub(in_use),
             waiting,
             oldest_wait_secs: oldest.as_secs_f64(),
             leaks_detected: shared

@@ -41,6 +41,7 @@ impl CloseReason {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     pub checkouts: AtomicU64,
+    pub returns: AtomicU64,
     pub checkout_timeouts: AtomicU64,
     pub connect_attempts: AtomicU64,
     pub connections_opened: AtomicU64,
@@ -90,6 +91,9 @@ pub struct PoolStats {
     pub oldest_wait_secs: f64,
     /// Successful checkouts.
     pub checkouts: u64,
+    /// Checkouts ended: the connection is back in the pool or discarded.
+    /// `checkouts - returns` is the raw count behind `in_use`.
+    pub returns: u64,
     /// Checkouts that gave up with P2024.
     pub checkout_timeouts: u64,
     /// Attempts to open a connection (successful or not).
@@ -131,6 +135,7 @@ impl Counters {
     pub fn fill(&self, s: &mut PoolStats) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         s.checkouts = get(&self.checkouts);
+        s.returns = get(&self.returns);
         s.checkout_timeouts = get(&self.checkout_timeouts);
         s.connect_attempts = get(&self.connect_attempts);
         s.connections_opened = get(&self.connections_opened);

@@ -19,7 +19,13 @@ async fn close_waits_for_checked_out_connections_then_closes_all() {
         let pool = pool.clone();
         tokio::spawn(async move { pool.close(Duration::from_secs(10)).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Closing has begun once the idle connection is gone at the server.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            pool.is_closed() && server_connections(&admin, &app).await == 1
+        })
+        .await
+    );
     let err = pool
         .get()
         .await

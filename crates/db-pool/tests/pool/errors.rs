@@ -270,3 +270,45 @@ async fn a_pool_larger_than_the_servers_room_serves_every_caller() {
     );
     assert!(stats.connect_attempts <= 40, "{stats:?}");
 }
+
+/// A wrong password is P1000 naming the user, never the password, and it
+/// is not mistaken for anything else.
+#[tokio::test]
+async fn wrong_password_is_p1000_without_the_password() {
+    let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
+        .await
+        .unwrap();
+    let (admin, connection) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE pwuser LOGIN PASSWORD 'right-pass'")
+        .await
+        .unwrap();
+    drop(admin);
+    cluster
+        .write_data_file(
+            "pg_hba.conf",
+            "host all pwuser 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 trust\nlocal all all trust\n",
+            0o600,
+        )
+        .unwrap();
+    cluster.reload().await.unwrap();
+    let url = |password: &str| {
+        format!(
+            "postgresql://pwuser:{password}@127.0.0.1:{}/postgres?sslmode=disable&connect_timeout=5&pool_timeout=5",
+            cluster.port()
+        )
+    };
+    let pool = pool_url(&url("wrong-pass-0xdeadbeef"));
+    let err = pool.get().await.err().expect("a wrong password connects");
+    assert_eq!(err.code(), "P1000", "{err}");
+    let text = format!("{err} {err:?} {}", err.hint());
+    assert!(text.contains("pwuser"), "{text}");
+    assert!(!text.contains("wrong-pass-0xdeadbeef"), "{text}");
+    // The right one works (the failure was the password, nothing else).
+    let mut conn = pool_url(&url("right-pass")).get().await.unwrap();
+    conn.query("SELECT 1", &[]).await.unwrap();
+}

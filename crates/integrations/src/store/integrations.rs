@@ -100,7 +100,9 @@ pub async fn upsert(
     Ok(row.as_ref().map(status_from_row))
 }
 
-const OWNER: &str = "SELECT user_id FROM integrations WHERE provider = $1 AND account_id = $2";
+/// Who owns an integration (by provider and account). Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const OWNER: &str = "SELECT user_id FROM integrations WHERE provider = $1 AND account_id = $2";
 
 /// Who owns an integration, if it exists.
 pub async fn owner(
@@ -114,7 +116,9 @@ pub async fn owner(
         .map(|r| r.get(0)))
 }
 
-const STORED_REFRESH: &str =
+/// The stored refresh token of an integration. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const STORED_REFRESH: &str =
     "SELECT refresh_token, key_id FROM integrations WHERE provider = $1 AND account_id = $2";
 
 /// The stored (encrypted) refresh token and its key.
@@ -129,7 +133,9 @@ pub async fn stored_refresh_token(
         .map(|r| (r.get(0), r.get(1))))
 }
 
-const LIST_FOR_USERS: &str = concat!(
+/// The status read: several users' integrations, in order. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const LIST_FOR_USERS: &str = concat!(
     "SELECT ",
     status_columns!(),
     ", user_id FROM integrations WHERE user_id = ANY($1) ORDER BY user_id, provider, account_id"
@@ -185,7 +191,9 @@ fn view_from_row(row: &Row) -> IntegrationView<'_> {
     }
 }
 
-const GET_STATUS: &str = concat!(
+/// One integration's status. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const GET_STATUS: &str = concat!(
     "SELECT ",
     status_columns!(),
     " FROM integrations WHERE provider = $1 AND account_id = $2"
@@ -214,7 +222,9 @@ pub struct DeletedTokens {
     pub key_id: String,
 }
 
-const DELETE: &str =
+/// Deletes a user's integration. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const DELETE: &str =
     "DELETE FROM integrations WHERE user_id = $1 AND provider = $2 AND account_id = $3 \
                       RETURNING access_token, refresh_token, key_id";
 
@@ -259,7 +269,9 @@ pub struct TokenRow {
     pub refresh_failures: i32,
 }
 
-const TOKEN_ROW: &str =
+/// The access token read. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const TOKEN_ROW: &str =
     "SELECT user_id, status, access_token, refresh_token IS NOT NULL, key_id, token_type, \
                          expires_at, refresh_generation, last_error, refresh_failures \
                          FROM integrations WHERE provider = $1 AND account_id = $2";
@@ -301,7 +313,9 @@ pub struct Claimed {
     pub generation: i64,
 }
 
-const CLAIM: &str =
+/// The refresh lease claim of one row. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const CLAIM: &str =
     "UPDATE integrations SET refresh_lease_until = now() + make_interval(secs => $3), \
                      refresh_lease_owner = $4 \
                      WHERE provider = $1 AND account_id = $2 \
@@ -331,7 +345,9 @@ pub async fn claim(
 // another instance) from a second scan excluding them with a hashed NOT IN,
 // which stays a hash lookup however many rows the batch has (a join against
 // the CTE is planned as a nested loop: 9 s for 10,000 rows, against 0.3 s).
-const CLAIM_MANY: &str = "WITH want AS (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS w(provider, account_id)), \
+/// The refresh lease claim of a batch. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const CLAIM_MANY: &str = "WITH want AS (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS w(provider, account_id)), \
                           claimed AS ( \
                             UPDATE integrations i SET refresh_lease_until = now() + make_interval(secs => $3), \
                                    refresh_lease_owner = $4 \
@@ -368,7 +384,9 @@ pub async fn claim_many(
         .collect())
 }
 
-const CLAIM_DUE: &str = "UPDATE integrations i SET refresh_lease_until = now() + make_interval(secs => $3), \
+/// The background refresher's claim of due rows. Public so the index test EXPLAINs the statement the
+/// product runs.
+pub const CLAIM_DUE: &str = "UPDATE integrations i SET refresh_lease_until = now() + make_interval(secs => $3), \
                          refresh_lease_owner = $4 \
                          FROM (SELECT id FROM integrations \
                                WHERE status = 'connected' AND refresh_token IS NOT NULL \
@@ -571,8 +589,11 @@ pub struct Encrypted {
     pub key_id: String,
 }
 
-/// $4: the current format's marker ([`crate::crypto::FORMAT_MARKER`]).
-const TO_REENCRYPT: &str = "SELECT id, provider, account_id, access_token, refresh_token, key_id \
+/// rotate-keys: the next rows to rewrite. $4: the current format's marker
+/// ([`crate::crypto::FORMAT_MARKER`]). Public so the index test EXPLAINs
+/// the statement the product runs.
+pub const TO_REENCRYPT: &str =
+    "SELECT id, provider, account_id, access_token, refresh_token, key_id \
                             FROM integrations \
                             WHERE (key_id <> $1 OR substring(access_token FROM 1 FOR 4) <> $4 \
                                    OR substring(refresh_token FROM 1 FOR 4) <> $4) \

@@ -60,9 +60,13 @@ pub struct ServerProcess {
     _cwd: tempfile::TempDir,
 }
 
+/// Among a test server's arguments: run the background refresher (left
+/// out by default: tests then decide when refreshes happen). Not passed on.
+pub const RUN_REFRESHER: &str = "(run the refresher)";
+
 impl ServerProcess {
     /// Starts `integrations serve --listen 127.0.0.1:0 --no-refresher
-    /// <args>` with only the given service variables set (none inherited),
+    /// <args>` (without `--no-refresher` when `args` has [`RUN_REFRESHER`]) with only the given service variables set (none inherited),
     /// and waits until it logs its address.
     ///
     /// # Panics
@@ -93,8 +97,11 @@ impl ServerProcess {
             }
         };
         cmd.current_dir(cwd.path())
-            .args(["serve", "--listen", "127.0.0.1:0", "--no-refresher"])
-            .args(args)
+            .args(["serve", "--listen", "127.0.0.1:0"]);
+        if !args.contains(&RUN_REFRESHER) {
+            cmd.arg("--no-refresher");
+        }
+        cmd.args(args.iter().filter(|a| **a != RUN_REFRESHER))
             .env("RUST_LOG", "info,tokio_postgres=warn")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -179,6 +186,11 @@ impl ServerProcess {
     /// The process id.
     pub fn pid(&self) -> Pid {
         Pid::from_raw(i32::try_from(self.child.id()).unwrap())
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_some()
     }
 
     /// Sends SIGTERM.
@@ -387,6 +399,14 @@ impl TestApp {
     /// A server on `database_url` (`db`: kept alive as long as the app).
     pub async fn spawn_on(database_url: &str, db: Option<TestDatabase>, args: &[&str]) -> TestApp {
         TestApp::spawn_full(database_url, db, args, &[], &[]).await
+    }
+
+    /// A server on a fresh database (`connection_limit=5`) with these
+    /// extra variables and arguments.
+    pub async fn spawn_args(envs: &[(&str, &str)], args: &[&str]) -> TestApp {
+        let db = TestDatabase::create().await;
+        let url = with_params(&db.url, "connection_limit=5");
+        TestApp::spawn_full(&url, Some(db), args, envs, &[]).await
     }
 
     /// A server on a fresh database (`connection_limit=5`) with these

@@ -263,8 +263,8 @@ async fn refresh_and_batch_refresh_answer_per_item_in_order() {
     app.assert_no_leaks();
 }
 
-/// Starts a connect flow for `user` over HTTP: (state, flow_id).
-async fn start_flow(app: &TestApp, user: &str) -> (String, String) {
+/// Starts a connect flow for `user` over HTTP: (state, flow_id, authorize URL).
+async fn start_flow(app: &TestApp, user: &str) -> (String, String, String) {
     let started = app
         .send(
             Method::POST,
@@ -286,7 +286,7 @@ async fn start_flow(app: &TestApp, user: &str) -> (String, String) {
     assert_eq!(q["client_id"], "client-good");
     let flow_id = body["flow_id"].as_str().unwrap().to_string();
     assert!(flow_id.len() >= 43, "a 256-bit flow id: {flow_id}");
-    (q["state"].clone(), flow_id)
+    (q["state"].clone(), flow_id, authorize.to_string())
 }
 
 /// The browser at the callback: the query the application's redirect_uri
@@ -308,10 +308,11 @@ async fn callback(app: &TestApp, query: &str) -> HashMap<String, String> {
 #[tokio::test]
 async fn connect_flow_connects_when_the_application_confirms_and_refuses_replays() {
     let app = TestApp::spawn().await;
-    let (state, flow_id) = start_flow(&app, "user-3").await;
+    let (state, flow_id, authorize) = start_flow(&app, "user-3").await;
 
     // The test plays the browser: the provider sends it to the callback.
-    app.fake.accept_code("code-1", "gh-777");
+    let back_to = app.fake.authorize(&authorize, "code-1", "gh-777");
+    assert_eq!(back_to, CALLBACK_URL);
     let back = callback(&app, &format!("state={state}&code=code-1")).await;
     assert_eq!(back["from"], "test");
     assert_eq!(back["status"], "authorized");
@@ -370,7 +371,7 @@ async fn connect_flow_connects_when_the_application_confirms_and_refuses_replays
     again.assert_error(400, "invalid_flow");
 
     // The same state again: refused, and the provider is not asked.
-    app.fake.accept_code("code-2", "gh-888");
+    app.fake.authorize(&authorize, "code-2", "gh-888");
     let replay = app
         .get(
             &format!("/v1/oauth/callback?state={state}&code=code-2"),
@@ -386,7 +387,7 @@ async fn connect_flow_connects_when_the_application_confirms_and_refuses_replays
 
     // The user refuses at the provider: back to the application with the
     // reason, and the state is used up.
-    let (state, _) = start_flow(&app, "user-4").await;
+    let (state, _, authorize) = start_flow(&app, "user-4").await;
     let back = callback(&app, &format!("state={state}&error=access_denied")).await;
     assert_eq!(back["status"], "error");
     assert_eq!(back["error"], "access_denied");
@@ -395,7 +396,7 @@ async fn connect_flow_connects_when_the_application_confirms_and_refuses_replays
         .await
         .json();
     assert_eq!(list["integrations"], json!([]));
-    app.fake.accept_code("code-3", "gh-999");
+    app.fake.authorize(&authorize, "code-3", "gh-999");
     let used = app
         .get(
             &format!("/v1/oauth/callback?state={state}&code=code-3"),
@@ -413,8 +414,8 @@ async fn connect_flow_connects_when_the_application_confirms_and_refuses_replays
 #[tokio::test]
 async fn an_authorize_url_sent_to_a_victim_does_not_link_the_victims_account() {
     let app = TestApp::spawn().await;
-    let (state, attackers_flow) = start_flow(&app, "attacker").await;
-    app.fake.accept_code("victim-code", "victim-acct");
+    let (state, attackers_flow, authorize) = start_flow(&app, "attacker").await;
+    app.fake.authorize(&authorize, "victim-code", "victim-acct");
     let victims_browser = callback(&app, &format!("state={state}&code=victim-code")).await;
     assert_eq!(victims_browser["status"], "authorized");
     // The victim's application session holds no such flow, so the
@@ -449,7 +450,7 @@ async fn callback_passes_on_only_rfc6749_error_codes() {
         ("access_denied%26status%3Dconnected", "provider_error"),
         ("call%20%2B1%20555%200100", "provider_error"),
     ] {
-        let (state, _) = start_flow(&app, "user-5").await;
+        let (state, _, _) = start_flow(&app, "user-5").await;
         let back = callback(&app, &format!("state={state}&error={sent}")).await;
         assert_eq!(back["status"], "error");
         assert_eq!(back["error"], passed, "for {sent}");

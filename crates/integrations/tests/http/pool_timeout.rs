@@ -77,3 +77,99 @@ async fn pool_timeout_is_503_p2024_with_retry_after() {
     assert_eq!(again.status, 200, "{}", again.text);
     app.assert_no_leaks();
 }
+
+/// The server refusing new connections (53300, too many clients) is not the
+/// caller's failure to see as a 500: the pool waits for a returned
+/// connection, then P2024 names the refusals, answered 503 with
+/// Retry-After. A small private server: 3 slots for roles other than
+/// superusers.
+#[tokio::test]
+async fn a_server_refusing_connections_is_503_p2024_naming_it_with_retry_after() {
+    use db_pool::cluster::{ClusterOptions, LocalCluster};
+    let cluster = LocalCluster::start_temporary(
+        ClusterOptions::default()
+            .setting("max_connections", "6")
+            .setting("superuser_reserved_connections", "3"),
+    )
+    .await
+    .unwrap();
+    let (admin, connection) =
+        db_pool::tokio_postgres::connect(&cluster.url("postgres"), db_pool::tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for sql in ["CREATE ROLE app LOGIN", "CREATE DATABASE app OWNER app"] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let app_url = format!(
+        "postgresql://app@127.0.0.1:{}/app?sslmode=disable",
+        cluster.port()
+    );
+    let app = TestApp::spawn_on(
+        &format!("{app_url}&connection_limit=3&pool_timeout=2&connect_timeout=2"),
+        None,
+        &[],
+    )
+    .await;
+    let key = app.keys.read.clone();
+    let warm = app.get("/v1/users/user-1/integrations", Some(&key)).await;
+    assert_eq!(warm.status, 200, "{}", warm.text);
+
+    // The service's connections end; others take every slot its role has
+    // (repeated until the service holds none: it may reconnect meanwhile).
+    let filler_url = format!("{app_url}&application_name=filler");
+    let mut fillers = Vec::new();
+    for _ in 0..20 {
+        let ended = admin
+            .execute(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+                 WHERE usename = 'app' AND application_name <> 'filler'",
+                &[],
+            )
+            .await
+            .unwrap();
+        loop {
+            match db_pool::tokio_postgres::connect(&filler_url, db_pool::tokio_postgres::NoTls)
+                .await
+            {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    fillers.push(client);
+                }
+                Err(e) => {
+                    let code = e.as_db_error().map(|d| d.code().code().to_string());
+                    assert_eq!(code.as_deref(), Some("53300"), "{e}");
+                    break;
+                }
+            }
+        }
+        if ended == 0 {
+            break;
+        }
+    }
+    // (The admin session takes one of the 3 slots too.)
+    assert_eq!(fillers.len(), 2, "the fillers hold every slot left");
+
+    let refused = app.get("/v1/users/user-2/integrations", Some(&key)).await;
+    let message = refused.assert_error(503, "P2024");
+    assert!(
+        message.contains("refused new connections (53300)"),
+        "{message}"
+    );
+    let retry: u64 = refused
+        .header("retry-after")
+        .expect("a Retry-After header")
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{retry}");
+
+    // A slot frees: the service serves again.
+    drop(fillers.pop());
+    let back = crate::common::eventually(Duration::from_secs(20), || async {
+        let r = app.get("/v1/users/user-2/integrations", Some(&key)).await;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "not served once a slot was free");
+    app.assert_no_leaks();
+}

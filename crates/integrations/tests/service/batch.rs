@@ -1,7 +1,7 @@
 //! batch_refresh: a sliding window, results in order, failures isolated.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integrations::service::{RefreshRequest, ServiceError, DEFAULT_BATCH_CONCURRENCY};
 
@@ -64,6 +64,10 @@ async fn a_request_repeated_in_a_batch_refreshes_once() {
     assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 1);
 }
 
+/// A sliding window: with 2 at a time, a token whose provider does not
+/// answer holds one slot while the 8 others pass through the other and are
+/// stored. Fixed groups of 2 (the seed's Promise.all per batch) would not
+/// start the second group until the slow one answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_token_does_not_hold_back_the_rest() {
     let t = TestService::start_with("connection_limit=10", Default::default()).await;
@@ -71,18 +75,45 @@ async fn a_slow_token_does_not_hold_back_the_rest() {
     for i in 0..8 {
         t.seed("u1", "good", &format!("g{i}"), 3600).await;
     }
-    t.fake.set_delay("slow", Duration::from_millis(1500));
-    t.fake.set_delay("good", Duration::from_millis(200));
+    t.fake.hold("slow");
     let mut requests = vec![req("slow", "snail")];
     requests.extend((0..8).map(|i| req("good", &format!("g{i}"))));
-    let started = Instant::now();
-    let results = t.service.batch_refresh(requests, 2).await;
-    let took = started.elapsed();
-    assert!(results.iter().all(|r| r.is_ok()));
-    // Fixed groups of 2 (the seed's Promise.all per batch) would wait for the
-    // snail before starting the next group: 1.5 s + 4 x 0.2 s = 2.3 s. A
-    // sliding window runs the 8 fast ones beside it: about 1.6 s.
-    eprintln!("batch took {took:?}");
+    let batch = {
+        let svc = t.service.clone();
+        tokio::spawn(async move { svc.batch_refresh(requests, 2).await })
+    };
+    let client = t.db.connect().await;
+    let refreshed = || async {
+        let rows = client
+            .query(
+                "SELECT provider, count(*) FROM integrations \
+                 WHERE refresh_generation > 0 GROUP BY provider ORDER BY provider",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect::<Vec<_>>()
+    };
+    let mut stored = Vec::new();
+    for _ in 0..200 {
+        stored = refreshed().await;
+        if stored == [("good".to_string(), 8)] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stored,
+        [("good".to_string(), 8)],
+        "the 8 fast tokens are stored while the slow one is still at its provider"
+    );
+    assert!(!batch.is_finished());
+    assert_eq!(t.fake.in_flight.load(Ordering::SeqCst), 1, "only the snail");
+    t.fake.release("slow");
+    let results = batch.await.unwrap();
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
     assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 9);
 }
 
@@ -126,8 +157,26 @@ async fn a_lease_that_expired_during_a_long_batch_is_renewed_not_trusted() {
             .await
         })
     };
-    // Once the batch's leases have expired, another instance refreshes l3.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Once the batch's lease on l3 has expired (as the server sees it),
+    // another instance refreshes l3.
+    let client = t.db.connect().await;
+    let mut expired = false;
+    for _ in 0..200 {
+        expired = client
+            .query_one(
+                "SELECT coalesce(refresh_lease_until < now(), false) \
+                 FROM integrations WHERE account_id = 'l3'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if expired {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(expired, "the batch's lease on l3 never expired");
     let other: Arc<_> = t.another_instance("connection_limit=2").await;
     other
         .refresh(&provider_name("slow"), &account_id("l3"))

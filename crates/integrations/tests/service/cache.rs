@@ -162,18 +162,28 @@ async fn a_caller_joining_a_waiting_load_waits_its_own_pool_timeout() {
         let t = t.clone();
         tokio::spawn(async move { t.service.status(&user_id("u1")).await })
     };
+    // The early caller's load is waiting for the connection; the late one
+    // joins it 1.5 s later (the gap is the point: its own pool_timeout ends
+    // 1.5 s after the early one's).
+    for _ in 0..200 {
+        if t.service.pool().stats().waiting == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(t.service.pool().stats().waiting, 1);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let late = {
         let t = t.clone();
         tokio::spawn(async move { t.service.status(&user_id("u1")).await })
     };
-    // The early caller gives up at 3 s; the connection comes back at 3.5 s,
-    // within the late caller's own 3 s (until 4.5 s).
+    // The early caller gives up at 3 s; the connection comes back right
+    // then, within the late caller's own 3 s (until 4.5 s).
     match early.await.unwrap() {
         Err(integrations::service::ServiceError::Db(e)) => assert_eq!(e.code(), "P2024"),
         other => panic!("expected P2024 for the early caller, got {other:?}"),
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!late.is_finished(), "the late caller still waits");
     drop(held);
     let list = late.await.unwrap().unwrap().integrations().unwrap();
     assert_eq!(list.len(), 1, "the late caller was served");
@@ -188,10 +198,31 @@ async fn entries_expire_after_the_ttl() {
     let t = TestService::start_with("connection_limit=2", config).await;
     t.seed("u1", "good", "a1", 3600).await;
     let u = user_id("u1");
+    // Taken before the load: the entry is at most this old.
+    let loaded = std::time::Instant::now();
     t.service.status(&u).await.unwrap();
     let before = t.service.cache_stats().misses;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     t.service.status(&u).await.unwrap();
+    assert_eq!(
+        t.service.cache_stats().misses,
+        before,
+        "a hit within the ttl"
+    );
+    // Read until the entry is gone: it goes, and not before its ttl.
+    let mut expired_after = None;
+    for _ in 0..300 {
+        t.service.status(&u).await.unwrap();
+        if t.service.cache_stats().misses > before {
+            expired_after = Some(loaded.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let expired_after = expired_after.expect("the entry never expired");
+    assert!(
+        expired_after >= Duration::from_millis(300),
+        "{expired_after:?}"
+    );
     assert_eq!(t.service.cache_stats().misses - before, 1);
 }
 
@@ -286,4 +317,33 @@ async fn concurrent_misses_share_round_trips_and_each_gets_its_own_user() {
     // per statement), not one checkout each.
     assert_eq!(t.service.cache_stats().misses, 40);
     assert!(checkouts < 10, "{checkouts} checkouts for 40 loads");
+}
+
+/// `status_cache_capacity` bounds the users kept: reading many more users
+/// than that keeps at most that many, and every read still answers.
+#[tokio::test]
+async fn the_status_cache_keeps_at_most_its_capacity() {
+    let config = ServiceConfig {
+        status_cache_capacity: 10,
+        ..ServiceConfig::default()
+    };
+    let t = TestService::start_with("connection_limit=2", config).await;
+    t.seed("u0", "good", "a0", 3600).await;
+    for round in 0..2 {
+        for i in 0..200 {
+            let list = t.service.status(&user_id(&format!("u{i}"))).await.unwrap();
+            let expected = usize::from(i == 0);
+            assert_eq!(
+                list.integrations().unwrap().len(),
+                expected,
+                "round {round}"
+            );
+            let entries = t.service.cache_stats().entries;
+            assert!(entries <= 10, "{entries} users cached (capacity 10)");
+        }
+    }
+    let s = t.service.cache_stats();
+    assert!(s.entries > 0, "the cache is in use: {s:?}");
+    // 400 reads of 200 users through 10 places: nearly all loads.
+    assert!(s.misses >= 380, "{s:?}");
 }

@@ -59,7 +59,7 @@ async fn connected(t: &TestService, user: &str) -> Vec<String> {
 async fn connect_flow_stores_the_integration_only_when_the_application_confirms() {
     let t = TestService::start_with("connection_limit=3", config(Duration::from_secs(600))).await;
     let (started, state) = start(&t, "u1").await;
-    t.fake.accept_code("code-1", "gh-777");
+    t.fake.authorize(&started.authorize_url, "code-1", "gh-777");
     let done = t.service.finish_connect(&state, "code-1").await;
     assert_eq!(
         done.redirect_uri.as_deref(),
@@ -105,7 +105,7 @@ async fn connect_flow_stores_the_integration_only_when_the_application_confirms(
     );
 
     // The same state again: refused, and the provider is not asked.
-    t.fake.accept_code("code-2", "gh-888");
+    t.fake.authorize(&started.authorize_url, "code-2", "gh-888");
     let replay = t.service.finish_connect(&state, "code-2").await;
     assert!(matches!(
         replay.result,
@@ -129,7 +129,8 @@ async fn a_victim_finishing_an_attackers_flow_links_nothing_to_the_attacker() {
     let (attackers, state) = start(&t, "attacker").await;
     // The victim's browser follows the link; the provider authorises the
     // victim's account and sends the browser to the callback.
-    t.fake.accept_code("victim-code", "victim-acct");
+    t.fake
+        .authorize(&attackers.authorize_url, "victim-code", "victim-acct");
     let done = t.service.finish_connect(&state, "victim-code").await;
     let victims_browser = done.result.unwrap();
     assert!(
@@ -167,9 +168,9 @@ async fn forged_and_expired_states_and_flows_are_refused() {
     let forged = t.service.finish_connect("made-up-state", "code").await;
     assert!(matches!(forged.result, Err(ServiceError::InvalidState(_))));
 
-    let (_, state) = start(&t, "u1").await;
+    let (late_flow, state) = start(&t, "u1").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    t.fake.accept_code("late", "gh-1");
+    t.fake.authorize(&late_flow.authorize_url, "late", "gh-1");
     let late = t.service.finish_connect(&state, "late").await;
     assert!(matches!(
         late.result,
@@ -187,7 +188,7 @@ async fn forged_and_expired_states_and_flows_are_refused() {
 
     // An answer the application does not confirm in time expires.
     let (started, state) = start(&t, "u2").await;
-    t.fake.accept_code("code-2", "gh-2");
+    t.fake.authorize(&started.authorize_url, "code-2", "gh-2");
     let done = t
         .service
         .finish_connect(&state, "code-2")
@@ -219,7 +220,8 @@ async fn rotate_keys_carries_connect_flows_in_progress_to_the_new_key() {
     // One flow waiting at the provider, one waiting for the application.
     let (waiting_provider, state_a) = start(&t, "u1").await;
     let (waiting_app, state_b) = start(&t, "u2").await;
-    t.fake.accept_code("code-b", "acct-b");
+    t.fake
+        .authorize(&waiting_app.authorize_url, "code-b", "acct-b");
     let authorized_b = t
         .service
         .finish_connect(&state_b, "code-b")
@@ -239,7 +241,8 @@ async fn rotate_keys_carries_connect_flows_in_progress_to_the_new_key() {
     let after = t
         .with_keys(&only_new, config(Duration::from_secs(600)))
         .await;
-    t.fake.accept_code("code-a", "acct-a");
+    t.fake
+        .authorize(&waiting_provider.authorize_url, "code-a", "acct-a");
     let authorized_a = after
         .finish_connect(&state_a, "code-a")
         .await
@@ -267,14 +270,14 @@ async fn rotate_keys_carries_connect_flows_in_progress_to_the_new_key() {
 #[tokio::test]
 async fn a_flow_under_a_removed_key_fails_clearly() {
     let t = TestService::start_with("connection_limit=3", config(Duration::from_secs(600))).await;
-    let (_, state) = start(&t, "u1").await;
+    let (started, state) = start(&t, "u1").await;
     let other = t
         .with_keys(
             &Keyring::generate_spec("k9"),
             config(Duration::from_secs(600)),
         )
         .await;
-    t.fake.accept_code("code-1", "acct-1");
+    t.fake.authorize(&started.authorize_url, "code-1", "acct-1");
     let done = other.finish_connect(&state, "code-1").await;
     let err = done.result.unwrap_err();
     assert!(matches!(err, ServiceError::InvalidState(_)), "{err:?}");
@@ -309,4 +312,82 @@ async fn bad_redirect_uris_and_missing_callback_are_refused() {
         err.to_string().contains("INTEGRATIONS_CALLBACK_URL"),
         "{err}"
     );
+}
+
+/// Code injection (RFC 7636's reason for PKCE): a code the provider issued
+/// for one flow's authorize URL, brought to the callback with another
+/// flow's state, is refused by the provider because the second flow's
+/// verifier does not match the first flow's challenge; nothing is linked.
+#[tokio::test]
+async fn a_code_issued_for_another_flow_is_refused_by_its_pkce_verifier() {
+    let t = TestService::start_with("connection_limit=3", config(Duration::from_secs(600))).await;
+    let (attackers, _) = start(&t, "attacker").await;
+    let (_, victims_state) = start(&t, "victim").await;
+    t.fake
+        .authorize(&attackers.authorize_url, "attackers-code", "attacker-acct");
+    let done = t
+        .service
+        .finish_connect(&victims_state, "attackers-code")
+        .await;
+    assert!(done.result.is_err(), "{:?}", done.result.map(|_| ()));
+    let refused = t.fake.refused.lock().unwrap().clone();
+    assert_eq!(
+        refused,
+        ["good: code_verifier does not match the code_challenge"]
+    );
+    assert!(connected(&t, "victim").await.is_empty());
+    assert!(t.fake.issued_tokens().is_empty());
+}
+
+/// Abandoned flows do not pile up: expired states (flows waiting at the
+/// provider) and expired pending answers (waiting for the application) are
+/// purged; live ones stay and still finish.
+#[tokio::test]
+async fn purging_removes_expired_states_and_pending_answers_only() {
+    let t = TestService::start_with("connection_limit=3", config(Duration::from_millis(500))).await;
+    let (_, _abandoned_state) = start(&t, "u1").await;
+    let (unconfirmed, state) = start(&t, "u2").await;
+    t.fake
+        .authorize(&unconfirmed.authorize_url, "code-u2", "acct-u2");
+    t.service
+        .finish_connect(&state, "code-u2")
+        .await
+        .result
+        .unwrap();
+    let client = t.db.connect().await;
+    let counts = || async {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM oauth_states), (SELECT count(*) FROM oauth_pending), \
+                        (SELECT count(*) FROM oauth_states WHERE expires_at >= now()) \
+                      + (SELECT count(*) FROM oauth_pending WHERE expires_at >= now())",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+        )
+    };
+    assert_eq!(counts().await, (1, 1, 2));
+    // Nothing expired yet: nothing purged.
+    assert_eq!(t.service.purge_expired_states().await.unwrap(), 0);
+    // Once both have expired (as the server sees it), a fresh flow starts.
+    let mut now = counts().await;
+    for _ in 0..100 {
+        if now.2 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        now = counts().await;
+    }
+    assert_eq!(now, (1, 1, 0));
+    let (live, live_state) = start(&t, "u3").await;
+    assert_eq!(t.service.purge_expired_states().await.unwrap(), 2);
+    assert_eq!(counts().await, (1, 0, 1), "only the live state is left");
+    t.fake.authorize(&live.authorize_url, "code-u3", "acct-u3");
+    let done = t.service.finish_connect(&live_state, "code-u3").await;
+    assert!(done.result.is_ok(), "the live flow still finishes");
 }

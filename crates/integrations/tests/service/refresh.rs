@@ -170,7 +170,7 @@ async fn a_slow_provider_never_exhausts_the_pool() {
         t.seed("u1", "slow", &format!("s{i}"), 3600).await;
     }
     t.seed("u2", "good", "other", 3600).await;
-    t.fake.set_delay("slow", Duration::from_secs(3));
+    t.fake.hold("slow");
     let refreshes: Vec<_> = (0..20)
         .map(|i| {
             let svc = t.service.clone();
@@ -180,7 +180,14 @@ async fn a_slow_provider_never_exhausts_the_pool() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // All 20 at the provider, held there.
+    for _ in 0..200 {
+        if t.fake.in_flight.load(Ordering::SeqCst) == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(t.fake.in_flight.load(Ordering::SeqCst), 20);
     // While 20 refreshes wait on the provider, an unrelated read gets a
     // connection within pool_timeout=1s, every time.
     for _ in 0..10 {
@@ -191,8 +198,13 @@ async fn a_slow_provider_never_exhausts_the_pool() {
             .await
             .unwrap_or_else(|e| panic!("status failed: {e}"));
         assert_eq!(list.integrations().unwrap().len(), 1);
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(
+        t.fake.in_flight.load(Ordering::SeqCst),
+        20,
+        "still all at the provider"
+    );
+    t.fake.release("slow");
     for r in join_all(refreshes).await {
         r.unwrap().unwrap();
     }
@@ -280,4 +292,88 @@ async fn a_hostile_provider_error_reaches_neither_the_api_nor_last_error() {
         stored.contains("(provider_error)") && stored.contains("[number]"),
         "{stored}"
     );
+}
+
+/// The pid of a session of this database waiting on a lock, other than
+/// `except`, once there is one (at most 10 s).
+async fn blocked_session(client: &db_pool::tokio_postgres::Client, except: Option<i32>) -> i32 {
+    for _ in 0..500 {
+        let row = client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND pid <> pg_backend_pid() \
+                 AND pid IS DISTINCT FROM $1 LIMIT 1",
+                &[&except],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            return row.get(0);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no session waits on the lock");
+}
+
+/// The provider has rotated the refresh token, so losing the answer would
+/// lose the integration: when the write of the result fails transiently
+/// (its connection killed mid-statement), it is retried on a fresh
+/// connection and stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_result_whose_write_fails_transiently_is_retried_and_stored() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "kept", 60).await;
+    let (p, a) = (provider_name("good"), account_id("kept"));
+    // Another session holds the row: the result's UPDATE waits for it.
+    let locker = t.db.connect().await;
+    locker
+        .batch_execute("BEGIN; SELECT 1 FROM integrations WHERE account_id = 'kept' FOR UPDATE")
+        .await
+        .unwrap();
+    // (The lease claim is an UPDATE of the same row: claim first.)
+    let refresh = {
+        let svc = t.service.clone();
+        let (p, a) = (p.clone(), a.clone());
+        tokio::spawn(async move { svc.refresh(&p, &a).await })
+    };
+    let watcher = t.db.connect().await;
+    // The claim waits on the lock: let it through, then take the lock again
+    // before the provider answers.
+    blocked_session(&watcher, None).await;
+    t.fake.hold("good");
+    locker.batch_execute("COMMIT").await.unwrap();
+    for _ in 0..500 {
+        if t.fake.in_flight.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(t.fake.in_flight.load(Ordering::SeqCst), 1);
+    locker
+        .batch_execute("BEGIN; SELECT 1 FROM integrations WHERE account_id = 'kept' FOR UPDATE")
+        .await
+        .unwrap();
+    t.fake.release("good");
+    // The first write waits on the lock; its connection is killed.
+    let first = blocked_session(&watcher, None).await;
+    watcher
+        .execute("SELECT pg_terminate_backend($1, 5000)", &[&first])
+        .await
+        .unwrap();
+    // The retry waits on the lock too, on another connection; let it go.
+    let retry = blocked_session(&watcher, Some(first)).await;
+    assert_ne!(retry, first);
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    let status = refresh.await.unwrap().unwrap();
+    assert_eq!(status.status, Status::Connected);
+    let issued = t.fake.issued_tokens();
+    let stored = t.service.access_token(&p, &a).await.unwrap();
+    assert_eq!(
+        secret_text(&stored.token),
+        issued[0],
+        "the new token was stored"
+    );
+    // The rotated refresh token was kept too: the next refresh works.
+    t.service.refresh(&p, &a).await.unwrap();
 }

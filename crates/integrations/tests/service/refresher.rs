@@ -124,3 +124,72 @@ async fn the_running_refresher_stops_on_cancel() {
         .unwrap()
         .unwrap();
 }
+
+/// The backoff the next attempt waits, as the server computed it.
+async fn backoff_secs(client: &db_pool::tokio_postgres::Client, account: &str) -> f64 {
+    client
+        .query_one(
+            "SELECT extract(epoch FROM next_refresh_at - updated_at)::float8 \
+             FROM integrations WHERE account_id = $1",
+            &[&account],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Transient failures back off 30 s, doubling, at most 1 h; the refresher
+/// skips a row while it backs off and takes it again once it is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_back_off_doubling_to_an_hour_and_the_refresher_skips_them() {
+    use crate::common::{account_id, provider_name};
+    let t = TestService::start().await;
+    t.seed("u1", "bad", "flaky", 120).await;
+    t.fake.set_mode("bad", crate::common::Mode::ServerError);
+    let client = t.db.connect().await;
+    let (p, a) = (provider_name("bad"), account_id("flaky"));
+
+    let report = t
+        .service
+        .refresh_due(&scan(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((report.attempted, report.refreshed), (1, 0));
+    assert_eq!(backoff_secs(&client, "flaky").await, 30.0);
+    // Backing off: the refresher leaves it alone.
+    let report = t
+        .service
+        .refresh_due(&scan(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.attempted, 0, "a row backing off was claimed");
+    assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 1);
+
+    // The backoff over (moved into the past), the refresher tries again
+    // and the next wait doubles.
+    let over = "UPDATE integrations SET next_refresh_at = now() - interval '1 second' \
+                WHERE account_id = 'flaky'";
+    client.execute(over, &[]).await.unwrap();
+    let report = t
+        .service
+        .refresh_due(&scan(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.attempted, 1);
+    assert_eq!(backoff_secs(&client, "flaky").await, 60.0);
+    client.execute(over, &[]).await.unwrap();
+    assert!(t.service.refresh(&p, &a).await.is_err());
+    assert_eq!(backoff_secs(&client, "flaky").await, 120.0);
+
+    // Many failures on: capped at one hour.
+    client
+        .execute(
+            "UPDATE integrations SET refresh_failures = 30, status = 'connected', \
+             next_refresh_at = NULL WHERE account_id = 'flaky'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let _ = t.service.refresh(&p, &a).await;
+    assert_eq!(backoff_secs(&client, "flaky").await, 3600.0);
+}

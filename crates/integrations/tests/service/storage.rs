@@ -54,71 +54,110 @@ async fn the_table_holds_no_clear_text_token() {
     }
 }
 
+/// EXPLAIN of one of the product's statements, with sample values for its
+/// parameters (by the types the server inferred), under a plan cache mode
+/// ("force_custom_plan" for the first executions of a prepared statement,
+/// "force_generic_plan" for what the server may switch to later).
+async fn explain(client: &db_pool::tokio_postgres::Client, sql: &str, mode: &str) -> String {
+    use db_pool::types::ToSql;
+    client
+        .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+        .await
+        .unwrap();
+    let stmt = client.prepare(&format!("EXPLAIN {sql}")).await.unwrap();
+    let params: Vec<Box<dyn ToSql + Sync>> = stmt
+        .params()
+        .iter()
+        .map(|t| -> Box<dyn ToSql + Sync> {
+            match *t {
+                Type::TEXT => Box::new("user42".to_string()),
+                Type::TEXT_ARRAY => Box::new(vec!["user42".to_string(), "user7".to_string()]),
+                Type::FLOAT8 => Box::new(300.0f64),
+                Type::INT8 => Box::new(100i64),
+                Type::BYTEA => Box::new(vec![0u8; 4]),
+                ref other => panic!("no sample value for {other} in {sql}"),
+            }
+        })
+        .collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|b| b.as_ref()).collect();
+    let rows = client.query(&stmt, &refs).await.unwrap();
+    rows.iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The product's own hot statements (not copies) use their indexes, under
+/// custom and generic plans alike.
 #[tokio::test]
 async fn hot_queries_use_their_indexes() {
+    use integrations::store::integrations as sql;
     let t = TestService::start().await;
     let client = t.db.connect().await;
-    // Enough rows that a sequential scan would not be chosen on merit.
+    // Enough rows that a sequential scan would not be chosen on merit;
+    // about 1 in 50 is due (expires within the 300 s margin).
     client
         .batch_execute(
             "INSERT INTO integrations (user_id, provider, account_id, access_token, refresh_token, key_id, expires_at) \
-             SELECT 'user' || i, 'good', 'acct' || i, '\\x00', '\\x00', 'k1', now() + (i || ' seconds')::interval \
+             SELECT 'user' || i, 'good', 'acct' || i, '\\x00', '\\x00', 'k1', now() + (i * 15 || ' seconds')::interval \
              FROM generate_series(1, 20000) i; ANALYZE integrations",
         )
         .await
         .unwrap();
-    let plan = |sql: &'static str, types: &'static [Type]| {
-        let client = &client;
-        async move {
-            let stmt = client
-                .prepare_typed(&format!("EXPLAIN {sql}"), types)
-                .await
-                .unwrap();
-            let params: Vec<Box<dyn db_pool::types::ToSql + Sync>> = types
-                .iter()
-                .map(|t| -> Box<dyn db_pool::types::ToSql + Sync> {
-                    match *t {
-                        Type::TEXT => Box::new("user42".to_string()),
-                        Type::FLOAT8 => Box::new(300.0f64),
-                        _ => Box::new(100i64),
-                    }
-                })
-                .collect();
-            let refs: Vec<&(dyn db_pool::types::ToSql + Sync)> =
-                params.iter().map(|b| b.as_ref()).collect();
-            let rows = client.query(&stmt, &refs).await.unwrap();
-            rows.iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<Vec<_>>()
-                .join("\n")
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let plan = |sql: &'static str| explain(&client, sql, mode);
+        // The status read: `user_id = ANY($1)`, in (user, provider,
+        // account) order from the index.
+        let status = plan(sql::LIST_FOR_USERS).await;
+        assert!(
+            status.contains("integrations_user_provider_account") && !status.contains("Seq Scan"),
+            "{mode}: {status}"
+        );
+        // Lookups by (provider, account): the unique key.
+        for (name, stmt) in [
+            ("TOKEN_ROW", sql::TOKEN_ROW),
+            ("GET_STATUS", sql::GET_STATUS),
+            ("OWNER", sql::OWNER),
+            ("STORED_REFRESH", sql::STORED_REFRESH),
+            ("CLAIM", sql::CLAIM),
+            ("DELETE", sql::DELETE),
+        ] {
+            let p = plan(stmt).await;
+            assert!(
+                p.contains("integrations_provider_account_key") && !p.contains("Seq Scan"),
+                "{mode} {name}: {p}"
+            );
         }
-    };
-    let status = plan(
-        "SELECT provider FROM integrations WHERE user_id = $1 ORDER BY provider, account_id",
-        &[Type::TEXT],
-    )
-    .await;
-    // The index gives the order: no sort step.
-    assert!(
-        status.contains("integrations_user_provider_account") && !status.contains("Sort"),
-        "{status}"
-    );
-    let token = plan(
-        "SELECT key_id FROM integrations WHERE provider = $1 AND account_id = $2",
-        &[Type::TEXT, Type::TEXT],
-    )
-    .await;
-    assert!(
-        token.contains("integrations_provider_account_key"),
-        "{token}"
-    );
-    let due = plan(
-        "SELECT id FROM integrations WHERE status = 'connected' AND refresh_token IS NOT NULL \
-         AND expires_at < now() + make_interval(secs => $1) ORDER BY expires_at LIMIT $2",
-        &[Type::FLOAT8, Type::INT8],
-    )
-    .await;
-    assert!(due.contains("integrations_refresh_due"), "{due}");
+        let many = plan(sql::CLAIM_MANY).await;
+        assert!(
+            many.contains("integrations_provider_account_key")
+                && !many.contains("Seq Scan on integrations"),
+            "{mode} CLAIM_MANY: {many}"
+        );
+        // The refresher's claim: the partial due index, `provider = ANY`,
+        // the lease condition and SKIP LOCKED (a LockRows step).
+        let due = plan(sql::CLAIM_DUE).await;
+        assert!(
+            due.contains("integrations_refresh_due")
+                && due.contains("LockRows")
+                && !due.contains("Seq Scan on integrations"),
+            "{mode} CLAIM_DUE: {due}"
+        );
+        // rotate-keys pages by id: the primary key, no sort of the table.
+        let rotate = plan(sql::TO_REENCRYPT).await;
+        assert!(
+            rotate.contains("integrations_pkey") && !rotate.contains("Sort"),
+            "{mode} TO_REENCRYPT: {rotate}"
+        );
+        // The rewrite of one row: by id (or by the rare old key_id, when
+        // the planner expects it to match fewer rows), never a scan.
+        let reencrypt = plan(sql::REENCRYPT).await;
+        assert!(
+            (reencrypt.contains("integrations_pkey") || reencrypt.contains("integrations_key_id"))
+                && !reencrypt.contains("Seq Scan"),
+            "{mode} REENCRYPT: {reencrypt}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -262,38 +301,156 @@ async fn an_account_belongs_to_one_user() {
         .unwrap();
 }
 
+/// A reconnect that brings no refresh token (GitHub-style) while the
+/// stored refresh token is under an older key: the stored one is kept,
+/// re-encrypted under the current key (the re-encryption branch of
+/// `connect`), so it still works once the old key is removed.
 #[tokio::test]
-async fn reconnecting_without_a_refresh_token_works_after_a_key_change() {
+async fn reconnecting_without_a_refresh_token_after_a_key_change_reencrypts_the_stored_one() {
     let t = TestService::start().await;
-    // GitHub OAuth apps never send a refresh token.
-    let tokens = |access: &str| {
+    let tokens = |json: serde_json::Value| {
         integrations::oauth::TokenSet::from_response(
-            &serde_json::json!({"access_token": access}),
+            &json,
             chrono::Utc::now(),
-            integrations::oauth::Expiry::Never,
+            integrations::oauth::Expiry::Default(std::time::Duration::from_secs(3600)),
         )
         .unwrap()
     };
-    let (u, p, a) = (user_id("u1"), provider_name("good"), account_id("no-rt"));
+    let (u, p, a) = (user_id("u1"), provider_name("good"), account_id("keep-rt"));
+    t.fake.accept_refresh("rt-1");
     t.service
-        .connect(&u, &p, &a, &tokens("at-1"), None)
+        .connect(
+            &u,
+            &p,
+            &a,
+            &tokens(serde_json::json!({"access_token": "at-1", "refresh_token": "rt-1"})),
+            None,
+        )
         .await
         .unwrap();
-    // A new current key; the row is still under the old one.
-    let new_spec = format!("{},{}", Keyring::generate_spec("k2"), t.keys);
+    // A new current key; the row (and its refresh token) is under k1.
+    let k2 = Keyring::generate_spec("k2");
     let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
-    let rotated = IntegrationsService::new(
-        t.service.pool().clone(),
-        Keyring::parse(&new_spec).unwrap(),
-        ProviderRegistry::from_toml(&t.fake.registry_toml(PROVIDERS), "test", &env).unwrap(),
-        TokenClient::new(&TokenClientConfig::default()).unwrap(),
-        ServiceConfig::default(),
-    );
+    let with_keys = |spec: &str| {
+        IntegrationsService::new(
+            t.service.pool().clone(),
+            Keyring::parse(spec).unwrap(),
+            ProviderRegistry::from_toml(&t.fake.registry_toml(PROVIDERS), "test", &env).unwrap(),
+            TokenClient::new(&TokenClientConfig::default()).unwrap(),
+            ServiceConfig::default(),
+        )
+    };
+    let rotated = with_keys(&format!("{k2},{}", t.keys));
     let stored = rotated
-        .connect(&u, &p, &a, &tokens("at-2"), None)
+        .connect(
+            &u,
+            &p,
+            &a,
+            &tokens(serde_json::json!({"access_token": "at-2"})),
+            None,
+        )
         .await
         .unwrap();
-    assert_eq!(stored.account_id, "no-rt");
-    let tok = rotated.access_token(&p, &a).await.unwrap();
+    assert_eq!(stored.account_id, "keep-rt");
+    let client = t.db.connect().await;
+    let row = client
+        .query_one(
+            "SELECT key_id, refresh_token IS NOT NULL FROM integrations WHERE account_id = 'keep-rt'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, bool>(1)),
+        ("k2".to_string(), true),
+        "the kept refresh token is under the new key"
+    );
+
+    // Only k2 left: the new access token reads, and the kept refresh token
+    // (re-encrypted, not lost) refreshes.
+    let only_k2 = with_keys(&k2);
+    let tok = only_k2.access_token(&p, &a).await.unwrap();
     assert_eq!(secret_text(&tok.token), "at-2");
+    only_k2.refresh(&p, &a).await.unwrap();
+    assert_eq!(*t.fake.seen_refresh_tokens.lock().unwrap(), ["rt-1"]);
+}
+
+/// `rotate-keys` while refreshes write, from an instance with the new key
+/// first and from one that knows it but still writes under the old key (a
+/// rolling change of the key list): no newer token is overwritten with an
+/// older one and no row is left unreadable. Once a second pass has
+/// caught the rows written meanwhile under the old key, a service with only
+/// the new key reads and refreshes every integration (the rotating fake
+/// provider would refuse a stale refresh token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_keys_while_refreshes_write_loses_no_token() {
+    let t = TestService::start_with("connection_limit=8", ServiceConfig::default()).await;
+    const N: usize = 30;
+    for i in 0..N {
+        t.seed("u1", "good", &format!("r{i}"), 3600).await;
+    }
+    t.fake
+        .set_delay("good", std::time::Duration::from_millis(5));
+    let k2 = Keyring::generate_spec("k2");
+    let rotated = t
+        .with_keys(&format!("{k2},{}", t.keys), ServiceConfig::default())
+        .await;
+    let new_first = t
+        .with_keys(&format!("{k2},{}", t.keys), ServiceConfig::default())
+        .await;
+    let old_first = t
+        .with_keys(&format!("{},{k2}", t.keys), ServiceConfig::default())
+        .await;
+    let refreshes = {
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for round in 0..3 {
+                let requests = (0..N)
+                    .map(|i| integrations::service::RefreshRequest {
+                        provider: provider_name("good"),
+                        account_id: account_id(&format!("r{i}")),
+                    })
+                    .collect();
+                let svc = if round % 2 == 0 {
+                    &new_first
+                } else {
+                    &old_first
+                };
+                let results = svc.batch_refresh(requests, 4).await;
+                for r in &results {
+                    assert!(r.is_ok(), "round {round}: {r:?}");
+                }
+                ok += results.len();
+            }
+            ok
+        })
+    };
+    let mut passes = 0;
+    while !refreshes.is_finished() {
+        let report = rotated.rotate_keys(3).await.unwrap();
+        assert_eq!(report.unreadable, 0, "{report:?}");
+        passes += 1;
+    }
+    assert_eq!(refreshes.await.unwrap(), 3 * N);
+    assert!(passes > 1, "rotation ran while refreshes wrote");
+    // The rows the old instance wrote under k1 meanwhile.
+    let report = rotated.rotate_keys(3).await.unwrap();
+    assert_eq!(report.unreadable, 0, "{report:?}");
+
+    let only_k2 = t.with_keys(&k2, ServiceConfig::default()).await;
+    let client = t.db.connect().await;
+    let keys: Vec<String> = client
+        .query("SELECT DISTINCT key_id FROM integrations", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, ["k2"]);
+    for i in 0..N {
+        let (p, a) = (provider_name("good"), account_id(&format!("r{i}")));
+        only_k2.access_token(&p, &a).await.unwrap();
+        let s = only_k2.refresh(&p, &a).await.unwrap();
+        assert_eq!(s.status, Status::Connected, "r{i}");
+    }
 }
