@@ -63,6 +63,8 @@ struct State {
 struct Failing {
     /// The server refused (53300), as opposed to could not be reached.
     refused: bool,
+    /// When the last attempt failed.
+    at: Instant,
     /// No attempt before this.
     until: Instant,
     /// The current pause.
@@ -105,7 +107,17 @@ impl Attempts {
             s.probing = false;
         }
         let Err(e) = result else {
-            s.failing = None;
+            match s.failing.as_mut() {
+                // The server had room for one more; it was full a moment
+                // ago, so the next attempt may be refused again: attempts
+                // stay one at a time (the next may go at once) rather than
+                // every waiting caller trying together. Cleared once
+                // REFUSED_MAX passes without a refusal.
+                Some(f) if f.refused && f.at.elapsed() < REFUSED_MAX => {
+                    f.until = Instant::now();
+                }
+                _ => s.failing = None,
+            }
             return;
         };
         let refused = matches!(e, Error::TooManyConnections(_));
@@ -121,9 +133,11 @@ impl Attempts {
             Some(f) if f.refused == refused => (f.pause * 2).min(max),
             _ => min,
         };
+        let now = Instant::now();
         s.failing = Some(Failing {
             refused,
-            until: Instant::now() + pause,
+            at: now,
+            until: now + pause,
             pause,
             last: copy(e),
         });
@@ -259,8 +273,10 @@ impl Waiter<'_> {
     }
 }
 
-impl Drop for Waiter<'_> {
-    fn drop(&mut self) {
+impl Waiter<'_> {
+    /// Leaves the line; returns the connection handed over before it left,
+    /// if one was.
+    pub fn leave(&mut self) -> Option<ClientConn> {
         {
             let mut line = lock(&self.handoff.line);
             if let Some(at) = line.waiters.iter().position(|(id, _)| *id == self.id) {
@@ -270,10 +286,17 @@ impl Drop for Waiter<'_> {
                 .waiting
                 .store(line.waiters.len(), Ordering::Release);
         }
-        // A connection sent just before the drop goes to the next in line,
-        // or closes.
+        // Out of the line, nothing more can be sent.
         self.rx.close();
-        if let Ok(conn) = self.rx.try_recv() {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        // Dropped (its caller gave up) with a connection handed over just
+        // before: it goes to the next in line, or closes.
+        if let Some(conn) = self.leave() {
             drop(self.handoff.offer(conn));
         }
     }

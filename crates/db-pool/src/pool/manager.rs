@@ -182,20 +182,23 @@ impl Shared {
             // another caller's attempt is in flight.
             let soon = Instant::now() + Duration::from_millis(50);
             let retry_at = self.attempts.refusing().map_or(soon, |at| at.max(soon));
-            tokio::select! {
-                handed = waiter.conn() => {
-                    let Some(mut conn) = handed else {
-                        return Err(Error::PoolClosed);
-                    };
-                    match self.recycle(&mut conn).await {
-                        Ok(()) => {
-                            Counters::inc(&self.counters.handoffs);
-                            return Ok(conn);
-                        }
-                        Err(reason) => conn.closing(reason),
+            let handed = tokio::select! {
+                handed = waiter.conn() => match handed {
+                    Some(conn) => Some(conn),
+                    None => return Err(Error::PoolClosed),
+                },
+                // Time for another attempt: leave the line first, and keep
+                // a connection handed over in the meantime.
+                () = tokio::time::sleep_until(retry_at.into()) => waiter.leave(),
+            };
+            if let Some(mut conn) = handed {
+                match self.recycle(&mut conn).await {
+                    Ok(()) => {
+                        Counters::inc(&self.counters.handoffs);
+                        return Ok(conn);
                     }
+                    Err(reason) => conn.closing(reason),
                 }
-                () = tokio::time::sleep_until(retry_at.into()) => {}
             }
         }
     }
