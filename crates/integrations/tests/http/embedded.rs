@@ -154,7 +154,15 @@ fn api_key_as_nobody(database_url: &str, cwd: &Path) -> std::process::Output {
     let nobody = nix::unistd::User::from_name("nobody")
         .unwrap()
         .expect("a nobody account");
-    Command::new(env!("CARGO_BIN_EXE_integrations"))
+    // The build's own copy may sit under a directory only root can enter
+    // (a checkout in a 0700 temporary directory): run a copy `nobody` can
+    // reach.
+    let bin_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = bin_dir.path().join("integrations");
+    std::fs::copy(env!("CARGO_BIN_EXE_integrations"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Command::new(&bin)
         .current_dir(cwd)
         .args([
             "api-key",
