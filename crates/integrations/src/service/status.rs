@@ -355,41 +355,52 @@ async fn run_loader(pool: db_pool::Pool, cache: Arc<StatusCache>) {
                 // The statement failed: go on with a connection checked
                 // out anew (the pool drops this one if it is broken).
                 Loaded::Failed => break,
-                Loaded::Dead(mut batch) => {
-                    // The connection was dead before any row came (its
-                    // backend terminated, the server restarted): the read
-                    // is tried again on another connection, so one dead
-                    // connection does not fail a batch of callers.
-                    let mut attempt = 2;
-                    loop {
-                        let guard = Taken {
-                            cache: &cache,
-                            ids: batch.iter().map(|(id, _)| *id).collect(),
-                        };
-                        let fresh = pool.get().await;
-                        guard.disarm();
-                        match fresh {
-                            Ok(fresh) => conn = fresh,
-                            Err(e) => {
-                                let e = ServiceError::from(e);
-                                cache.answer(batch.iter().map(|(id, _)| (*id, Err(e.shared()))));
-                                break;
-                            }
-                        }
-                        let may_retry = attempt < super::READ_ATTEMPTS;
-                        match load_batch(&cache, &mut conn, batch, may_retry).await {
-                            Loaded::Done => break,
-                            Loaded::Failed => break,
-                            Loaded::Dead(again) => {
-                                batch = again;
-                                attempt += 1;
-                            }
-                        }
+                Loaded::Dead(batch) => {
+                    if !reload_on_fresh(&pool, &cache, &mut conn, batch).await {
+                        break;
                     }
                 }
             }
         }
     }
+}
+
+/// Reads a batch whose connection was dead before any row came (its
+/// backend terminated, the server restarted) again, each time on another
+/// connection, up to [`super::READ_ATTEMPTS`] in all: one dead connection
+/// does not fail a batch of callers. Every load is answered. Whether
+/// `conn`, the last connection checked out, may serve the next batch.
+async fn reload_on_fresh(
+    pool: &db_pool::Pool,
+    cache: &StatusCache,
+    conn: &mut Conn,
+    mut batch: Vec<(u64, String)>,
+) -> bool {
+    for attempt in 2..=super::READ_ATTEMPTS {
+        // Answered if the loader stops while it waits for a connection.
+        let guard = Taken {
+            cache,
+            ids: batch.iter().map(|(id, _)| *id).collect(),
+        };
+        let fresh = pool.get().await;
+        guard.disarm();
+        *conn = match fresh {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                let e = ServiceError::from(e);
+                cache.answer(batch.iter().map(|(id, _)| (*id, Err(e.shared()))));
+                return false;
+            }
+        };
+        match load_batch(cache, conn, batch, attempt < super::READ_ATTEMPTS).await {
+            Loaded::Done => return true,
+            Loaded::Failed => return false,
+            Loaded::Dead(again) => batch = again,
+        }
+    }
+    // Only with READ_ATTEMPTS below 2: nothing tried, answer anyway.
+    cache.answer(batch.iter().map(|(id, _)| (*id, Err(loader_stopped()))));
+    false
 }
 
 /// Loads taken by a loader and not answered yet: if the loader stops
