@@ -20,6 +20,16 @@ pub fn pool(db: &TestDatabase, params: &str) -> (Pool, String) {
     (Pool::new(cfg).unwrap(), app)
 }
 
+/// A superuser session on a private cluster (its driver spawned).
+pub async fn admin(cluster: &db_pool::cluster::LocalCluster) -> Client {
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 /// A pool on any URL.
 pub fn pool_url(url: &str) -> Pool {
     Pool::new(PoolConfig::parse(url).unwrap()).unwrap()

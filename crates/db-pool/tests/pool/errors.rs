@@ -144,11 +144,7 @@ async fn small_server() -> (LocalCluster, String) {
     )
     .await
     .unwrap();
-    let (admin, connection) =
-        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let admin = crate::common::admin(&cluster).await;
     admin.batch_execute("CREATE ROLE app LOGIN").await.unwrap();
     let url = format!(
         "postgresql://app@127.0.0.1:{}/postgres?sslmode=disable",
@@ -211,11 +207,7 @@ async fn refused_connections_make_callers_wait_for_a_returned_one_not_fail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_larger_than_the_servers_room_serves_every_caller() {
     let (cluster, _) = small_server().await;
-    let (admin, connection) =
-        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let admin = crate::common::admin(&cluster).await;
     admin
         .batch_execute("CREATE ROLE two LOGIN CONNECTION LIMIT 2")
         .await
@@ -278,11 +270,7 @@ async fn wrong_password_is_p1000_without_the_password() {
     let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
         .await
         .unwrap();
-    let (admin, connection) =
-        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let admin = crate::common::admin(&cluster).await;
     admin
         .batch_execute("SET password_encryption = 'scram-sha-256'; CREATE ROLE pwuser LOGIN PASSWORD 'right-pass'")
         .await

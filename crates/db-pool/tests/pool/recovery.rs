@@ -79,11 +79,7 @@ async fn pool_serves_again_after_a_server_restart_without_leaking_capacity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_pooled_backend_is_never_handed_out() {
     let cluster = private_server().await;
-    let (admin, connection) =
-        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let admin = crate::common::admin(&cluster).await;
     let pool = pool_url(&url(
         &cluster,
         "connection_limit=3&application_name=victims",

@@ -204,11 +204,7 @@ async fn sslidentity_presents_a_client_certificate_the_server_requires() {
     let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
         .await
         .unwrap();
-    let (admin, connection) =
-        tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let admin = crate::common::admin(&cluster).await;
     admin
         .batch_execute("CREATE ROLE certuser LOGIN")
         .await
