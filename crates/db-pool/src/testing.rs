@@ -24,7 +24,7 @@ use url::Url;
 use crate::cluster::{ClusterOptions, LocalCluster};
 
 mod proxy;
-pub use proxy::{Fault, FaultProxy};
+pub use proxy::{Fault, FaultProxy, Vanished};
 
 /// The environment variable naming the server tests run against.
 pub const TEST_DATABASE_URL: &str = "TEST_DATABASE_URL";

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -291,6 +292,13 @@ pub struct ApiKeys {
     /// Verification counters by result, looked up once (at first use, when
     /// the recorder is installed): `counter!` hashes its labels per call.
     counters: std::sync::OnceLock<VerifyCounters>,
+    /// Whether cached answers may be used: false while the change feed is
+    /// not connected (a revocation elsewhere would go unnoticed), so every
+    /// request is verified in the database.
+    live: AtomicBool,
+    /// Bumped by every [`ApiKeys::forget_all`]: an answer read before it is
+    /// not kept.
+    generation: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -327,7 +335,28 @@ impl ApiKeys {
             }),
             verified: Arc::default(),
             counters: std::sync::OnceLock::new(),
+            live: AtomicBool::new(true),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Forgets every cached answer (a key changed: created, revoked, or
+    /// changed by another instance). Answers being read now are not kept.
+    pub fn forget_all(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.verified
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        if let Some(cache) = &self.cache {
+            cache.invalidate_all();
+        }
+    }
+
+    /// Whether cached answers are used (see the `live` field); turning it
+    /// on again should follow a [`ApiKeys::forget_all`].
+    pub fn set_cache_live(&self, live: bool) {
+        self.live.store(live, Ordering::Release);
     }
 
     fn counters(&self) -> &VerifyCounters {
@@ -362,22 +391,31 @@ impl ApiKeys {
             return Ok(None);
         }
         let hash = hash_key(presented);
-        if let Some(info) = self.recently_verified(&hash) {
-            self.counters().valid.increment(1);
-            return Ok(Some(info));
+        let live = self.live.load(Ordering::Acquire);
+        if live {
+            if let Some(info) = self.recently_verified(&hash) {
+                self.counters().valid.increment(1);
+                return Ok(Some(info));
+            }
         }
         let answer = match &self.cache {
-            None => self.load(&hash).await.map_err(Arc::new)?,
-            Some(cache) => match cache.get(&hash).await {
+            Some(cache) if live => match cache.get(&hash).await {
                 Some(hit) => hit,
                 // Boxed: the lookup's future is large and the hit path
                 // (every request) should not carry and move it.
                 None => {
+                    let generation = self.generation.load(Ordering::Acquire);
                     let load: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send + '_>> =
                         Box::pin(self.load(&hash));
-                    cache.try_get_with(hash, load).await?
+                    let answer = cache.try_get_with(hash, load).await?;
+                    if self.generation.load(Ordering::Acquire) != generation {
+                        // Forgotten while it was read: not kept.
+                        cache.invalidate(&hash).await;
+                    }
+                    answer
                 }
             },
+            _ => self.load(&hash).await.map_err(Arc::new)?,
         };
         let counters = self.counters();
         match answer {
@@ -399,6 +437,7 @@ impl ApiKeys {
     async fn load(&self, hash: &[u8; 32]) -> Result<Option<Arc<ApiKeyInfo>>, db_pool::Error> {
         metrics::counter!("integrations_api_key_lookups_total").increment(1);
         let asked = Instant::now();
+        let generation = self.generation.load(Ordering::Acquire);
         let mut conn = self.pool.get().await?;
         let found = store::api_keys::find_active(&mut conn, hash).await?;
         drop(conn);
@@ -411,11 +450,15 @@ impl ApiKeys {
                     scopes: scopes_from_db(&key.scopes),
                 })
             });
-        if !self.ttl.is_zero() {
+        if !self.ttl.is_zero() && self.live.load(Ordering::Acquire) {
             let mut verified = self
                 .verified
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
+            if self.generation.load(Ordering::Acquire) != generation {
+                // Forgotten while it was read: the answer may be stale.
+                return Ok(found);
+            }
             // Forget what has expired (revoked elsewhere, or not used since).
             verified.retain(|_, (_, at)| at.elapsed() < self.ttl);
             match &found {
@@ -485,7 +528,8 @@ impl ApiKeys {
 
     /// Revokes the active key with this id (all digits) or name; returns how
     /// many were revoked (0 when none matched). Clears this instance's whole
-    /// verification cache; other instances notice within their TTL.
+    /// verification cache; other instances hear of it through the change
+    /// feed (or, without one, within their TTL).
     #[tracing::instrument(skip_all, fields(key = %id_or_name))]
     pub async fn revoke(&self, id_or_name: &str) -> Result<u64, AuthError> {
         let by_id = !id_or_name.is_empty() && id_or_name.bytes().all(|b| b.is_ascii_digit());
@@ -498,13 +542,7 @@ impl ApiKeys {
         };
         drop(conn);
         if revoked > 0 {
-            self.verified
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
-            if let Some(cache) = &self.cache {
-                cache.invalidate_all();
-            }
+            self.forget_all();
             tracing::info!(revoked, "API key revoked");
         }
         Ok(revoked)

@@ -204,39 +204,7 @@ impl Shared {
     }
 
     fn connect_error(&self, e: tokio_postgres::Error) -> Error {
-        let address = self.config.address();
-        if let Some(db) = e.as_db_error() {
-            let code = db.code();
-            if *code == SqlState::TOO_MANY_CONNECTIONS {
-                return Error::TooManyConnections(db.message().to_string());
-            }
-            if *code == SqlState::INVALID_PASSWORD
-                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-            {
-                return Error::AuthenticationFailed {
-                    address,
-                    user: self.config.user.clone(),
-                };
-            }
-            if *code == SqlState::INVALID_CATALOG_NAME {
-                return Error::DatabaseDoesNotExist {
-                    database: self.config.database.clone(),
-                    address,
-                };
-            }
-            return Error::Unreachable {
-                address,
-                reason: db.message().to_string(),
-            };
-        }
-        let text = error_chain(&e);
-        if text.contains("TLS") || text.contains("tls") {
-            return Error::Tls(text);
-        }
-        Error::Unreachable {
-            address,
-            reason: text,
-        }
+        connect_error(&self.config, e)
     }
 
     /// Checks a connection about to be handed out again.
@@ -365,7 +333,10 @@ impl deadpool::managed::Manager for Manager {
     type Error = Error;
 
     async fn create(&self) -> Result<ClientConn, Error> {
-        self.shared.connection_for_caller().await
+        // Boxed: deadpool's checkout future embeds this one, and every
+        // checkout (most of which never create) would otherwise carry and
+        // move its several kilobytes (measured: +0.5 us per checkout).
+        Box::pin(self.shared.connection_for_caller()).await
     }
 
     async fn recycle(&self, conn: &mut ClientConn, _: &Metrics) -> RecycleResult<Error> {
@@ -403,10 +374,47 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The pool's error for a failed connection attempt to `config`'s server.
+pub(super) fn connect_error(config: &PoolConfig, e: tokio_postgres::Error) -> Error {
+    let address = config.address();
+    if let Some(db) = e.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::TOO_MANY_CONNECTIONS {
+            return Error::TooManyConnections(db.message().to_string());
+        }
+        if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            return Error::AuthenticationFailed {
+                address,
+                user: config.user.clone(),
+            };
+        }
+        if *code == SqlState::INVALID_CATALOG_NAME {
+            return Error::DatabaseDoesNotExist {
+                database: config.database.clone(),
+                address,
+            };
+        }
+        return Error::Unreachable {
+            address,
+            reason: db.message().to_string(),
+        };
+    }
+    let text = error_chain(&e);
+    if text.contains("TLS") || text.contains("tls") {
+        return Error::Tls(text);
+    }
+    Error::Unreachable {
+        address,
+        reason: text,
+    }
+}
+
 /// The tokio-postgres configuration for a pool configuration. The schema
 /// travels in the startup packet (`-c search_path=...`), so no connection
 /// needs an extra round trip to set it.
-fn pg_config(cfg: &PoolConfig) -> tokio_postgres::Config {
+pub(super) fn pg_config(cfg: &PoolConfig) -> tokio_postgres::Config {
     let mut pg = tokio_postgres::Config::new();
     let ssl_mode = match &cfg.host {
         Host::Tcp(h) => {

@@ -3,6 +3,7 @@
 
 mod attempts;
 mod conn;
+mod listener;
 mod manager;
 mod observe;
 mod params;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use deadpool::managed::{PoolError, QueueMode};
 
 pub use conn::{Conn, Transaction};
+pub use listener::{ListenEvent, Listener};
 pub use params::Param;
 pub use stats::{CloseReason, PoolStats};
 

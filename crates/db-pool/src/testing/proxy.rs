@@ -18,8 +18,10 @@
 //! What a user-space proxy cannot do is lose TCP segments: its kernel still
 //! acknowledges data and keepalive probes while it forwards nothing, so a
 //! blackhole here looks to the client like a server that stopped answering,
-//! not like a vanished host. Keepalive detection of a vanished host needs
-//! packet loss below TCP (a firewall rule, `tc netem`).
+//! not like a vanished host. For that, [`FaultProxy::vanish`] drops the
+//! proxy's packets in the kernel (an `iptables` rule on its port, so root):
+//! probes and retransmissions then go unanswered, as with a host that is
+//! gone.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -109,6 +111,25 @@ impl FaultProxy {
         u.into()
     }
 
+    /// Drops every packet to and from the proxy's port in the kernel (two
+    /// `iptables` rules on the loopback interface) until the returned guard
+    /// is dropped: the proxy looks like a host that vanished, so neither
+    /// keepalive probes nor sent data are acknowledged.
+    ///
+    /// # Errors
+    ///
+    /// When the rules cannot be added (not root, no `iptables`): the
+    /// message says which.
+    pub fn vanish(&self) -> Result<Vanished, String> {
+        let port = self.addr.port();
+        let mut vanished = Vanished { port, rules: 0 };
+        for side in ["--dport", "--sport"] {
+            iptables("-I", side, port)?;
+            vanished.rules += 1;
+        }
+        Ok(vanished)
+    }
+
     /// The client-side addresses of every connection accepted so far, in
     /// order (the pool's sockets, for tests that inspect them).
     pub fn clients(&self) -> Vec<SocketAddr> {
@@ -116,6 +137,45 @@ impl FaultProxy {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+}
+
+/// Packets to and from a proxy's port are dropped while this lives
+/// (see [`FaultProxy::vanish`]).
+#[derive(Debug)]
+pub struct Vanished {
+    port: u16,
+    /// How many of the two rules were added (removed again on drop).
+    rules: usize,
+}
+
+impl Drop for Vanished {
+    fn drop(&mut self) {
+        for side in ["--dport", "--sport"].into_iter().take(self.rules) {
+            if let Err(e) = iptables("-D", side, self.port) {
+                eprintln!("FaultProxy: {e}");
+            }
+        }
+    }
+}
+
+/// Adds (`-I`) or deletes (`-D`) the rule dropping TCP packets on the
+/// loopback interface whose `side` (`--dport`/`--sport`) is `port`.
+fn iptables(action: &str, side: &str, port: u16) -> Result<(), String> {
+    let port = port.to_string();
+    let out = std::process::Command::new("iptables")
+        .args(["-w", action, "INPUT", "-i", "lo", "-p", "tcp", side, &port])
+        .args(["-m", "comment", "--comment", "db-pool test: vanished host"])
+        .args(["-j", "DROP"])
+        .output()
+        .map_err(|e| format!("cannot run iptables ({e}); the vanished-host tests need it and root"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "iptables {action} INPUT {side} {port} failed (root is needed): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

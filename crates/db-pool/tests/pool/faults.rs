@@ -216,3 +216,112 @@ async fn keepalive_parameters_are_set_on_the_pool_sockets() {
         }
     }
 }
+
+/// Waits until the server runs `query` for `app` (so the statement has been
+/// sent and acknowledged before the test cuts the network).
+async fn running(db: &TestDatabase, app: &str, query: &str) -> bool {
+    let (admin, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    eventually(Duration::from_secs(10), || async {
+        let row = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND state = 'active' AND query = $2",
+                &[&app, &query],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 1
+    })
+    .await
+}
+
+#[tokio::test]
+async fn keepalives_detect_a_host_that_vanished_during_a_statement() {
+    // A network partition while a statement runs: the answer never comes
+    // and the client has nothing to send, so only keepalive probes can
+    // notice. With them the connection fails and is discarded; without
+    // them (the control, same statement, same cut) it still waits.
+    let db = TestDatabase::create().await;
+    const SLEEP: &str = "SELECT pg_sleep(2)";
+    let start = |params: &'static str| {
+        let db = &db;
+        async move {
+            let proxy = FaultProxy::start(&db.url).await;
+            let app = unique_app();
+            let url = with_params(
+                &proxy.url(&db.url),
+                &format!("application_name={app}&connection_limit=1&{params}"),
+            );
+            let pool = pool_url(&url);
+            let query = {
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    let mut conn = pool.get().await?;
+                    conn.query_one(SLEEP, &[]).await.map(|_| ())
+                })
+            };
+            assert!(running(db, &app, SLEEP).await, "{params}: the statement runs");
+            let cut = proxy.vanish().unwrap_or_else(|e| panic!("{e}"));
+            (pool, proxy, query, cut)
+        }
+    };
+    let (probed, _p1, probed_query, _cut1) =
+        start("keepalives_idle=1&keepalives_interval=1&keepalives_count=2&tcp_user_timeout=0")
+            .await;
+    let (unprobed, _p2, unprobed_query, _cut2) = start("keepalives=0&tcp_user_timeout=0").await;
+
+    let err = tokio::time::timeout(HANG, probed_query)
+        .await
+        .expect("keepalives must notice the vanished host")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), "P1017", "{err}");
+    assert_eq!(probed.stats().closed_broken, 1, "the dead connection is discarded");
+    assert_eq!(probed.stats().in_use, 0);
+    assert!(
+        !unprobed_query.is_finished(),
+        "control: without keepalives the same statement still waits"
+    );
+    assert_eq!(unprobed.stats().closed_broken, 0);
+    unprobed_query.abort();
+}
+
+#[tokio::test]
+async fn tcp_user_timeout_bounds_a_statement_sent_to_a_host_that_vanished() {
+    // The cut comes first, then a statement on an idle pooled connection:
+    // its bytes are never acknowledged, which keepalives do not cover (they
+    // probe only an idle socket) but tcp_user_timeout does. The control
+    // (tcp_user_timeout=0, the kernel's retransmissions: about 15 minutes)
+    // still waits when the bounded one has failed.
+    let db = TestDatabase::create().await;
+    let start = |params: &'static str| {
+        let db = &db;
+        async move {
+            let (pool, proxy) = proxied(db, &format!("connection_limit=1&{params}")).await;
+            let mut conn = pool.get().await.unwrap();
+            conn.query_one("SELECT 1", &[]).await.unwrap();
+            let cut = proxy.vanish().unwrap_or_else(|e| panic!("{e}"));
+            let query = tokio::spawn(async move { conn.query_one("SELECT 2", &[]).await.map(|_| ()) });
+            (pool, proxy, query, cut)
+        }
+    };
+    let (bounded, _p1, bounded_query, _cut1) = start("keepalives=0&tcp_user_timeout=1500").await;
+    let (unbounded, _p2, unbounded_query, _cut2) = start("keepalives=0&tcp_user_timeout=0").await;
+
+    let err = tokio::time::timeout(HANG, bounded_query)
+        .await
+        .expect("tcp_user_timeout must bound the unacknowledged statement")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), "P1017", "{err}");
+    assert_eq!(bounded.stats().closed_broken, 1, "the dead connection is discarded");
+    assert!(
+        !unbounded_query.is_finished(),
+        "control: with the system's retransmissions the statement still waits"
+    );
+    assert_eq!(unbounded.stats().closed_broken, 0);
+    unbounded_query.abort();
+}
