@@ -328,6 +328,10 @@ pub struct DoctorOptions {
     /// from in parallel (1 for a single SSD or a volume; 0 when the data
     /// fits in memory). Default 1.
     pub spindles: u32,
+    /// Connections each instance opens outside its pool, straight to the
+    /// server (e.g. a `LISTEN` connection: the integrations service's change
+    /// listener is one). Default 0.
+    pub outside_pool: u32,
 }
 
 impl Default for DoctorOptions {
@@ -336,6 +340,7 @@ impl Default for DoctorOptions {
             instances: 1,
             server_cores: None,
             spindles: 1,
+            outside_pool: 0,
         }
     }
 }
@@ -629,7 +634,13 @@ pub async fn doctor(cfg: &PoolConfig, opts: &DoctorOptions) -> DoctorReport {
                     elapsed.as_millis()
                 ),
             ));
-            checks.push(max_connections_check(cfg, instances, &facts, &pooling));
+            checks.push(max_connections_check(
+                cfg,
+                instances,
+                opts.outside_pool,
+                &facts,
+                &pooling,
+            ));
             checks.push(connection_limit_check(cfg, opts, cores, recommended));
             let server_port = facts.as_ref().ok().and_then(|f| f.server_port);
             checks.push(pgbouncer_check(cfg, &pooling, server_port));
@@ -834,6 +845,7 @@ fn plural(n: impl Into<u64>, word: &str) -> String {
 fn max_connections_check(
     cfg: &PoolConfig,
     instances: u32,
+    outside_pool: u32,
     facts: &Result<ServerFacts, Error>,
     pooling: &Pooling,
 ) -> Check {
@@ -849,7 +861,15 @@ fn max_connections_check(
         }
     };
     let limit = i64::try_from(cfg.connection_limit).unwrap_or(i64::MAX);
-    let need = limit.saturating_mul(i64::from(instances));
+    let extra = i64::from(outside_pool);
+    let need = limit
+        .saturating_add(extra)
+        .saturating_mul(i64::from(instances));
+    let per = if outside_pool == 0 {
+        format!("connection_limit {limit}")
+    } else {
+        format!("connection_limit {limit} + {extra} outside the pool")
+    };
     let reserved = f.superuser_reserved + f.reserved.unwrap_or(0);
     let available = (f.max_connections - reserved - f.in_use).max(0);
     let reserved_text = match f.reserved {
@@ -860,7 +880,7 @@ fn max_connections_check(
         None => format!("{reserved} reserved (superuser_reserved_connections)"),
     };
     let detail = format!(
-        "need {need} (connection_limit {limit} x {}), available {available} (max_connections {} - {reserved_text} - {} in use now)",
+        "need {need} ({per} x {}), available {available} (max_connections {} - {reserved_text} - {} in use now)",
         plural(instances, "instance"),
         f.max_connections,
         f.in_use
@@ -869,11 +889,16 @@ fn max_connections_check(
         return Check::ok(
             NAME,
             format!(
-                "{detail}; but a transaction pooler is in front: the service's connections go to the pooler, which opens at most its own pool size on the server (check its max_client_conn and default_pool_size)"
+                "{detail}; but a transaction pooler is in front: the service's pooled connections go to the pooler, which opens at most its own pool size on the server (check its max_client_conn and default_pool_size){}",
+                if outside_pool > 0 {
+                    format!("; the {} outside the pools (DIRECT_URL) reach the server itself", extra * i64::from(instances))
+                } else {
+                    String::new()
+                }
             ),
         );
     }
-    let per_instance = |budget: i64| (budget / i64::from(instances)).max(0);
+    let per_instance = |budget: i64| (budget / i64::from(instances) - extra).max(0);
     if need > available {
         return Check::fail(
             NAME,

@@ -246,6 +246,19 @@ async fn doctor_fails_when_the_instances_need_more_connections_than_the_server_h
     );
     assert_eq!(report.exit_code(), 1);
 
+    // A connection outside each pool (serve's change listener) counts too.
+    let opts = DoctorOptions {
+        instances: 3,
+        outside_pool: 1,
+        ..DoctorOptions::default()
+    };
+    let report = diagnostics::doctor(&cfg(&url), &opts).await;
+    let detail = &report.check("max_connections").unwrap().detail;
+    assert!(
+        detail.contains("need 33 (connection_limit 10 + 1 outside the pool x 3 instances)"),
+        "{detail}"
+    );
+
     // One instance fits (10 of 17), two are close to the edge (20 of 17: no).
     let report = diagnostics::doctor(&cfg(&url), &DoctorOptions::default()).await;
     assert_eq!(
@@ -340,6 +353,7 @@ async fn doctor_uses_the_given_server_cores_for_the_recommendation() {
         server_cores: Some(4),
         spindles: 2,
         instances: 1,
+        outside_pool: 0,
     };
     let report = diagnostics::doctor(&cfg(&url), &opts).await;
     assert_eq!(report.recommended_connection_limit, Some(10));

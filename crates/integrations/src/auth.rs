@@ -295,10 +295,10 @@ pub struct ApiKeys {
     /// Whether cached answers may be used: false while the change feed is
     /// not connected (a revocation elsewhere would go unnoticed), so every
     /// request is verified in the database.
-    live: AtomicBool,
+    live: Arc<AtomicBool>,
     /// Bumped by every [`ApiKeys::forget_all`]: an answer read before it is
     /// not kept.
-    generation: AtomicU64,
+    generation: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -335,8 +335,8 @@ impl ApiKeys {
             }),
             verified: Arc::default(),
             counters: std::sync::OnceLock::new(),
-            live: AtomicBool::new(true),
-            generation: AtomicU64::new(0),
+            live: Arc::new(AtomicBool::new(true)),
+            generation: Arc::default(),
         }
     }
 

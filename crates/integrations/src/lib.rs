@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod changes;
 pub mod cli;
 pub mod crypto;
 pub mod domain;

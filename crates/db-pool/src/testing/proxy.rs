@@ -168,7 +168,9 @@ fn iptables(action: &str, side: &str, port: u16) -> Result<(), String> {
         .args(["-m", "comment", "--comment", "db-pool test: vanished host"])
         .args(["-j", "DROP"])
         .output()
-        .map_err(|e| format!("cannot run iptables ({e}); the vanished-host tests need it and root"))?;
+        .map_err(|e| {
+            format!("cannot run iptables ({e}); the vanished-host tests need it and root")
+        })?;
     if out.status.success() {
         Ok(())
     } else {

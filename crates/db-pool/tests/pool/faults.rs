@@ -263,7 +263,10 @@ async fn keepalives_detect_a_host_that_vanished_during_a_statement() {
                     conn.query_one(SLEEP, &[]).await.map(|_| ())
                 })
             };
-            assert!(running(db, &app, SLEEP).await, "{params}: the statement runs");
+            assert!(
+                running(db, &app, SLEEP).await,
+                "{params}: the statement runs"
+            );
             let cut = proxy.vanish().unwrap_or_else(|e| panic!("{e}"));
             (pool, proxy, query, cut)
         }
@@ -279,7 +282,11 @@ async fn keepalives_detect_a_host_that_vanished_during_a_statement() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), "P1017", "{err}");
-    assert_eq!(probed.stats().closed_broken, 1, "the dead connection is discarded");
+    assert_eq!(
+        probed.stats().closed_broken,
+        1,
+        "the dead connection is discarded"
+    );
     assert_eq!(probed.stats().in_use, 0);
     assert!(
         !unprobed_query.is_finished(),
@@ -304,7 +311,8 @@ async fn tcp_user_timeout_bounds_a_statement_sent_to_a_host_that_vanished() {
             let mut conn = pool.get().await.unwrap();
             conn.query_one("SELECT 1", &[]).await.unwrap();
             let cut = proxy.vanish().unwrap_or_else(|e| panic!("{e}"));
-            let query = tokio::spawn(async move { conn.query_one("SELECT 2", &[]).await.map(|_| ()) });
+            let query =
+                tokio::spawn(async move { conn.query_one("SELECT 2", &[]).await.map(|_| ()) });
             (pool, proxy, query, cut)
         }
     };
@@ -317,7 +325,11 @@ async fn tcp_user_timeout_bounds_a_statement_sent_to_a_host_that_vanished() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), "P1017", "{err}");
-    assert_eq!(bounded.stats().closed_broken, 1, "the dead connection is discarded");
+    assert_eq!(
+        bounded.stats().closed_broken,
+        1,
+        "the dead connection is discarded"
+    );
     assert!(
         !unbounded_query.is_finished(),
         "control: with the system's retransmissions the statement still waits"

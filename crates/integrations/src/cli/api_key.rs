@@ -24,7 +24,7 @@ enum ApiKeyCommand {
     Create(CreateArgs),
     /// List every key (active and revoked) with its id, name, prefix and scopes; never the key itself.
     List(ListArgs),
-    /// Revoke an active key by id or name; servers stop accepting it within their verification cache TTL (30 s).
+    /// Revoke an active key by id or name; running servers hear of it through their change feed and stop accepting it at once.
     Revoke(RevokeArgs),
 }
 

@@ -24,11 +24,20 @@ pub fn run(args: ConfigArgs) -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
+    let direct = match super::direct_config(&args.db) {
+        Ok(direct) => direct,
+        Err(code) => return code,
+    };
     if args.json {
         println!("{}", cfg.to_json());
         return ExitCode::SUCCESS;
     }
     println!("DATABASE_URL  {}", cfg.redacted_url());
+    match &direct {
+        Some(d) => println!("DIRECT_URL    {} (migrations, serve's change listener)", d.redacted_url()),
+        None if cfg.pgbouncer => println!("DIRECT_URL    not set: required with pgbouncer=true (migrate and serve refuse to start)"),
+        None => println!("DIRECT_URL    not set: migrations and serve's change listener use DATABASE_URL"),
+    }
     println!(
         "profile       {}",
         cfg.profile.map_or(

@@ -52,6 +52,8 @@ pub fn run(args: DoctorArgs) -> ExitCode {
         instances: args.instances,
         server_cores: args.server_cores,
         spindles: args.spindles,
+        // serve's change listener.
+        outside_pool: 1,
     };
     super::block_on(async move {
         let report = diagnostics::doctor(&cfg, &opts).await;

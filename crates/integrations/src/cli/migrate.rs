@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use db_pool::Pool;
 
 use super::DatabaseArgs;
 use crate::store::migrations;
@@ -18,19 +17,16 @@ pub struct MigrateArgs {
 /// Runs the command: 0 when the schema is up to date, 1 on failure, 2 on
 /// invalid input.
 pub fn run(args: MigrateArgs) -> ExitCode {
-    let cfg = match super::pool_config(&args.db) {
+    // On DIRECT_URL when set: DDL and advisory locks need the server itself.
+    let cfg = match super::pool_config(&args.db).and_then(|main| {
+        let direct = super::direct_config(&args.db)?;
+        super::direct_or_main(&main, direct.as_ref(), "migrations")
+    }) {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
     super::block_on(async move {
-        let result = async {
-            let pool = Pool::new(cfg)?;
-            let applied = migrations::run(&pool).await;
-            pool.close(std::time::Duration::from_secs(5)).await;
-            applied
-        }
-        .await;
-        match result {
+        match migrations::run_on(&cfg).await {
             Ok(applied) if applied.applied.is_empty() => {
                 println!("schema up to date");
                 ExitCode::SUCCESS

@@ -35,6 +35,12 @@ pub struct DatabaseArgs {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// PostgreSQL URL that reaches the server itself, bypassing a pooler
+    /// (Prisma's directUrl): migrations and serve's change listener use it.
+    /// Required when DATABASE_URL has pgbouncer=true (read from DIRECT_URL).
+    #[arg(long, env = "DIRECT_URL", hide_env_values = true)]
+    pub direct_url: Option<String>,
+
     /// Profile supplying defaults the URL does not set: development,
     /// production or high-traffic (read from DATABASE_PROFILE).
     #[arg(long, env = "DATABASE_PROFILE")]
@@ -92,6 +98,54 @@ pub fn pool_config(db: &DatabaseArgs) -> Result<db_pool::PoolConfig, ExitCode> {
         eprintln!("warning: unknown DATABASE_URL parameter '{p}' is ignored");
     }
     Ok(cfg)
+}
+
+/// `DIRECT_URL`'s pool configuration, if it is set; on invalid input
+/// prints the P1013 error naming `DIRECT_URL` and returns exit 2.
+pub fn direct_config(db: &DatabaseArgs) -> Result<Option<db_pool::PoolConfig>, ExitCode> {
+    let Some(url) = db.direct_url.as_deref().filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let invalid = |what: String| {
+        eprintln!("P1013: The provided database string is invalid. DIRECT_URL: {what}");
+        eprintln!("hint: Fix DIRECT_URL: the URL of the PostgreSQL server itself, not of PgBouncer (see \"Running more than one instance\" in the README); `integrations config` shows the effective settings.");
+        ExitCode::from(EXIT_INVALID_INPUT)
+    };
+    let cfg = match crate::settings::pool_config(Some(url), db.profile.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(db_pool::ConfigError::InvalidUrl(what)) => return Err(invalid(what)),
+        Err(e) => return Err(invalid(e.to_string())),
+    };
+    if cfg.pgbouncer {
+        return Err(invalid(
+            "it has pgbouncer=true; accepted: the server itself (LISTEN, advisory locks and migrations do not work through a transaction pooler)".to_string(),
+        ));
+    }
+    for p in &cfg.ignored_parameters {
+        eprintln!("warning: unknown DIRECT_URL parameter '{p}' is ignored");
+    }
+    Ok(Some(cfg))
+}
+
+/// The server itself for `what` (migrations, the change listener):
+/// `DIRECT_URL` when set, else `main`, which must not go through PgBouncer
+/// (`pgbouncer=true` without `DIRECT_URL`: the message says why, exit 2).
+pub fn direct_or_main(
+    main: &db_pool::PoolConfig,
+    direct: Option<&db_pool::PoolConfig>,
+    what: &str,
+) -> Result<db_pool::PoolConfig, ExitCode> {
+    match direct {
+        Some(cfg) => Ok(cfg.clone()),
+        None if main.pgbouncer => {
+            eprintln!(
+                "error: DATABASE_URL has pgbouncer=true and DIRECT_URL is not set: {what} need a session on the PostgreSQL server itself (LISTEN, advisory locks and DDL do not work through PgBouncer's transaction pooling)"
+            );
+            eprintln!("hint: set DIRECT_URL to the server's own URL, as Prisma's directUrl (see \"Running more than one instance\" in the README)");
+            Err(ExitCode::from(EXIT_INVALID_INPUT))
+        }
+        None => Ok(main.clone()),
+    }
 }
 
 /// Reports an invalid database setting with its hint: exit 2.

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::DatabaseArgs;
 use crate::auth::{ApiKeys, DEFAULT_VERIFY_TTL};
+use crate::changes::{self, ChangeFeed};
 use crate::crypto::Keyring;
 use crate::http::{self, app_with_deadline, AppState};
 use crate::oauth::{TokenClient, TokenClientConfig};
@@ -62,8 +63,13 @@ pub fn run(args: ServeArgs) -> ExitCode {
     let pool_cfg = if embedded {
         None
     } else {
-        match super::pool_config(&args.db) {
-            Ok(cfg) => Some(cfg),
+        let direct = super::direct_config(&args.db).and_then(|direct| {
+            let main = super::pool_config(&args.db)?;
+            super::direct_or_main(&main, direct.as_ref(), "the change listener and migrations")?;
+            Ok((main, direct))
+        });
+        match direct {
+            Ok(cfgs) => Some(cfgs),
             Err(code) => return code,
         }
     };
@@ -87,10 +93,15 @@ pub fn run(args: ServeArgs) -> ExitCode {
 /// How often histogram samples are folded into the exported summaries.
 const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// `serve`'s database configurations: the pool's (`DATABASE_URL`) and,
+/// when set, the server's own (`DIRECT_URL`) for the change listener and
+/// migrations.
+type DatabaseConfigs = (PoolConfig, Option<PoolConfig>);
+
 async fn serve(
     args: ServeArgs,
     settings: ServiceSettings,
-    pool_cfg: Option<PoolConfig>,
+    pool_cfg: Option<DatabaseConfigs>,
 ) -> anyhow::Result<()> {
     // Installed before the pool exists, so its histograms are recorded.
     let metrics = PrometheusBuilder::new()
@@ -108,8 +119,8 @@ async fn serve(
         }
     });
 
-    let (cluster, pool_cfg, keys) = match pool_cfg {
-        Some(cfg) => (None, cfg, settings.keyring()?),
+    let (cluster, (mut pool_cfg, direct_cfg), keys) = match pool_cfg {
+        Some(cfgs) => (None, cfgs, settings.keyring()?),
         None => {
             let data_dir = &args.embedded.data_dir;
             let embedded = super::embedded::open(
@@ -124,6 +135,7 @@ async fn serve(
                 "no DATABASE_URL: using the embedded PostgreSQL (data kept between runs); set DATABASE_URL for production"
             );
             let (cluster, cfg) = (embedded.cluster, embedded.cfg);
+            let cfg = (cfg, None);
             let keys = match settings.encryption_keys {
                 Some(_) => settings.keyring()?,
                 None => {
@@ -155,10 +167,24 @@ async fn serve(
     for p in &pool_cfg.ignored_parameters {
         tracing::warn!(parameter = %p, "unknown DATABASE_URL parameter ignored");
     }
-    let pool = Pool::new(pool_cfg)?;
-    let applied = crate::store::migrations::run(&pool)
-        .await
-        .context("applying migrations")?;
+    let instance = &settings.service.instance_id;
+    if !pool_cfg.pgbouncer {
+        // Names this instance in the change feed's payloads, so it skips its
+        // own writes (PgBouncer refuses the `options` startup parameter:
+        // behind it, an instance hears its own writes too, harmlessly).
+        pool_cfg.options = Some(changes::with_instance_option(
+            pool_cfg.options.as_deref(),
+            instance,
+        ));
+    }
+    let pool = Pool::new(pool_cfg.clone())?;
+    let applied = match &direct_cfg {
+        Some(direct) => crate::store::migrations::run_on(direct).await,
+        None => crate::store::migrations::run(&pool).await,
+    }
+    .context("applying migrations")?;
+    // Without DIRECT_URL the pool's own server (not PgBouncer: checked).
+    let listen_cfg = direct_cfg.unwrap_or_else(|| pool_cfg.clone());
     for m in &applied.applied {
         tracing::info!(migration = %m, "migration applied");
     }
@@ -171,11 +197,15 @@ async fn serve(
         TokenClient::new(&TokenClientConfig::default())?,
         settings.service.clone(),
     ));
-    let state = AppState::new(
-        service.clone(),
-        Arc::new(ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL)),
-        Some(metrics),
+    let api_keys = Arc::new(ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL));
+    let state = AppState::new(service.clone(), api_keys.clone(), Some(metrics));
+    tracing::info!(
+        url = %listen_cfg.redacted_url(),
+        "change listener: one connection outside the pool (this instance uses connection_limit + 1)"
     );
+    let stop_feed = CancellationToken::new();
+    let feed =
+        tokio::spawn(ChangeFeed::new(listen_cfg, service.clone(), api_keys).run(stop_feed.clone()));
 
     let stop_refresher = CancellationToken::new();
     let refresher = (!args.no_refresher).then(|| {
@@ -222,9 +252,11 @@ async fn serve(
     }
 
     stop_refresher.cancel();
+    stop_feed.cancel();
     if let Some(task) = refresher {
         let _ = task.await;
     }
+    let _ = feed.await;
     pool.close(Duration::from_secs(10)).await;
     if let Some(mut cluster) = cluster {
         tracing::info!("stopping the embedded PostgreSQL");

@@ -15,7 +15,7 @@
 //! write is not kept.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -97,6 +97,10 @@ pub(super) struct StatusCache {
     /// use, when the recorder is installed): `counter!` hashes its key on
     /// every call.
     handles: OnceLock<(metrics::Counter, metrics::Counter)>,
+    /// Whether entries may be served and kept: false while the change feed
+    /// is not connected (another instance's write would go unnoticed), so
+    /// every read goes to the database.
+    live: AtomicBool,
 }
 
 impl StatusCache {
@@ -111,11 +115,16 @@ impl StatusCache {
             misses: Mutex::default(),
             writes: std::array::from_fn(|_| AtomicU64::new(0)),
             handles: OnceLock::new(),
+            live: AtomicBool::new(true),
         }
     }
 
-    /// The cached status of `user_id`, unless absent or older than the TTL.
+    /// The cached status of `user_id`, unless absent or older than the TTL
+    /// (or the cache is not live).
     fn get(&self, user_id: &str) -> Option<Arc<UserStatus>> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
         let cached = self.entries.as_ref()?.get(user_id)?;
         (cached.loaded_at.elapsed() < self.ttl).then_some(cached.status)
     }
@@ -216,7 +225,9 @@ impl StatusCache {
         for (load, answer) in done {
             if let (Some(entries), Ok(status)) = (&self.entries, &answer) {
                 let writes = self.writes(&load.user_id);
-                if writes.load(Ordering::Acquire) == load.writes_seen {
+                if writes.load(Ordering::Acquire) == load.writes_seen
+                    && self.live.load(Ordering::Acquire)
+                {
                     let user_id = load.user_id.clone();
                     entries.insert(
                         user_id,
@@ -642,12 +653,37 @@ impl IntegrationsService {
 
     /// Forgets a user's cached status (after every write for that user).
     pub async fn invalidate(&self, user_id: &str) {
+        self.forget_status(user_id);
+    }
+
+    /// Forgets a user's cached status: this instance's write, or another's
+    /// heard through the change feed. A load that overlapped it is not kept.
+    pub fn forget_status(&self, user_id: &str) {
         // Counted with the cache off too: a later miss must not join a load
         // that may have read the rows before this write.
         self.cache.writes(user_id).fetch_add(1, Ordering::Release);
         if let Some(entries) = &self.cache.entries {
             entries.remove(user_id);
         }
+    }
+
+    /// Forgets every user's cached status (the change feed lost
+    /// notifications, or a write named no user). Loads in flight are not
+    /// kept.
+    pub fn forget_all_statuses(&self) {
+        for stripe in &self.cache.writes {
+            stripe.fetch_add(1, Ordering::Release);
+        }
+        if let Some(entries) = &self.cache.entries {
+            entries.clear();
+        }
+    }
+
+    /// Whether the status cache serves and keeps entries (see
+    /// [`crate::changes`]): off, every read goes to the database. Turning it
+    /// on again should follow [`IntegrationsService::forget_all_statuses`].
+    pub fn set_status_cache_live(&self, live: bool) {
+        self.cache.live.store(live, Ordering::Release);
     }
 
     /// Hits, misses and entries of the status cache; also exported as

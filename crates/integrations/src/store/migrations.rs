@@ -38,6 +38,17 @@ pub async fn run(pool: &Pool) -> anyhow::Result<Applied> {
     })
 }
 
+/// Applies the migrations on a connection of their own to `config`'s
+/// server (`DIRECT_URL`: not through a pooler), closed afterwards.
+pub async fn run_on(config: &db_pool::PoolConfig) -> anyhow::Result<Applied> {
+    let mut config = config.clone();
+    config.connection_limit = 1;
+    let pool = Pool::new(config)?;
+    let applied = run(&pool).await;
+    pool.close(std::time::Duration::from_secs(5)).await;
+    applied
+}
+
 /// refinery's error quotes the server's error whole, DETAIL included, which
 /// can hold row values (a constraint added over existing rows names the
 /// failing row): keep refinery's context, the SQLSTATE and the message.

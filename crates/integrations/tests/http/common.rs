@@ -456,6 +456,42 @@ impl TestApp {
         }
     }
 
+    /// A second instance beside this one: `database_url` (the same
+    /// database, perhaps through PgBouncer or with other parameters), the
+    /// same encryption and API keys and the same provider registry, with
+    /// `envs` added.
+    pub async fn spawn_beside(&self, database_url: &str, envs: &[(&str, &str)]) -> TestApp {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = write_registry(dir.path(), &self.fake);
+        let mut all_envs = vec![
+            ("DATABASE_URL", database_url),
+            (
+                "INTEGRATIONS_ENCRYPTION_KEYS",
+                self.encryption_keys.as_str(),
+            ),
+            ("INTEGRATIONS_PROVIDERS", registry.as_str()),
+            ("INTEGRATIONS_CALLBACK_URL", CALLBACK_URL),
+            ("FAKE_SECRET", "fake-secret"),
+        ];
+        all_envs.extend_from_slice(envs);
+        let server = ServerProcess::spawn(&all_envs, &[]).await;
+        TestApp {
+            server,
+            http: http_client(),
+            // Its own, unused: the registry points at `self`'s.
+            fake: FakeProvider::start().await,
+            keys: TestKeys {
+                all: self.keys.all.clone(),
+                read: self.keys.read.clone(),
+            },
+            encryption_keys: self.encryption_keys.clone(),
+            seen: Mutex::default(),
+            sent_tokens: Mutex::default(),
+            db: None,
+            _dir: dir,
+        }
+    }
+
     /// The URL of a path on the server.
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.base_url)
@@ -651,4 +687,14 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The value of a sample line in `/metrics` (the first that starts with
+/// `prefix`).
+pub async fn metric(app: &TestApp, prefix: &str) -> Option<f64> {
+    let text = app.get("/metrics", None).await.text;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }

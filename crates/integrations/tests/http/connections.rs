@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{eventually, TestApp};
+use crate::common::{eventually, metric, TestApp};
 
 /// Generous: how long a timeout of a second or two may take to show.
 const CLOSE_WITHIN: Duration = Duration::from_secs(20);
@@ -78,17 +78,6 @@ async fn healthz(app: &TestApp, within: Duration) -> Option<String> {
     s.write_all(HEALTHZ_CLOSE).await.unwrap();
     read_response(&mut s, within).await
 }
-
-/// The value of a sample line in `/metrics` (the first that starts with
-/// `prefix`).
-async fn metric(app: &TestApp, prefix: &str) -> Option<f64> {
-    let text = app.get("/metrics", None).await.text;
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed_after_the_header_timeout() {
     let app = TestApp::spawn_with(&[("INTEGRATIONS_HTTP_HEADER_TIMEOUT", "1")], &[]).await;
