@@ -96,6 +96,8 @@ pub struct ChangeFeed {
     config: PoolConfig,
     service: Arc<IntegrationsService>,
     keys: Arc<ApiKeys>,
+    /// A listener connected by [`ChangeFeed::start`] before the loop runs.
+    first: Option<Listener>,
 }
 
 impl std::fmt::Debug for ChangeFeed {
@@ -118,6 +120,7 @@ impl ChangeFeed {
             config,
             service,
             keys,
+            first: None,
         };
         feed.caches_live(false);
         feed
@@ -134,17 +137,28 @@ impl ChangeFeed {
         metrics::gauge!("integrations_change_listener_connected").set(if live { 1.0 } else { 0.0 });
     }
 
+    /// Makes the first connection attempt (so a server that starts
+    /// serving has its caches on when the database is there), then listens
+    /// in a task of its own until `stop`.
+    pub async fn start(mut self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+        self.first = Listener::connect(&self.config, &[CHANNEL]).await.ok();
+        tokio::spawn(self.run(stop))
+    }
+
     /// Listens until `stop`, reconnecting with backoff.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         let instance = instance_name(&self.service.config().instance_id);
         let mut retry = RETRY_MIN;
         // Logged once per outage, not per attempt.
         let mut lost_logged = false;
         let mut ever_connected = false;
         loop {
-            let connected = tokio::select! {
-                () = stop.cancelled() => return,
-                c = Listener::connect(&self.config, &[CHANNEL]) => c,
+            let connected = match self.first.take() {
+                Some(first) => Ok(first),
+                None => tokio::select! {
+                    () = stop.cancelled() => return,
+                    c = Listener::connect(&self.config, &[CHANNEL]) => c,
+                },
             };
             let mut listener = match connected {
                 Ok(l) => l,

@@ -165,3 +165,60 @@ fn dotenv_is_read_but_the_environment_wins() {
     assert_eq!(v["database"], "envdb");
     assert_eq!(v["connection_limit"], 20, "profile from .env still applies");
 }
+
+#[test]
+fn direct_url_is_validated_shown_and_required_behind_pgbouncer() {
+    let main = "postgresql://app:s3cret@db.internal:6432/app?pgbouncer=true";
+    // Shown, password redacted.
+    let out = cli::run(
+        &["config"],
+        &[
+            ("DATABASE_URL", main),
+            ("DIRECT_URL", "postgresql://app:dir3ct@db.internal:5432/app"),
+        ],
+    );
+    assert!(out.status.success(), "{}", cli::stderr(&out));
+    let text = cli::stdout(&out);
+    let line = text.lines().find(|l| l.starts_with("DIRECT_URL")).unwrap();
+    assert!(
+        line.contains("db.internal:5432") && !text.contains("dir3ct"),
+        "{text}"
+    );
+
+    // Invalid: P1013 naming DIRECT_URL, exit 2, no password.
+    for bad in [
+        "postgresql://app:dir3ct@db.internal:5432/app?connection_limit=zero",
+        "postgresql://app:dir3ct@db.internal:5432/app?pgbouncer=true",
+    ] {
+        for cmd in ["config", "serve", "migrate"] {
+            let out = cli::run(&[cmd], &[("DATABASE_URL", main), ("DIRECT_URL", bad)]);
+            let err = cli::stderr(&out);
+            assert_eq!(out.status.code(), Some(2), "{cmd} {bad}: {err}");
+            assert!(err.contains("P1013") && err.contains("DIRECT_URL"), "{err}");
+            assert!(!err.contains("dir3ct"), "{err}");
+        }
+    }
+
+    // pgbouncer=true without DIRECT_URL: serve and migrate refuse, naming it
+    // and why; config says so.
+    for cmd in ["serve", "migrate"] {
+        let out = cli::run(
+            &[cmd],
+            &[
+                ("DATABASE_URL", main),
+                (
+                    "INTEGRATIONS_ENCRYPTION_KEYS",
+                    "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+                ),
+            ],
+        );
+        let err = cli::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("DIRECT_URL") && err.contains("pgbouncer=true") && err.contains("LISTEN"),
+            "{err}"
+        );
+    }
+    let out = cli::run(&["config"], &[("DATABASE_URL", main)]);
+    assert!(cli::stdout(&out).contains("required with pgbouncer=true"));
+}

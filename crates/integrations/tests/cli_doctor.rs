@@ -112,11 +112,13 @@ async fn too_many_connections_for_the_server_fails_with_the_hint() {
     let max = line(&text, "max_connections");
     assert!(max.starts_with("fail "), "{text}");
     assert!(
-        max.contains("need 30") && max.contains("available 17"),
+        // 10 pooled + serve's change listener, per instance.
+        max.contains("need 33 (connection_limit 10 + 1 outside the pool x 3 instances)")
+            && max.contains("available 17"),
         "{max}"
     );
     assert!(
-        text.contains("-> Too many connections: lower connection_limit to 5 or less per instance"),
+        text.contains("-> Too many connections: lower connection_limit to 4 or less per instance"),
         "{text}"
     );
     assert!(line(&text, "url").starts_with("warn "), "{text}");

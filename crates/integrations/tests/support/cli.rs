@@ -7,8 +7,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Variables cleared unless the test sets them.
-const CLEARED: [&str; 3] = [
+const CLEARED: [&str; 4] = [
     "DATABASE_URL",
+    "DIRECT_URL",
     "DATABASE_PROFILE",
     "INTEGRATIONS_ENCRYPTION_KEYS",
 ];
