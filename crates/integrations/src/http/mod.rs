@@ -185,7 +185,7 @@ pub fn app_with_deadline(state: AppState, request_timeout: Duration) -> Router {
         }))
         .layer(SetRequestIdLayer::new(request_id, SequentialIds::new()))
         // Outermost: a hostile id is gone before anything sees it.
-        .layer(middleware::map_request(drop_invalid_request_id))
+        .layer(tower::util::MapRequestLayer::new(drop_invalid_request_id))
 }
 
 /// Longest `x-request-id` kept from a client.
@@ -203,8 +203,10 @@ fn valid_request_id(id: &[u8]) -> bool {
 }
 
 /// Removes the client's `x-request-id` unless it is one valid value, so
-/// [`SetRequestIdLayer`] generates one instead.
-async fn drop_invalid_request_id(mut req: Request) -> Request {
+/// [`SetRequestIdLayer`] generates one instead. A plain function under
+/// tower's `MapRequestLayer`: axum's `map_request` boxes a future for every
+/// request.
+fn drop_invalid_request_id(mut req: Request) -> Request {
     let headers = req.headers_mut();
     let mut ids = headers.get_all("x-request-id").iter();
     let keep = match (ids.next(), ids.next()) {
