@@ -459,8 +459,13 @@ impl TestApp {
     /// A second instance beside this one: `database_url` (the same
     /// database, perhaps through PgBouncer or with other parameters), the
     /// same encryption and API keys and the same provider registry, with
-    /// `envs` added.
-    pub async fn spawn_beside(&self, database_url: &str, envs: &[(&str, &str)]) -> TestApp {
+    /// `envs` added and `args` given to `serve`.
+    pub async fn spawn_beside(
+        &self,
+        database_url: &str,
+        envs: &[(&str, &str)],
+        args: &[&str],
+    ) -> TestApp {
         let dir = tempfile::tempdir().unwrap();
         let registry = write_registry(dir.path(), &self.fake);
         let mut all_envs = vec![
@@ -474,7 +479,7 @@ impl TestApp {
             ("FAKE_SECRET", "fake-secret"),
         ];
         all_envs.extend_from_slice(envs);
-        let server = ServerProcess::spawn(&all_envs, &[]).await;
+        let server = ServerProcess::spawn(&all_envs, args).await;
         TestApp {
             server,
             http: http_client(),

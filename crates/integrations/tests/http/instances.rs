@@ -81,7 +81,7 @@ async fn two_instances() -> (TestApp, TestApp) {
         &a.db.as_ref().unwrap().url,
         "connection_limit=5&application_name=inst_b",
     );
-    let b = a.spawn_beside(&url, &[]).await;
+    let b = a.spawn_beside(&url, &[], &[]).await;
     assert!(listening(&a, true).await && listening(&b, true).await);
     (a, b)
 }
@@ -163,6 +163,7 @@ async fn while_its_listener_is_down_an_instance_reads_through_then_caches_again(
         .spawn_beside(
             &with_params(&db_url, "connection_limit=5"),
             &[("DIRECT_URL", &proxy.url(&db_url))],
+            &[],
         )
         .await;
     assert!(listening(&b, true).await);
@@ -197,7 +198,8 @@ async fn a_terminated_listener_reconnects() {
     let terminated: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = 'inst_b' AND query LIKE 'LISTEN %'",
+             WHERE datname = current_database() AND application_name = 'inst_b' \
+             AND query LIKE 'LISTEN %'",
             &[],
         )
         .await
@@ -237,8 +239,12 @@ async fn behind_pgbouncer_with_direct_url_instances_stay_consistent() {
         .next()
         .unwrap();
     let pooled = bouncer.url(database, "pgbouncer=true&connection_limit=5");
-    let b = a.spawn_beside(&pooled, &[("DIRECT_URL", &db.url)]).await;
-    let c = a.spawn_beside(&pooled, &[("DIRECT_URL", &db.url)]).await;
+    let b = a
+        .spawn_beside(&pooled, &[("DIRECT_URL", &db.url)], &[])
+        .await;
+    let c = a
+        .spawn_beside(&pooled, &[("DIRECT_URL", &db.url)], &[])
+        .await;
     assert!(listening(&b, true).await && listening(&c, true).await);
 
     // Writes through one PgBouncer'd instance, reads cached on the other.
@@ -257,4 +263,35 @@ async fn behind_pgbouncer_with_direct_url_instances_stay_consistent() {
     assert_eq!(reply.status, 204, "{}", reply.text);
     assert!(heard(&c, "integration", before).await);
     assert_eq!(accounts(&c, "user-1").await, ["acct-1"]);
+}
+
+#[tokio::test]
+async fn a_refresh_by_another_instances_background_refresher_is_seen() {
+    let (a, b) = two_instances().await;
+    // Due for refresh (inside the 5-minute margin), but no instance runs
+    // the refresher yet.
+    a.seed("user-1", "good", "acct-1", 120).await;
+    let path = "/v1/users/user-1/integrations";
+    let expiry = |list: Value| list["integrations"][0]["expires_at"].clone();
+    cached(&b, "user-1").await;
+    let seeded = expiry(b.get(path, Some(&b.keys.read)).await.json());
+    let refreshed = |list: Value| expiry(list) != seeded;
+
+    // A third instance whose background refresher refreshes it.
+    let before = received(&b, "integration").await;
+    let url = with_params(&a.db.as_ref().unwrap().url, "connection_limit=5");
+    let _refresher = a
+        .spawn_beside(
+            &url,
+            &[("INTEGRATIONS_REFRESH_INTERVAL", "1")],
+            &[crate::common::RUN_REFRESHER],
+        )
+        .await;
+    assert!(heard(&b, "integration", before).await);
+    let shown = eventually(WAIT, || async {
+        let list = b.get(path, Some(&b.keys.read)).await.json();
+        refreshed(list.clone()).then_some(list)
+    })
+    .await;
+    assert!(shown.is_some(), "B shows the background refresh");
 }
