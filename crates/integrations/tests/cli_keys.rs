@@ -56,6 +56,45 @@ async fn migrate_against_no_server_exits_1_with_the_code_and_hint() {
 }
 
 #[test]
+fn generated_keys_get_distinct_ids_so_a_rotation_can_list_both() {
+    // The README's rotation: a new key first, the old one after it.
+    let ids: Vec<String> = (0..2)
+        .map(|_| {
+            let out = run(&["generate-key"], &[]);
+            assert!(out.status.success());
+            stdout(&out).trim().to_string()
+        })
+        .collect();
+    let both = format!("{},{}", ids[0], ids[1]);
+    assert!(Keyring::parse(&both).is_ok(), "{both}");
+    assert!(
+        ids[0].starts_with('k') && ids[0].contains('-'),
+        "{}",
+        ids[0]
+    );
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let out = run(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[
+            (
+                "DATABASE_URL",
+                "postgresql://postgres@127.0.0.1:1/db?sslmode=disable&connect_timeout=1",
+            ),
+            (
+                "INTEGRATIONS_ENCRYPTION_KEYS",
+                "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ERROR"), "a log line was written: {err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in a pipe: {err:?}");
+}
+
+#[test]
 fn generate_key_prints_a_usable_key_alone_on_stdout() {
     let out = run(&["generate-key", "--id", "2026-11"], &[]);
     assert!(out.status.success());

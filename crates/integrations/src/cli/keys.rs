@@ -14,15 +14,27 @@ use crate::settings::{process_env, ServiceSettings};
 /// Options of `integrations generate-key`.
 #[derive(Debug, Args)]
 pub struct GenerateKeyArgs {
-    /// The new key's id (letters, digits, - or _), e.g. the date: 2026-11.
-    #[arg(long, default_value = "k1")]
-    id: String,
+    /// The new key's id (letters, digits, - or _); by default the date and a
+    /// random suffix (k20261205-3f9a), so keys generated for a rotation
+    /// never share an id.
+    #[arg(long)]
+    id: Option<String>,
+}
+
+/// A key id unlikely to repeat: today's date and 16 random bits.
+fn default_key_id() -> String {
+    format!(
+        "k{}-{:04x}",
+        chrono::Utc::now().format("%Y%m%d"),
+        rand::random::<u16>()
+    )
 }
 
 /// Prints a new `id:base64key`, alone on the line, for
 /// `INTEGRATIONS_ENCRYPTION_KEYS`.
 pub fn generate(args: GenerateKeyArgs) -> ExitCode {
-    let spec = Keyring::generate_spec(&args.id);
+    let id = args.id.unwrap_or_else(default_key_id);
+    let spec = Keyring::generate_spec(&id);
     if let Err(e) = Keyring::parse(&spec) {
         eprintln!("{e}");
         return ExitCode::from(super::EXIT_INVALID_INPUT);

@@ -171,6 +171,11 @@ impl From<ServiceError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "reconnect_required", e.to_string())
                     .hint("send the user through POST /v1/connect/{provider} again")
             }
+            ServiceError::NoRefreshToken { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "no_refresh_token", e.to_string()).hint(
+                    "use the stored access token until it expires; for tokens that refresh, connect the account again with offline access (POST /v1/connect/{provider})",
+                )
+            }
             ServiceError::RefreshFailed { transient, .. } => {
                 let mut err =
                     ApiError::new(StatusCode::BAD_GATEWAY, "refresh_failed", e.to_string());

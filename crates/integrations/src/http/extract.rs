@@ -2,7 +2,8 @@
 //! oversized bodies and bad path segments all answer
 //! `{"error": {...}}`, never axum's plain-text defaults.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -21,12 +22,17 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::BytesRejection(e))
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
-            {
-                Err(ApiError::new(
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request",
+                "the body must be JSON: send Content-Type: application/json",
+            ));
+        }
+        let bytes = match Bytes::from_request(req, state).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
                     format!(
@@ -35,17 +41,87 @@ where
                     ),
                 ))
             }
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "invalid_request",
-                "the body must be JSON: send Content-Type: application/json",
-            )),
+            Err(e) => {
+                return Err(ApiError::bad_request(format!(
+                    "the body could not be read: {}",
+                    e.body_text()
+                )))
+            }
+        };
+        if let Some(field) = nul_in(&bytes) {
+            return Err(ApiError::bad_request(format!(
+                "{field} contains a NUL character (\\u0000), which cannot be stored; accepted: text without NUL characters"
+            )));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(e) => Err(ApiError::bad_request(format!(
                 "the body is not valid JSON for this request: {}",
                 e.body_text()
             ))),
         }
     }
+}
+
+/// Whether the request says its body is JSON (`application/json`, or an
+/// `application/...+json` type), as axum's `Json` requires.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Where a JSON body holds a NUL character (`\u0000`, in a string or a key):
+/// PostgreSQL's `text` and `jsonb` cannot store one, so it would fail in the
+/// database (22P05) instead of here. Returns the first such field's path
+/// (`metadata.k`, `scopes[0]`, `a key in metadata`); `None` when there is
+/// none. A body without the escape at all (almost every one) costs one scan.
+fn nul_in(body: &[u8]) -> Option<String> {
+    const ESCAPE: &[u8] = b"\\u0000";
+    if !body.windows(ESCAPE.len()).any(|w| w == ESCAPE) {
+        return None;
+    }
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        let name = |p: &str| {
+            if p.is_empty() {
+                "the body".to_string()
+            } else {
+                format!("'{p}'")
+            }
+        };
+        match value {
+            serde_json::Value::String(s) if s.contains('\0') => Some(name(path)),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
+                let here = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if k.contains('\0') {
+                    return Some(format!("a key in {}", name(path)));
+                }
+                walk(v, &here)
+            }),
+            _ => None,
+        }
+    }
+    walk(&value, "")
 }
 
 /// `Path<T>` with API errors.

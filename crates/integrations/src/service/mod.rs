@@ -116,6 +116,15 @@ pub enum ServiceError {
         /// `revoked` or `expired`.
         status: &'static str,
     },
+    /// A refresh was asked of an integration stored without a refresh
+    /// token: it cannot be refreshed, and stays usable until it expires.
+    #[error("this {provider} integration has no refresh token, so it cannot be refreshed; its access token stays valid until {}", .expires_at.map_or("it is revoked (it has no expiry)".to_string(), |at| at.to_rfc3339()))]
+    NoRefreshToken {
+        /// Provider.
+        provider: String,
+        /// When the access token expires (`None`: never).
+        expires_at: Option<DateTime<Utc>>,
+    },
     /// The refresh failed; the stored tokens are unchanged.
     #[error("refreshing the token failed: {message}")]
     RefreshFailed {

@@ -229,9 +229,18 @@ impl IntegrationsService {
         let provider = self.providers.get(p)?;
         let Some(stored) = &claimed.refresh_token else {
             self.release(&claimed).await;
-            return Err(ServiceError::NeedsReconnect {
+            // Stored without a refresh token: not refreshable, but usable
+            // until it expires (an extra read, on this error path only).
+            let expires_at = self.integration(p, a).await?.expires_at;
+            if expires_at.is_some_and(|at| at <= Utc::now()) {
+                return Err(ServiceError::NeedsReconnect {
+                    provider: p.to_string(),
+                    status: "expired",
+                });
+            }
+            return Err(ServiceError::NoRefreshToken {
                 provider: p.to_string(),
-                status: "expired",
+                expires_at,
             });
         };
         let refresh_aad = Self::aad(p, a, "refresh");

@@ -58,6 +58,83 @@ async fn malformed_json_is_400_in_the_error_shape() {
 }
 
 #[tokio::test]
+async fn a_nul_character_anywhere_in_a_body_is_400_naming_the_field() {
+    // PostgreSQL's text and jsonb cannot store NUL: it used to reach the
+    // database and come back as 500 (22P05).
+    let app = TestApp::spawn().await;
+    let key = Some(app.keys.all.as_str());
+    let put = "/v1/users/user-1/integrations/good/acct-1";
+    for (path, body, field) in [
+        (
+            put,
+            r#"{"access_token":"AT","metadata":{"k":"\u0000"}}"#,
+            "'metadata.k'",
+        ),
+        (
+            put,
+            r#"{"access_token":"AT","metadata":{"k\u0000":1}}"#,
+            "a key in 'metadata'",
+        ),
+        (
+            put,
+            r#"{"access_token":"AT","scopes":["a","b\u0000"]}"#,
+            "'scopes[1]'",
+        ),
+        (
+            put,
+            r#"{"access_token":"AT","scope":"a\u0000b"}"#,
+            "'scope'",
+        ),
+        (
+            put,
+            r#"{"access_token":"AT","token_type":"Bea\u0000rer"}"#,
+            "'token_type'",
+        ),
+        (
+            "/v1/connect/good",
+            r#"{"user_id":"user-1","redirect_uri":"https://app.example/done\u0000"}"#,
+            "'redirect_uri'",
+        ),
+    ] {
+        let method = if path.starts_with("/v1/connect") {
+            Method::POST
+        } else {
+            Method::PUT
+        };
+        let reply = app
+            .send_raw(
+                method,
+                path,
+                key,
+                Some(("application/json", body.as_bytes().to_vec())),
+                &[],
+            )
+            .await;
+        let message = reply.assert_error(400, "invalid_request");
+        assert!(
+            message.contains(field) && message.contains("NUL"),
+            "{body}: {message}"
+        );
+    }
+    // An escaped backslash before "u0000" is no NUL: stored as sent.
+    let reply = app
+        .send_raw(
+            Method::PUT,
+            put,
+            key,
+            Some((
+                "application/json",
+                br#"{"access_token":"AT","metadata":{"k":"\\u0000"}}"#.to_vec(),
+            )),
+            &[],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.json()["metadata"]["k"], "\\u0000");
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
 async fn a_body_that_is_not_json_is_415() {
     let app = TestApp::spawn().await;
     let key = Some(app.keys.all.as_str());
@@ -267,5 +344,44 @@ async fn unknown_routes_and_methods_answer_json() {
         allow.contains("PUT") && allow.contains("DELETE"),
         "allow: {allow}"
     );
+    app.assert_no_leaks();
+}
+
+#[tokio::test]
+async fn refreshing_an_integration_without_a_refresh_token_says_so() {
+    let app = TestApp::spawn().await;
+    let stored = app
+        .put_integration(
+            "user-1",
+            "good",
+            "acct-1",
+            json!({"access_token": "at-no-refresh", "expires_in": 3600}),
+        )
+        .await;
+    let reply = app
+        .send(
+            Method::POST,
+            "/v1/integrations/good/acct-1/refresh",
+            Some(&app.keys.all),
+            None,
+        )
+        .await;
+    let message = reply.assert_error(409, "no_refresh_token");
+    let expires_at = stored["expires_at"].as_str().unwrap();
+    let shown = chrono::DateTime::parse_from_rfc3339(expires_at).unwrap();
+    assert!(
+        message.contains("cannot be refreshed")
+            && message.contains(&shown.with_timezone(&chrono::Utc).to_rfc3339()),
+        "{message}"
+    );
+    // Nothing about it changed: still connected, healthy, no failure.
+    let now = app
+        .get("/v1/users/user-1/integrations", Some(&app.keys.read))
+        .await
+        .json();
+    let it = &now["integrations"][0];
+    assert_eq!(it["status"], "connected");
+    assert_eq!(it["healthy"], true);
+    assert_eq!(it["refresh_failures"], 0);
     app.assert_no_leaks();
 }

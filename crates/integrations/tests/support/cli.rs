@@ -7,9 +7,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 /// Variables cleared unless the test sets them.
-const CLEARED: [&str; 4] = [
+const CLEARED: [&str; 5] = [
     "DATABASE_URL",
     "DIRECT_URL",
+    "NO_COLOR",
     "DATABASE_PROFILE",
     "INTEGRATIONS_ENCRYPTION_KEYS",
 ];
