@@ -138,8 +138,32 @@ async fn put(
     Ok(Json(IntegrationView::from(&stored)).into_response())
 }
 
+/// What `DELETE` answers: the integration is gone here; `revocation` says
+/// whether the provider confirmed the grant is gone there too.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct DeletedBody {
+    /// Always true: the integration and its tokens are deleted here.
+    pub deleted: bool,
+    /// Whether the provider confirmed the revocation.
+    pub revoked_at_provider: bool,
+    /// `revoked`, `not_supported` (the provider has no revocation
+    /// endpoint) or `failed` (the grant may still work at the provider:
+    /// revoke it there, or retry by connecting and deleting again).
+    pub revocation: crate::service::Revocation,
+    /// Why revoking failed, when it did (never a token).
+    pub revoke_error: Option<RevokeError>,
+}
+
+/// Why revoking at the provider failed.
+#[derive(Debug, serde::Serialize, ToSchema)]
+pub struct RevokeError {
+    /// What the provider or the network said.
+    pub message: String,
+}
+
 /// Delete an integration, revoking its tokens at the provider where it has
-/// a revoke URL.
+/// a revoke URL. The integration is deleted even when revoking fails; the
+/// answer says which happened.
 #[utoipa::path(
     delete,
     path = "/v1/users/{user_id}/integrations/{provider}/{account_id}",
@@ -149,7 +173,8 @@ async fn put(
         ("account_id" = String, Path, description = "Account id on the provider"),
     ),
     responses(
-        (status = 204, description = "Deleted"),
+        (status = 200, description = "Deleted; `revocation` says what the provider did", body = DeletedBody),
+        (status = 400, description = "A path segment is invalid", body = super::error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = super::error::ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = super::error::ErrorBody),
         (status = 404, description = "No such integration", body = super::error::ErrorBody),
@@ -161,15 +186,19 @@ async fn delete(
     _: Caller<Write>,
     State(state): State<AppState>,
     ApiPath((user_id, provider, account_id)): ApiPath<(String, String, String)>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Json<DeletedBody>, ApiError> {
     let (user, provider, account) = ids(&user_id, &provider, &account_id)?;
-    if state.service.disconnect(&user, &provider, &account).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::new(
+    match state.service.disconnect(&user, &provider, &account).await? {
+        Some(done) => Ok(Json(DeletedBody {
+            deleted: true,
+            revoked_at_provider: done.revocation == crate::service::Revocation::Revoked,
+            revocation: done.revocation,
+            revoke_error: done.revoke_error.map(|message| RevokeError { message }),
+        })),
+        None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             "no such integration",
-        ))
+        )),
     }
 }

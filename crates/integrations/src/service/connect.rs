@@ -144,7 +144,7 @@ impl IntegrationsService {
         user_id: &UserId,
         provider: &ProviderName,
         account_id: &AccountId,
-    ) -> Result<bool, ServiceError> {
+    ) -> Result<Option<Disconnected>, ServiceError> {
         let (p, a) = (provider.as_str(), account_id.as_str());
         let registered = self.providers.get(p)?;
         let deleted = {
@@ -152,7 +152,7 @@ impl IntegrationsService {
             rows::delete(&mut conn, user_id.as_str(), p, a).await?
         };
         let Some(deleted) = deleted else {
-            return Ok(false);
+            return Ok(None);
         };
         self.invalidate(user_id.as_str()).await;
         // The refresh token revokes the whole grant where providers support
@@ -161,19 +161,44 @@ impl IntegrationsService {
             Some(r) => (r, "refresh", "refresh_token"),
             None => (&deleted.access_token, "access", "access_token"),
         };
-        match self
+        if registered.revoke_url.is_none() {
+            return Ok(Some(Disconnected {
+                revocation: Revocation::NotSupported,
+                revoke_error: None,
+            }));
+        }
+        let failed = match self
             .keys
             .decrypt(&deleted.key_id, value, &Self::aad(p, a, aad_field))
         {
             Ok(plain) => {
                 let token = super::secret(plain);
-                if let Err(e) = self.tokens.revoke(registered, &token, hint).await {
-                    tracing::warn!(error = %e, "revoking the token at the provider failed; the integration is deleted");
+                match self.tokens.revoke(registered, &token, hint).await {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "revoking the token at the provider failed; the integration is deleted");
+                        Some(e.to_string())
+                    }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cannot decrypt the token to revoke it"),
-        }
-        Ok(true)
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot decrypt the token to revoke it");
+                Some(
+                    "the stored token could not be decrypted, so it was not sent for revocation"
+                        .to_string(),
+                )
+            }
+        };
+        Ok(Some(match failed {
+            None => Disconnected {
+                revocation: Revocation::Revoked,
+                revoke_error: None,
+            },
+            Some(message) => Disconnected {
+                revocation: Revocation::Failed,
+                revoke_error: Some(message),
+            },
+        }))
     }
 
     /// Starts the OAuth flow: a single-use `state` (stored hashed, with the
@@ -500,4 +525,27 @@ fn check_redirect(uri: &str) -> Result<(), InvalidInput> {
             "it must be an absolute http:// or https:// URL",
         )),
     }
+}
+
+/// What deleting an integration did at its provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocation {
+    /// The provider confirmed the revocation.
+    Revoked,
+    /// The provider has no revocation endpoint: the grant stays until it
+    /// expires or the user removes it at the provider.
+    NotSupported,
+    /// Revoking failed (the provider refused or did not answer): the
+    /// integration is deleted here, but the grant may still work there.
+    Failed,
+}
+
+/// The outcome of deleting an integration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disconnected {
+    /// What happened at the provider.
+    pub revocation: Revocation,
+    /// Why revoking failed (never a token).
+    pub revoke_error: Option<String>,
 }

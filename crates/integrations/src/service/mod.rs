@@ -22,7 +22,7 @@ use secrecy::zeroize::Zeroizing;
 use secrecy::SecretString;
 
 pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
-pub use connect::{AuthorizedConnect, FinishedConnect, StartedConnect};
+pub use connect::{AuthorizedConnect, Disconnected, FinishedConnect, Revocation, StartedConnect};
 pub use keys::RotationReport;
 pub use refresher::{Refresher, ScanReport};
 pub use status::{CacheStats, UserStatus};

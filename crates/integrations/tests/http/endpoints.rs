@@ -148,8 +148,11 @@ async fn integrations_are_stored_listed_and_deleted() {
             None,
         )
         .await;
-    assert_eq!(deleted.status, 204, "{}", deleted.text);
-    assert!(deleted.text.is_empty());
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    assert_eq!(
+        deleted.json(),
+        json!({"deleted": true, "revoked_at_provider": true, "revocation": "revoked", "revoke_error": null})
+    );
     assert_eq!(app.fake.revocations.load(Ordering::SeqCst), 1);
     let list = app.get("/v1/users/user-1/integrations", key).await.json();
     assert_eq!(accounts(&list), BTreeSet::from(["acct-2".into()]));
@@ -163,6 +166,34 @@ async fn integrations_are_stored_listed_and_deleted() {
         )
         .await;
     again.assert_error(404, "not_found");
+
+    // The provider cannot revoke: the integration is deleted all the same,
+    // and the answer says the grant may still work there.
+    app.fake
+        .revoke_outage
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let deleted = app
+        .send(
+            Method::DELETE,
+            "/v1/users/user-1/integrations/good/acct-2",
+            key,
+            None,
+        )
+        .await;
+    assert_eq!(deleted.status, 200, "{}", deleted.text);
+    let body = deleted.json();
+    assert_eq!(body["deleted"], true);
+    assert_eq!(body["revoked_at_provider"], false);
+    assert_eq!(body["revocation"], "failed");
+    assert!(
+        body["revoke_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("503"),
+        "{body}"
+    );
+    let list = app.get("/v1/users/user-1/integrations", key).await.json();
+    assert_eq!(list["integrations"], json!([]));
     app.assert_no_leaks();
 }
 

@@ -102,6 +102,8 @@ pub struct FakeProvider {
     pub refused: Arc<Mutex<Vec<String>>>,
     /// Refresh tokens presented, in order.
     pub seen_refresh_tokens: Arc<Mutex<Vec<String>>>,
+    /// When set, the revoke endpoint answers 503 (a provider outage).
+    pub revoke_outage: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeProvider {
@@ -120,6 +122,7 @@ impl FakeProvider {
             revoked_tokens: Arc::default(),
             refused: Arc::default(),
             seen_refresh_tokens: Arc::default(),
+            revoke_outage: Arc::default(),
         };
         let app = Router::new()
             .route("/{name}/token", post(token))
@@ -463,6 +466,13 @@ async fn revoke(
 ) -> Response {
     if let Err(why) = check_client(&name, &headers, &form) {
         return refuse(&fake, StatusCode::UNAUTHORIZED, "invalid_client", why);
+    }
+    if fake.revoke_outage.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "temporarily_unavailable"})),
+        )
+            .into_response();
     }
     let Some(token) = form.get("token").filter(|t| !t.is_empty()) else {
         return refuse(
