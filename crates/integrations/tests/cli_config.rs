@@ -222,3 +222,23 @@ fn direct_url_is_validated_shown_and_required_behind_pgbouncer() {
     let out = cli::run(&["config"], &[("DATABASE_URL", main)]);
     assert!(cli::stdout(&out).contains("required with pgbouncer=true"));
 }
+
+#[test]
+fn help_shows_the_variables_without_their_values() {
+    let out = cli::run(
+        &["config", "--help"],
+        &[
+            ("DATABASE_PROFILE", "production"),
+            ("DIRECT_URL", "postgresql://a:s3cret@h/db"),
+        ],
+    );
+    let text = cli::stdout(&out);
+    assert!(text.contains("[env: DATABASE_PROFILE]"), "{text}");
+    assert!(text.contains("[env: DIRECT_URL]"), "{text}");
+    assert!(
+        !text.contains("production") && !text.contains("s3cret"),
+        "{text}"
+    );
+    let out = cli::run(&["config", "--help"], &[]);
+    assert!(!cli::stdout(&out).contains("DATABASE_PROFILE=]"));
+}

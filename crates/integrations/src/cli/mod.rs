@@ -43,7 +43,7 @@ pub struct DatabaseArgs {
 
     /// Profile supplying defaults the URL does not set: development,
     /// production or high-traffic (read from DATABASE_PROFILE).
-    #[arg(long, env = "DATABASE_PROFILE")]
+    #[arg(long, env = "DATABASE_PROFILE", hide_env_values = true)]
     pub profile: Option<String>,
 }
 

@@ -123,6 +123,16 @@ async fn put(
     ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<axum::response::Response, ApiError> {
     let (user, provider, account) = ids(&user_id, &provider, &account_id)?;
+    // A provider's response may carry both forms; a client's request that
+    // does is ambiguous: say so rather than pick one.
+    for (a, b) in [("scope", "scopes"), ("expires_in", "expires_at")] {
+        let given = |f: &str| body.get(f).is_some_and(|v| !v.is_null());
+        if given(a) && given(b) {
+            return Err(ApiError::bad_request(format!(
+                "both {a} and {b} are given; accepted: one of them"
+            )));
+        }
+    }
     let registered = state
         .service
         .providers()

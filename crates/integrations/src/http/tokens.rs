@@ -192,11 +192,14 @@ async fn batch_refresh(
     }
     let mut parsed = Vec::with_capacity(body.requests.len());
     for (i, item) in body.requests.iter().enumerate() {
-        let (provider, account_id) = key(&item.provider, &item.account_id).map_err(|_| {
-            ApiError::bad_request(format!(
-                "requests[{i}] has an invalid provider or account_id"
-            ))
-        })?;
+        let (provider, account_id) = ProviderName::parse(&item.provider)
+            .map_err(|e| format!("requests[{i}].provider: {e}"))
+            .and_then(|p| {
+                AccountId::parse(&item.account_id)
+                    .map(|a| (p, a))
+                    .map_err(|e| format!("requests[{i}].account_id: {e}"))
+            })
+            .map_err(ApiError::bad_request)?;
         parsed.push(RefreshRequest {
             provider,
             account_id,

@@ -385,3 +385,54 @@ async fn refreshing_an_integration_without_a_refresh_token_says_so() {
     assert_eq!(it["refresh_failures"], 0);
     app.assert_no_leaks();
 }
+
+#[tokio::test]
+async fn contradictory_fields_and_bad_batch_items_are_400_naming_them() {
+    let app = TestApp::spawn().await;
+    let key = Some(app.keys.all.as_str());
+    for (body, named) in [
+        (
+            json!({"access_token": "AT", "scope": "a", "scopes": ["b"]}),
+            ["scope", "scopes"],
+        ),
+        (
+            json!({"access_token": "AT", "expires_in": 60, "expires_at": 1893456000}),
+            ["expires_in", "expires_at"],
+        ),
+    ] {
+        let reply = app
+            .send(
+                Method::PUT,
+                "/v1/users/user-1/integrations/good/acct-1",
+                key,
+                Some(body),
+            )
+            .await;
+        let message = reply.assert_error(400, "invalid_request");
+        assert!(
+            message.contains(&format!("both {} and {}", named[0], named[1])),
+            "{message}"
+        );
+    }
+    // Nothing was stored.
+    let list = app.get("/v1/users/user-1/integrations", key).await.json();
+    assert_eq!(list["integrations"], json!([]));
+
+    let reply = app
+        .send(
+            Method::POST,
+            "/v1/integrations/refresh",
+            key,
+            Some(json!({"requests": [
+                {"provider": "good", "account_id": "ok"},
+                {"provider": "good", "account_id": "has space"},
+            ]})),
+        )
+        .await;
+    let message = reply.assert_error(400, "invalid_request");
+    assert!(
+        message.starts_with("requests[1].account_id: ") && message.contains("accepted"),
+        "{message}"
+    );
+    app.assert_no_leaks();
+}
