@@ -901,7 +901,8 @@ impl PoolConfig {
             "sslcert": path(&self.sslcert),
             "sslidentity": path(&self.sslidentity),
             "sslpassword": self.sslpassword.as_ref().map(|_| "****"),
-            "sslaccept": self.sslaccept.map(SslAccept::as_str),
+            // Unset means strict: say so, as the README does.
+            "sslaccept": self.sslaccept.unwrap_or(SslAccept::Strict).as_str(),
             "leak_detection_threshold": secs(self.leak_detection_threshold),
             "slow_query_threshold": self.slow_query_threshold.map(|d| d.as_millis() as u64),
             "ignored_parameters": self.ignored_parameters,

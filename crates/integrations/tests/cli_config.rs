@@ -242,3 +242,16 @@ fn help_shows_the_variables_without_their_values() {
     let out = cli::run(&["config", "--help"], &[]);
     assert!(!cli::stdout(&out).contains("DATABASE_PROFILE=]"));
 }
+
+#[test]
+fn sslaccept_shows_its_default_strict() {
+    let out = config(Some("postgresql://u@db.internal/app"), None, true);
+    assert_eq!(json(&out)["sslaccept"], "strict");
+    let out = config(Some("postgresql://u@db.internal/app"), None, false);
+    let text = cli::stdout(&out);
+    let line = text.lines().find(|l| l.starts_with("sslaccept")).unwrap();
+    assert!(
+        line.contains("strict") && line.contains("default"),
+        "{line}"
+    );
+}
