@@ -34,3 +34,83 @@ pub fn init(format: LogFormat) {
             .try_init(),
     };
 }
+
+/// Describes every series the service exports (Prometheus `# HELP` lines),
+/// the pool's included. Call once after installing the metrics recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    db_pool::describe_metrics();
+    for (name, help) in [
+        (
+            "http_requests_total",
+            "HTTP requests answered, by route template, method and status.",
+        ),
+        (
+            "http_accept_errors_total",
+            "Failed accepts of new HTTP connections (e.g. out of file descriptors).",
+        ),
+        (
+            "http_connection_timeouts_total",
+            "HTTP connections closed by the header or idle timeout.",
+        ),
+        (
+            "integrations_api_key_lookups_total",
+            "API key verifications that queried the database.",
+        ),
+        (
+            "integrations_api_key_verifications_total",
+            "API key verifications, by result.",
+        ),
+        (
+            "integrations_invalidations_received_total",
+            "Change-feed notifications from other writers, by kind.",
+        ),
+        (
+            "integrations_refreshes_total",
+            "Token refreshes, by provider and outcome.",
+        ),
+        (
+            "integrations_status_cache_hits_total",
+            "Status reads served from the cache.",
+        ),
+        (
+            "integrations_status_cache_misses_total",
+            "Status reads loaded from the database.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    for (name, help) in [
+        ("http_connections_open", "Open HTTP connections."),
+        (
+            "http_connections_max",
+            "Most HTTP connections served at once.",
+        ),
+        (
+            "integrations_change_listener_connected",
+            "1 while the change listener is connected (caches in use), else 0.",
+        ),
+        (
+            "integrations_status_cache_entries",
+            "Users whose status is cached.",
+        ),
+    ] {
+        describe_gauge!(name, help);
+    }
+    for (name, help) in [
+        (
+            "http_request_duration_seconds",
+            "HTTP request duration, by route template, method and status.",
+        ),
+        (
+            "integrations_invalidation_lag_seconds",
+            "From a change's transaction start to the entry dropped on this instance.",
+        ),
+        (
+            "integrations_refresh_seconds",
+            "Token refresh duration, by provider.",
+        ),
+    ] {
+        describe_histogram!(name, Unit::Seconds, help);
+    }
+}

@@ -224,3 +224,96 @@ impl Observer {
         }
     }
 }
+
+/// Describes every series the pool exports (Prometheus `# HELP` lines).
+/// Call once after installing the metrics recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    for (name, help) in [
+        (
+            "db_pool_connections_open",
+            "Connections the pool holds open (in use and idle).",
+        ),
+        ("db_pool_connections_in_use", "Connections checked out now."),
+        (
+            "db_pool_connections_idle",
+            "Open connections waiting in the pool.",
+        ),
+        ("db_pool_connections_max", "The pool's connection_limit."),
+        ("db_pool_waiting", "Callers waiting for a connection now."),
+    ] {
+        describe_gauge!(name, help);
+    }
+    describe_gauge!(
+        "db_pool_oldest_wait_seconds",
+        Unit::Seconds,
+        "How long the longest-waiting caller has waited."
+    );
+    for (name, help) in [
+        ("db_pool_checkouts_total", "Successful checkouts."),
+        (
+            "db_pool_connect_attempts_total",
+            "Attempts to open a connection, successful or not.",
+        ),
+        (
+            "db_pool_checkout_timeouts_total",
+            "Checkouts that gave up after pool_timeout (P2024).",
+        ),
+        ("db_pool_connections_opened_total", "Connections opened."),
+        (
+            "db_pool_statement_cache_hits_total",
+            "Statements found prepared on their connection.",
+        ),
+        (
+            "db_pool_statement_cache_misses_total",
+            "Statements prepared because they were not cached.",
+        ),
+        (
+            "db_pool_statement_cache_evictions_total",
+            "Prepared statements evicted from a connection's cache.",
+        ),
+        (
+            "db_pool_leaks_detected_total",
+            "Checkouts held longer than leak_detection_threshold.",
+        ),
+        (
+            "db_pool_slow_queries_total",
+            "Statements slower than slow_query_threshold.",
+        ),
+        (
+            "db_pool_socket_timeouts_total",
+            "Statements cancelled at socket_timeout (P1008).",
+        ),
+        (
+            "db_pool_handoffs_total",
+            "Connections handed straight to a caller the server had refused one (53300).",
+        ),
+        (
+            "db_pool_connections_closed_total",
+            "Connections closed, by reason.",
+        ),
+        (
+            "db_pool_connect_failures_total",
+            "Failed connection attempts, by error code.",
+        ),
+    ] {
+        describe_counter!(name, help);
+    }
+    for (name, help) in [
+        (
+            "db_pool_checkout_wait_seconds",
+            "Time from asking for a connection to getting it.",
+        ),
+        (
+            "db_pool_connection_hold_seconds",
+            "Time a connection stays checked out.",
+        ),
+        (
+            "db_pool_connect_seconds",
+            "Time to open a connection (TCP, TLS, authentication).",
+        ),
+        ("db_pool_query_seconds", "Statement duration."),
+    ] {
+        describe_histogram!(name, Unit::Seconds, help);
+    }
+}

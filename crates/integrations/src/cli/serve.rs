@@ -107,6 +107,7 @@ async fn serve(
     let metrics = PrometheusBuilder::new()
         .install_recorder()
         .context("installing the Prometheus recorder")?;
+    telemetry::describe_metrics();
     // Histograms keep their samples until upkeep folds them in: without
     // this, a server nobody scrapes grows by every request's sample.
     let upkeep = metrics.clone();

@@ -81,6 +81,20 @@ async fn health_readiness_and_metrics_answer_without_a_key() {
     }
     // Labelled by template, never by the concrete path.
     assert!(!metrics.text.contains("user-1"), "{}", metrics.text);
+    // Every series is described.
+    let typed: Vec<&str> = metrics
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(typed.len() > 20, "{}", metrics.text);
+    for name in typed {
+        assert!(
+            metrics.text.contains(&format!("# HELP {name} ")),
+            "/metrics has no HELP for {name}"
+        );
+    }
     app.assert_no_leaks();
 }
 
