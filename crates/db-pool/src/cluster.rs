@@ -16,9 +16,10 @@
 //! process, e.g. root) through peer authentication; see
 //! [`ClusterOptions::socket_only`].
 //!
-//! Either way the server runs with durability turned off (`fsync=off`,
-//! `synchronous_commit=off`, `full_page_writes=off`): it is meant for tests and
-//! single-machine development, not for data that must survive a power cut.
+//! By default the server runs with durability turned off (`fsync=off`,
+//! `synchronous_commit=off`, `full_page_writes=off`), as suits tests;
+//! [`ClusterOptions::durable`] keeps PostgreSQL's own durable defaults, for
+//! data that must survive a power cut (the service's embedded mode).
 //!
 //! # Lifetime
 //!
@@ -309,6 +310,15 @@ impl ClusterOptions {
     pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self
+    }
+
+    /// Keeps PostgreSQL's durable defaults (`fsync`, `synchronous_commit`
+    /// and `full_page_writes` on) instead of the test launcher's fast,
+    /// non-durable ones: a power loss must not corrupt the data directory.
+    pub fn durable(self) -> Self {
+        self.setting("fsync", "on")
+            .setting("synchronous_commit", "on")
+            .setting("full_page_writes", "on")
     }
 
     /// Makes the server reachable only by the account it runs as and by the

@@ -133,7 +133,8 @@ async fn try_open(
 ) -> Result<(Option<LocalCluster>, Server, Connected), Attempt> {
     let opened = LocalCluster::open_or_init(
         &data_dir.join("postgres"),
-        ClusterOptions::default().socket_only(),
+        // Durable: the README promises the data survives, power cuts too.
+        ClusterOptions::default().socket_only().durable(),
     )
     .await;
     let (cluster, server) = match opened {

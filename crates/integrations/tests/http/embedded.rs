@@ -235,6 +235,13 @@ async fn embedded_mode_keeps_integrations_and_its_key_across_restarts() {
     let http = http_client();
 
     let mut first = serve(&data_dir, &registry).await;
+    // PostgreSQL's durable defaults, not the test launcher's fast ones
+    // (postmaster.opts holds the server's command line).
+    let opts = std::fs::read_to_string(data_dir.join("postgres/pgdata/postmaster.opts")).unwrap();
+    for setting in ["fsync", "synchronous_commit", "full_page_writes"] {
+        assert!(opts.contains(&format!("{setting}=on")), "{opts}");
+        assert!(!opts.contains(&format!("{setting}=off")), "{opts}");
+    }
     let startup = startup_lines(&first);
     assert!(
         startup.iter().any(|l| l.contains("embedded PostgreSQL")),
