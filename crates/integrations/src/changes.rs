@@ -126,11 +126,16 @@ impl ChangeFeed {
         feed
     }
 
+    /// Forgets every cached status and API key answer.
+    fn forget_everything(&self) {
+        self.service.forget_all_statuses();
+        self.keys.forget_all();
+    }
+
     fn caches_live(&self, live: bool) {
         if live {
             // Whatever changed while nobody listened is unknown.
-            self.service.forget_all_statuses();
-            self.keys.forget_all();
+            self.forget_everything();
         }
         self.service.set_status_cache_live(live);
         self.keys.set_cache_live(live);
@@ -146,7 +151,7 @@ impl ChangeFeed {
     }
 
     /// Listens until `stop`, reconnecting with backoff.
-    pub async fn run(mut self, stop: CancellationToken) {
+    async fn run(mut self, stop: CancellationToken) {
         let instance = instance_name(&self.service.config().instance_id);
         let mut retry = RETRY_MIN;
         // Logged once per outage, not per attempt.
@@ -194,8 +199,7 @@ impl ChangeFeed {
                         tracing::warn!(
                             "change listener fell behind; forgetting every cached entry"
                         );
-                        self.service.forget_all_statuses();
-                        self.keys.forget_all();
+                        self.forget_everything();
                     }
                     ListenEvent::Closed(e) => break e,
                 }
@@ -208,17 +212,15 @@ impl ChangeFeed {
 
     fn apply(&self, payload: &str, instance: &str) {
         let (change, label, at) = parse(payload, instance);
-        if change == Change::Own {
-            return;
-        }
-        metrics::counter!("integrations_invalidations_received_total", "kind" => label)
-            .increment(1);
         match change {
-            Change::Own => {}
+            // Forgotten already, when it was written.
+            Change::Own => return,
             Change::User(user) => self.service.forget_status(&user),
             Change::AllUsers => self.service.forget_all_statuses(),
             Change::ApiKeys => self.keys.forget_all(),
         }
+        metrics::counter!("integrations_invalidations_received_total", "kind" => label)
+            .increment(1);
         if let Some(at) = at {
             let now = chrono::Utc::now().timestamp_micros();
             let lag = Duration::from_micros(u64::try_from(now - at).unwrap_or(0));

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio_postgres::{AsyncMessage, Connection, NoTls, Notification};
 
-use super::manager::{connect_error, pg_config};
+use super::manager::{connect_error, pg_config, within_connect_timeout};
 use super::tls;
 use crate::config::{Host, PoolConfig};
 use crate::error::Error;
@@ -82,18 +82,7 @@ impl Listener {
             }
             sql.push_str(&format!("LISTEN {channel};"));
         }
-        let attempt = Self::open(config, sql);
-        match config.connect_timeout {
-            Some(limit) => tokio::time::timeout(limit, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Unreachable {
-                        address: config.address(),
-                        reason: format!("no answer within connect_timeout={}s", limit.as_secs()),
-                    })
-                }),
-            None => attempt.await,
-        }
+        within_connect_timeout(config, Self::open(config, sql)).await
     }
 
     async fn open(config: &PoolConfig, listen: String) -> Result<Listener, Error> {

@@ -137,17 +137,7 @@ impl Shared {
                 self.jittered_lifetime(),
             ))
         };
-        let result = match self.config.connect_timeout {
-            Some(limit) => tokio::time::timeout(limit, attempt)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Error::Unreachable {
-                        address: self.config.address(),
-                        reason: format!("no answer within connect_timeout={}s", limit.as_secs()),
-                    })
-                }),
-            None => attempt.await,
-        };
+        let result = within_connect_timeout(&self.config, attempt).await;
         outcome.done = true;
         match &result {
             Ok(_) => {
@@ -372,6 +362,25 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// `attempt` (opening a connection to `config`'s server), bounded by
+/// `connect_timeout`: P1001 naming the limit when it passes.
+pub(super) async fn within_connect_timeout<T>(
+    config: &PoolConfig,
+    attempt: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match config.connect_timeout {
+        Some(limit) => tokio::time::timeout(limit, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Unreachable {
+                    address: config.address(),
+                    reason: format!("no answer within connect_timeout={}s", limit.as_secs()),
+                })
+            }),
+        None => attempt.await,
+    }
 }
 
 /// The pool's error for a failed connection attempt to `config`'s server.

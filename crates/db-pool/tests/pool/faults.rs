@@ -238,6 +238,36 @@ async fn running(db: &TestDatabase, app: &str, query: &str) -> bool {
     .await
 }
 
+/// A statement on a vanished host under the setting being tested.
+type Cut = tokio::task::JoinHandle<Result<(), db_pool::Error>>;
+
+/// The bounded statement fails P1017 (within [`HANG`]) and its connection
+/// is discarded, while the control's, on the same cut, still waits.
+async fn fails_beside_a_waiting_control(
+    (bounded, bounded_query): (&Pool, Cut),
+    (control, control_query): (&Pool, Cut),
+    why: &str,
+) {
+    let err = tokio::time::timeout(HANG, bounded_query)
+        .await
+        .expect(why)
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), "P1017", "{err}");
+    assert_eq!(
+        bounded.stats().closed_broken,
+        1,
+        "the dead connection is discarded"
+    );
+    assert_eq!(bounded.stats().in_use, 0);
+    assert!(
+        !control_query.is_finished(),
+        "control: without the setting the same statement still waits"
+    );
+    assert_eq!(control.stats().closed_broken, 0);
+    control_query.abort();
+}
+
 #[tokio::test]
 async fn keepalives_detect_a_host_that_vanished_during_a_statement() {
     // A network partition while a statement runs: the answer never comes
@@ -276,24 +306,12 @@ async fn keepalives_detect_a_host_that_vanished_during_a_statement() {
             .await;
     let (unprobed, _p2, unprobed_query, _cut2) = start("keepalives=0&tcp_user_timeout=0").await;
 
-    let err = tokio::time::timeout(HANG, probed_query)
-        .await
-        .expect("keepalives must notice the vanished host")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(err.code(), "P1017", "{err}");
-    assert_eq!(
-        probed.stats().closed_broken,
-        1,
-        "the dead connection is discarded"
-    );
-    assert_eq!(probed.stats().in_use, 0);
-    assert!(
-        !unprobed_query.is_finished(),
-        "control: without keepalives the same statement still waits"
-    );
-    assert_eq!(unprobed.stats().closed_broken, 0);
-    unprobed_query.abort();
+    fails_beside_a_waiting_control(
+        (&probed, probed_query),
+        (&unprobed, unprobed_query),
+        "keepalives must notice the vanished host",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -319,21 +337,10 @@ async fn tcp_user_timeout_bounds_a_statement_sent_to_a_host_that_vanished() {
     let (bounded, _p1, bounded_query, _cut1) = start("keepalives=0&tcp_user_timeout=1500").await;
     let (unbounded, _p2, unbounded_query, _cut2) = start("keepalives=0&tcp_user_timeout=0").await;
 
-    let err = tokio::time::timeout(HANG, bounded_query)
-        .await
-        .expect("tcp_user_timeout must bound the unacknowledged statement")
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(err.code(), "P1017", "{err}");
-    assert_eq!(
-        bounded.stats().closed_broken,
-        1,
-        "the dead connection is discarded"
-    );
-    assert!(
-        !unbounded_query.is_finished(),
-        "control: with the system's retransmissions the statement still waits"
-    );
-    assert_eq!(unbounded.stats().closed_broken, 0);
-    unbounded_query.abort();
+    fails_beside_a_waiting_control(
+        (&bounded, bounded_query),
+        (&unbounded, unbounded_query),
+        "tcp_user_timeout must bound the unacknowledged statement",
+    )
+    .await;
 }

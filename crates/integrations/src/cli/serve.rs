@@ -205,8 +205,11 @@ async fn serve(
         "change listener: one connection outside the pool (this instance uses connection_limit + 1)"
     );
     let stop_feed = CancellationToken::new();
-    let feed =
-        tokio::spawn(ChangeFeed::new(listen_cfg, service.clone(), api_keys).run(stop_feed.clone()));
+    // Its first attempt before the server listens: caches on from the first
+    // request when the database is there.
+    let feed = ChangeFeed::new(listen_cfg, service.clone(), api_keys)
+        .start(stop_feed.clone())
+        .await;
 
     let stop_refresher = CancellationToken::new();
     let refresher = (!args.no_refresher).then(|| {

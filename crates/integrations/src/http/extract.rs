@@ -2,12 +2,12 @@
 //! oversized bodies and bad path segments all answer
 //! `{"error": {...}}`, never axum's plain-text defaults.
 
-use axum::body::Bytes;
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 
@@ -22,16 +22,13 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if !json_content_type(req.headers()) {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "invalid_request",
-                "the body must be JSON: send Content-Type: application/json",
-            ));
-        }
-        let bytes = match Bytes::from_request(req, state).await {
-            Ok(bytes) => bytes,
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        // Read as raw JSON first (axum's content type, size and syntax
+        // checks), so a NUL can be named before the typed parse.
+        let raw = match axum::Json::<Box<RawValue>>::from_request(req, state).await {
+            Ok(axum::Json(raw)) => raw,
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
                 return Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "payload_too_large",
@@ -41,45 +38,31 @@ where
                     ),
                 ))
             }
-            Err(e) => {
-                return Err(ApiError::bad_request(format!(
-                    "the body could not be read: {}",
-                    e.body_text()
-                )))
+            Err(JsonRejection::MissingJsonContentType(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request",
+                    "the body must be JSON: send Content-Type: application/json",
+                ))
             }
+            Err(e) => return Err(not_valid_for_request(&e)),
         };
-        if let Some(field) = nul_in(&bytes) {
+        if let Some(field) = nul_in(raw.get().as_bytes()) {
             return Err(ApiError::bad_request(format!(
                 "{field} contains a NUL character (\\u0000), which cannot be stored; accepted: text without NUL characters"
             )));
         }
-        match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(e) => Err(ApiError::bad_request(format!(
-                "the body is not valid JSON for this request: {}",
-                e.body_text()
-            ))),
-        }
+        axum::Json::<T>::from_bytes(raw.get().as_bytes())
+            .map(|axum::Json(v)| ApiJson(v))
+            .map_err(|e| not_valid_for_request(&e))
     }
 }
 
-/// Whether the request says its body is JSON (`application/json`, or an
-/// `application/...+json` type), as axum's `Json` requires.
-fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+fn not_valid_for_request(e: &JsonRejection) -> ApiError {
+    ApiError::bad_request(format!(
+        "the body is not valid JSON for this request: {}",
+        e.body_text()
+    ))
 }
 
 /// Where a JSON body holds a NUL character (`\u0000`, in a string or a key):

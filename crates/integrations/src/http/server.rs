@@ -238,9 +238,12 @@ async fn connection(
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
     tokio::pin!(conn);
     let signal = Arc::new(Signal::default());
-    let watchdog = tokio::spawn(watchdog(activity, signal.clone(), shutdown)).abort_handle();
     // Aborted when the connection ends, however it ends.
-    let _watchdog = AbortOnDrop(watchdog);
+    let _watchdog = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watchdog(
+        activity,
+        signal.clone(),
+        shutdown,
+    )));
     let mut draining = false;
     // Polled by hand rather than with `select!`, which polls every branch on
     // every wake-up of the task (several per request): the watchdog's
@@ -291,15 +294,6 @@ impl Signal {
     fn raise(&self, state: u8) {
         self.state.store(state, Ordering::Release);
         self.waker.wake();
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -110,7 +110,7 @@ impl IntegrationsService {
             .await?;
             if let Some(status) = stored {
                 drop(conn);
-                self.invalidate(user_id.as_str()).await;
+                self.forget_status(user_id.as_str());
                 return Ok(status);
             }
             match rows::owner(&mut conn, p, a).await? {
@@ -154,7 +154,7 @@ impl IntegrationsService {
         let Some(deleted) = deleted else {
             return Ok(None);
         };
-        self.invalidate(user_id.as_str()).await;
+        self.forget_status(user_id.as_str());
         // The refresh token revokes the whole grant where providers support
         // it; otherwise the access token.
         let (value, aad_field, hint) = match &deleted.refresh_token {
@@ -189,15 +189,13 @@ impl IntegrationsService {
                 )
             }
         };
-        Ok(Some(match failed {
-            None => Disconnected {
-                revocation: Revocation::Revoked,
-                revoke_error: None,
+        Ok(Some(Disconnected {
+            revocation: if failed.is_some() {
+                Revocation::Failed
+            } else {
+                Revocation::Revoked
             },
-            Some(message) => Disconnected {
-                revocation: Revocation::Failed,
-                revoke_error: Some(message),
-            },
+            revoke_error: failed,
         }))
     }
 

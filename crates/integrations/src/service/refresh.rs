@@ -325,7 +325,7 @@ impl IntegrationsService {
                         async move { rows::store_failure(&mut conn, id, owner, failure, &message).await }
                     })
                     .await;
-                self.invalidate(&claimed.user_id).await;
+                self.forget_status(&claimed.user_id);
                 return match (failure, status) {
                     (_, Err(db)) => Err(db.into()),
                     (Failure::Revoked, _) => Err(ServiceError::NeedsReconnect {
@@ -340,7 +340,7 @@ impl IntegrationsService {
                 };
             }
         };
-        self.invalidate(&claimed.user_id).await;
+        self.forget_status(&claimed.user_id);
         match stored_ok? {
             Some(status) => Ok(status),
             None => {

@@ -651,13 +651,9 @@ impl IntegrationsService {
             })
     }
 
-    /// Forgets a user's cached status (after every write for that user).
-    pub async fn invalidate(&self, user_id: &str) {
-        self.forget_status(user_id);
-    }
-
-    /// Forgets a user's cached status: this instance's write, or another's
-    /// heard through the change feed. A load that overlapped it is not kept.
+    /// Forgets a user's cached status: after every write for that user, by
+    /// this instance or (heard through the change feed) another. A load that
+    /// overlapped it is not kept.
     pub fn forget_status(&self, user_id: &str) {
         // Counted with the cache off too: a later miss must not join a load
         // that may have read the rows before this write.

@@ -191,7 +191,7 @@ async fn a_slow_provider_never_exhausts_the_pool() {
     // While 20 refreshes wait on the provider, an unrelated read gets a
     // connection within pool_timeout=1s, every time.
     for _ in 0..10 {
-        t.service.invalidate("u2").await;
+        t.service.forget_status("u2");
         let list = t
             .service
             .status(&user_id("u2"))
@@ -260,7 +260,7 @@ async fn a_hostile_provider_error_reaches_neither_the_api_nor_last_error() {
         .unwrap()
         .last_error
         .unwrap();
-    t.service.invalidate("u1").await;
+    t.service.forget_status("u1");
     let view = t.service.status(&user_id("u1")).await.unwrap();
     let view = String::from_utf8(view.json().to_vec()).unwrap();
 
