@@ -297,8 +297,22 @@ async fn concurrent_misses_share_round_trips_and_each_gets_its_own_user() {
     }
     let asked: Vec<usize> = (0..40).chain(0..10).collect();
     let ids: Vec<_> = asked.iter().map(|&i| user_id(&users[i])).collect();
+    // Both connections held: no load can be answered before every caller
+    // has queued or joined (otherwise a fast loader may answer a user's
+    // first ask before its second arrives, which then loads again).
+    let held = (
+        t.service.pool().get().await.unwrap(),
+        t.service.pool().get().await.unwrap(),
+    );
     let before = t.service.pool().stats().checkouts;
-    let results = join_all(ids.iter().map(|u| t.service.status(u))).await;
+    let service = t.service.clone();
+    let burst = tokio::spawn(async move { join_all(ids.iter().map(|u| service.status(u))).await });
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while t.service.cache_stats().misses < 40 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(held);
+    let results = burst.await.unwrap();
     let checkouts = t.service.pool().stats().checkouts - before;
     for (&i, result) in asked.iter().zip(results) {
         let status = result.unwrap();
