@@ -121,6 +121,14 @@ impl ServiceSettings {
                 }
             }
         }
+        if let Some(list) = env(crate::service::REDIRECT_ORIGINS_ENV) {
+            service.redirect_origins =
+                crate::service::RedirectOrigins::parse(&list).map_err(|_| SettingError {
+                    var: crate::service::REDIRECT_ORIGINS_ENV,
+                    value: list.clone(),
+                    accepted: "comma-separated http(s) origins without path or user:pass@, e.g. https://app.example.com,http://localhost:3000",
+                })?;
+        }
         let mut refresher = crate::service::Refresher::default();
         refresher.interval = secs("INTEGRATIONS_REFRESH_INTERVAL", refresher.interval)?;
         refresher.margin = secs(

@@ -255,3 +255,35 @@ fn sslaccept_shows_its_default_strict() {
         "{line}"
     );
 }
+
+/// With the connect flow on (a callback URL) and a DATABASE_URL, `serve`
+/// refuses to start without the allow-list of redirect origins, and an
+/// invalid list is named with what is accepted.
+#[test]
+fn serve_requires_the_redirect_origins_with_the_connect_flow() {
+    let base = [
+        ("DATABASE_URL", "postgresql://app@127.0.0.1:9/app"),
+        (
+            "INTEGRATIONS_ENCRYPTION_KEYS",
+            "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ),
+        (
+            "INTEGRATIONS_CALLBACK_URL",
+            "https://integrations.example/v1/oauth/callback",
+        ),
+    ];
+    let out = cli::run(&["serve"], &base);
+    let err = cli::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("INTEGRATIONS_REDIRECT_ORIGINS"), "{err}");
+
+    let mut bad = base.to_vec();
+    bad.push(("INTEGRATIONS_REDIRECT_ORIGINS", "https://u:p@app.example"));
+    let out = cli::run(&["serve"], &bad);
+    let err = cli::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("INTEGRATIONS_REDIRECT_ORIGINS") && err.contains("without path or user:pass@"),
+        "{err}"
+    );
+}

@@ -247,3 +247,63 @@ fn help_explains_every_option() {
         assert!(text.contains(option), "{option} missing from\n{text}");
     }
 }
+
+/// The providers check lists the providers whose client id or secret is
+/// not set, with the variables to set, and warns when integrations of one
+/// are stored (they cannot be refreshed).
+#[tokio::test]
+async fn unconfigured_providers_are_listed_and_stored_ones_warn() {
+    let db = TestDatabase::create().await;
+    let migrated = cli::run_against(&db.url, "migrate", &[]);
+    assert!(migrated.status.success(), "{}", all_output(&migrated));
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("providers.toml");
+    let entry = |name: &str| {
+        format!(
+            "[{name}]\nauthorize_url = \"https://{name}.example/authorize\"\n\
+             token_url = \"https://{name}.example/token\"\nclient_id = \"id-{name}\"\n\
+             client_secret_env = \"{}_SECRET\"\nclient_auth = \"post\"\n\n",
+            name.to_uppercase()
+        )
+    };
+    std::fs::write(&registry, entry("alpha") + &entry("beta")).unwrap();
+    let run = || {
+        let (mut cmd, _dir) = cli::command(
+            &["doctor", "--json"],
+            &[
+                ("DATABASE_URL", db.url.as_str()),
+                ("INTEGRATIONS_PROVIDERS", registry.to_str().unwrap()),
+                ("ALPHA_SECRET", "s"),
+            ],
+        );
+        cmd.env_remove("BETA_SECRET");
+        json(&cmd.output().unwrap())
+    };
+    let report = run();
+    let providers = check(&report, "providers");
+    assert_eq!(providers["status"], "ok", "{providers}");
+    let detail = providers["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("configured: alpha") && detail.contains("beta (set BETA_SECRET)"),
+        "{detail}"
+    );
+
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "INSERT INTO integrations (user_id, provider, account_id, access_token, key_id) \
+             VALUES ('u1', 'beta', 'a1', '\\x00', 'k1'), ('u2', 'beta', 'a2', '\\x00', 'k1')",
+        )
+        .await
+        .unwrap();
+    let report = run();
+    let providers = check(&report, "providers");
+    assert_eq!(providers["status"], "warn", "{providers}");
+    assert!(
+        providers["hint"]
+            .as_str()
+            .unwrap()
+            .contains("beta (2 stored)"),
+        "{providers}"
+    );
+}

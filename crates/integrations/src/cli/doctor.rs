@@ -4,10 +4,13 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use db_pool::diagnostics::{self, DoctorOptions, DoctorReport, Status};
+use std::collections::HashMap;
+
+use db_pool::diagnostics::{self, Check, DoctorOptions, DoctorReport, Status};
 use db_pool::PoolConfig;
 
 use super::DatabaseArgs;
+use crate::oauth::ProviderRegistry;
 
 /// Options of `integrations doctor`.
 #[derive(Debug, Args)]
@@ -55,8 +58,12 @@ pub fn run(args: DoctorArgs) -> ExitCode {
         // serve's change listener.
         outside_pool: 1,
     };
+    let providers = crate::settings::ServiceSettings::from_env(&crate::settings::process_env)
+        .map_err(|e| e.to_string())
+        .and_then(|s| s.providers().map_err(|e| e.to_string()));
     super::block_on(async move {
-        let report = diagnostics::doctor(&cfg, &opts).await;
+        let mut report = diagnostics::doctor(&cfg, &opts).await;
+        report.checks.push(providers_check(providers, &cfg).await);
         if args.json {
             match serde_json::to_string(&report) {
                 Ok(json) => println!("{json}"),
@@ -70,6 +77,91 @@ pub fn run(args: DoctorArgs) -> ExitCode {
         }
         ExitCode::from(report.exit_code())
     })
+}
+
+/// Which providers lack their client id or secret (their refreshes and
+/// connect flows answer 503 `provider_not_configured`): a warning when
+/// integrations of such a provider are stored, since they will not be
+/// refreshed.
+async fn providers_check(registry: Result<ProviderRegistry, String>, cfg: &PoolConfig) -> Check {
+    let check = |status, detail: String, hint: Option<String>| Check {
+        name: "providers".into(),
+        status,
+        detail,
+        hint,
+    };
+    let registry = match registry {
+        Ok(r) => r,
+        Err(e) => {
+            return check(
+                Status::Fail,
+                e,
+                Some("fix INTEGRATIONS_PROVIDERS or the variables it names".into()),
+            )
+        }
+    };
+    let stored = stored_per_provider(cfg).await.unwrap_or_default();
+    let mut unconfigured = Vec::new();
+    let mut stranded = Vec::new();
+    for p in registry.iter() {
+        let missing = p.missing_variables();
+        if missing.is_empty() {
+            continue;
+        }
+        let count = stored.get(p.name.as_str()).copied().unwrap_or(0);
+        if count > 0 {
+            stranded.push(format!("{} ({count} stored)", p.name));
+        }
+        unconfigured.push(format!("{} (set {})", p.name, missing.join(", ")));
+    }
+    let configured = registry.configured_names().join(", ");
+    let configured = if configured.is_empty() {
+        "none".to_string()
+    } else {
+        configured
+    };
+    let detail = if unconfigured.is_empty() {
+        format!("all configured: {configured}")
+    } else {
+        format!(
+            "configured: {configured}; not configured: {}",
+            unconfigured.join(", ")
+        )
+    };
+    if stranded.is_empty() {
+        check(Status::Ok, detail, None)
+    } else {
+        check(
+            Status::Warn,
+            detail,
+            Some(format!(
+                "integrations of {} are not refreshed and answer 503 provider_not_configured: set the variables named above",
+                stranded.join(", ")
+            )),
+        )
+    }
+}
+
+/// How many integrations each provider has; `None` when the server or the
+/// table cannot be read (the other checks say why).
+async fn stored_per_provider(cfg: &PoolConfig) -> Option<HashMap<String, i64>> {
+    let pool = db_pool::Pool::new(cfg.clone()).ok()?;
+    let mut conn = pool.get().await.ok()?;
+    let rows = conn
+        .query(
+            "SELECT provider, count(*) FROM integrations GROUP BY provider",
+            &[],
+        )
+        .await
+        .ok()?;
+    rows.iter()
+        .map(|r| {
+            Some((
+                r.try_get::<_, String>(0).ok()?,
+                r.try_get::<_, i64>(1).ok()?,
+            ))
+        })
+        .collect()
 }
 
 fn print_report(report: &DoctorReport, cfg: &PoolConfig) {

@@ -52,7 +52,7 @@ pub struct ServeArgs {
 /// Runs the server until SIGTERM or Ctrl-C; exit 0 after a clean shutdown.
 pub fn run(args: ServeArgs) -> ExitCode {
     telemetry::init(args.log_format);
-    let settings = match ServiceSettings::from_env(&process_env) {
+    let mut settings = match ServiceSettings::from_env(&process_env) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{e}");
@@ -60,6 +60,18 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
     };
     let embedded = args.db.database_url.is_none();
+    if embedded {
+        settings.service.redirect_origins = settings.service.redirect_origins.with_loopback();
+    } else if settings.service.callback_url.is_some()
+        && settings.service.redirect_origins.is_empty()
+    {
+        eprintln!(
+            "error: {} is not set: the connect flow (INTEGRATIONS_CALLBACK_URL is set) sends users back only to the application's origins; set it, e.g. {}=https://app.example.com",
+            crate::service::REDIRECT_ORIGINS_ENV,
+            crate::service::REDIRECT_ORIGINS_ENV
+        );
+        return ExitCode::from(super::EXIT_INVALID_INPUT);
+    }
     let pool_cfg = if embedded {
         None
     } else {

@@ -220,9 +220,27 @@ async fn complete(
 fn with_query(uri: &str, pairs: &[(&str, &str)]) -> String {
     match url::Url::parse(uri) {
         Ok(mut u) => {
-            u.query_pairs_mut().extend_pairs(pairs);
+            // The outcome is ours to say: parameters of the same names the
+            // application's redirect_uri already carried are replaced, so
+            // the page reads one status, not the first of two.
+            let kept: Vec<(String, String)> = u
+                .query_pairs()
+                .into_owned()
+                .filter(|(k, _)| !OUTCOME_PARAMS.contains(&k.as_str()))
+                .collect();
+            u.set_query(None);
+            u.query_pairs_mut().extend_pairs(kept).extend_pairs(pairs);
             u.to_string()
         }
         Err(_) => uri.to_string(),
     }
 }
+
+/// The parameters the callback adds to the application's redirect_uri.
+const OUTCOME_PARAMS: [&str; 5] = [
+    "status",
+    "provider",
+    "account_id",
+    "error",
+    "completion_code",
+];

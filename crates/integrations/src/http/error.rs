@@ -192,6 +192,15 @@ impl From<ServiceError> for ApiError {
                     "send the flow_id kept in the user's session with the completion_code the browser brought back, within 10 minutes, once",
                 )
             }
+            ServiceError::ProviderNotConfigured(m) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "provider_not_configured",
+                m.to_string(),
+            )
+            .hint(format!(
+                "set {} in the service's environment and restart it; nothing was sent to the provider and the integration is unchanged",
+                m.var
+            )),
             ServiceError::OAuth(o) => {
                 tracing::warn!(error = %o, "OAuth request failed");
                 ApiError::new(StatusCode::BAD_GATEWAY, "oauth_failed", o.to_string())

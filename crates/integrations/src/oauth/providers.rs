@@ -206,9 +206,25 @@ impl Provider {
         &self.client_secret_env
     }
 
+    /// Both the client id and the secret are available, or the first one
+    /// missing, naming the variable to set.
+    pub fn credentials(&self) -> Result<(), MissingCredential> {
+        self.client_id()?;
+        self.client_secret()?;
+        Ok(())
+    }
+
+    /// The environment variables still to set for this provider (empty
+    /// when it is configured).
+    pub fn missing_variables(&self) -> Vec<String> {
+        let id = self.client_id().err().map(|m| m.var);
+        let secret = self.client_secret().err().map(|m| m.var);
+        id.into_iter().chain(secret).collect()
+    }
+
     /// Whether both the client id and the secret are available.
     pub fn is_configured(&self) -> bool {
-        self.client_id.is_some() && self.client_secret.is_some()
+        self.credentials().is_ok()
     }
 }
 
@@ -345,6 +361,15 @@ impl ProviderRegistry {
     /// The providers' names, sorted.
     pub fn names(&self) -> Vec<&str> {
         self.providers.keys().map(String::as_str).collect()
+    }
+
+    /// The names of the providers whose client id and secret are both
+    /// set, sorted.
+    pub fn configured_names(&self) -> Vec<&str> {
+        self.iter()
+            .filter(|p| p.is_configured())
+            .map(|p| p.name.as_str())
+            .collect()
     }
 
     /// The providers, sorted by name.

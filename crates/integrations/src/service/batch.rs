@@ -36,7 +36,7 @@ impl IntegrationsService {
     ) -> Vec<Result<IntegrationStatus, ServiceError>> {
         let keys: Vec<(String, String)> = requests
             .iter()
-            .filter(|r| self.providers.get(r.provider.as_str()).is_ok())
+            .filter(|r| self.configured(r.provider.as_str()).is_ok())
             .map(|r| (r.provider.to_string(), r.account_id.to_string()))
             .collect();
         let mut claimed: HashMap<(String, String), (Claimed, bool)> = if keys.is_empty() {
@@ -135,7 +135,7 @@ impl IntegrationsService {
         gate: &Semaphore,
     ) -> Result<IntegrationStatus, ServiceError> {
         let (p, a) = (request.provider.as_str(), request.account_id.as_str());
-        self.providers.get(p)?;
+        self.configured(p)?;
         match job {
             Job::Claimed {
                 claimed,

@@ -209,8 +209,8 @@ impl IntegrationsService {
         provider: &ProviderName,
         redirect_uri: &str,
     ) -> Result<StartedConnect, ServiceError> {
-        let p = self.providers.get(provider.as_str())?;
-        check_redirect(redirect_uri)?;
+        let p = self.configured(provider.as_str())?;
+        self.config.redirect_origins.check(redirect_uri)?;
         let callback = self.config.callback_url.as_deref().ok_or_else(|| {
             InvalidInput::new(
                 "callback_url",
@@ -316,7 +316,7 @@ impl IntegrationsService {
         hash: &[u8],
     ) -> Result<AuthorizedConnect, ServiceError> {
         let provider = ProviderName::parse(&stored.provider)?;
-        let p = self.providers.get(provider.as_str())?;
+        let p = self.configured(provider.as_str())?;
         let callback = self.config.callback_url.clone().unwrap_or_default();
         let verifier = match &stored.code_verifier {
             Some(v) => Some(
@@ -512,17 +512,6 @@ fn unseal(plain: &[u8]) -> Result<TokenSet, ServiceError> {
         token_type: s.token_type,
         extra: serde_json::Map::new(),
     })
-}
-
-/// The application's redirect URI must be an absolute http(s) URL.
-fn check_redirect(uri: &str) -> Result<(), InvalidInput> {
-    match url::Url::parse(uri) {
-        Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && u.host().is_some() => Ok(()),
-        _ => Err(InvalidInput::new(
-            "redirect_uri",
-            "it must be an absolute http:// or https:// URL",
-        )),
-    }
 }
 
 /// What deleting an integration did at its provider.

@@ -8,6 +8,7 @@
 mod batch;
 mod connect;
 mod keys;
+mod redirect;
 mod refresh;
 mod refresher;
 mod status;
@@ -24,12 +25,15 @@ use secrecy::SecretString;
 pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
 pub use connect::{AuthorizedConnect, Disconnected, FinishedConnect, Revocation, StartedConnect};
 pub use keys::RotationReport;
+pub use redirect::{RedirectOrigins, REDIRECT_ORIGINS_ENV};
 pub use refresher::{Refresher, ScanReport};
 pub use status::{CacheStats, UserStatus};
 
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::InvalidInput;
-use crate::oauth::{OAuthError, ProviderRegistry, TokenClient, UnknownProvider};
+use crate::oauth::{
+    MissingCredential, OAuthError, Provider, ProviderRegistry, TokenClient, UnknownProvider,
+};
 
 /// Tunables, with the seed's figures as defaults.
 #[derive(Debug, Clone)]
@@ -53,6 +57,8 @@ pub struct ServiceConfig {
     pub callback_url: Option<String>,
     /// How long a connect-flow state stays valid (10 minutes).
     pub state_ttl: Duration,
+    /// The origins the connect flow may send users back to.
+    pub redirect_origins: RedirectOrigins,
 }
 
 impl Default for ServiceConfig {
@@ -72,6 +78,7 @@ impl Default for ServiceConfig {
             ),
             callback_url: None,
             state_ttl: Duration::from_secs(600),
+            redirect_origins: RedirectOrigins::default(),
         }
     }
 }
@@ -140,6 +147,10 @@ pub enum ServiceError {
     /// the caller's.
     #[error("the connect flow is {0}; start the connection again")]
     InvalidFlow(&'static str),
+    /// The provider's client id or secret is not set: nothing was sent to
+    /// it, and the integration's health is left alone.
+    #[error(transparent)]
+    ProviderNotConfigured(#[from] MissingCredential),
     /// The provider refused an OAuth request.
     #[error(transparent)]
     OAuth(#[from] OAuthError),
@@ -266,6 +277,15 @@ impl IntegrationsService {
     /// The provider registry.
     pub fn providers(&self) -> &ProviderRegistry {
         &self.providers
+    }
+
+    /// The provider, when its client id and secret are both set. Checked
+    /// before anything is claimed or sent: a missing variable is the
+    /// operator's to fix, not a failure to count against an integration.
+    fn configured(&self, p: &str) -> Result<&Provider, ServiceError> {
+        let provider = self.providers.get(p)?;
+        provider.credentials()?;
+        Ok(provider)
     }
 
     /// The tunables.

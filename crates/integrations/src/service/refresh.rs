@@ -39,6 +39,7 @@ impl IntegrationsService {
         if let Some(token) = self.usable(p, a, &row)? {
             return Ok(token);
         }
+        self.configured(p)?;
         self.refresh_after(p, a, row.generation).await?;
         let row = self.token_row(p, a).await?;
         self.usable(p, a, &row)?
@@ -59,7 +60,7 @@ impl IntegrationsService {
         account_id: &AccountId,
     ) -> Result<IntegrationStatus, ServiceError> {
         let (p, a) = (provider.as_str(), account_id.as_str());
-        self.providers.get(p)?;
+        self.configured(p)?;
         let seen = self.token_row(p, a).await?.generation;
         match self.refresh_after(p, a, seen).await? {
             Some(status) => Ok(status),
@@ -226,7 +227,13 @@ impl IntegrationsService {
         claimed: Claimed,
         permit: Option<SemaphorePermit<'_>>,
     ) -> Result<IntegrationStatus, ServiceError> {
-        let provider = self.providers.get(p)?;
+        let provider = match self.configured(p) {
+            Ok(provider) => provider,
+            Err(e) => {
+                self.release(&claimed).await;
+                return Err(e);
+            }
+        };
         let Some(stored) = &claimed.refresh_token else {
             self.release(&claimed).await;
             // Stored without a refresh token: not refreshable, but usable

@@ -48,15 +48,16 @@ pub struct ScanReport {
 impl IntegrationsService {
     /// One scan: claims due integrations page by page and refreshes them,
     /// until none is left or `cancel` fires (checked between pages, so a
-    /// page in progress finishes). Integrations of providers no longer
-    /// configured are left alone (not claimed every scan only to fail).
+    /// page in progress finishes). Integrations of providers no longer in
+    /// the registry, or whose client id or secret is not set, are left
+    /// alone: not claimed every scan only to fail, no failure counted.
     pub async fn refresh_due(
         &self,
         cfg: &Refresher,
         cancel: &CancellationToken,
     ) -> Result<ScanReport, db_pool::Error> {
         let mut report = ScanReport::default();
-        let providers = self.providers.names();
+        let providers = self.providers.configured_names();
         loop {
             if cancel.is_cancelled() {
                 return Ok(report);

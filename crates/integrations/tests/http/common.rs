@@ -37,6 +37,9 @@ pub const PROVIDERS: &[&str] = &["good", "bad", "slow"];
 /// fetched: the test plays the browser).
 pub const CALLBACK_URL: &str = "http://127.0.0.1:9/v1/oauth/callback";
 
+/// The application origins servers send users back to.
+pub const REDIRECT_ORIGINS: &str = "https://app.example";
+
 // ---------------------------------------------------------------------------
 // The fake OAuth provider.
 
@@ -434,6 +437,7 @@ impl TestApp {
             ("INTEGRATIONS_ENCRYPTION_KEYS", encryption_keys.as_str()),
             ("INTEGRATIONS_PROVIDERS", registry.as_str()),
             ("INTEGRATIONS_CALLBACK_URL", CALLBACK_URL),
+            ("INTEGRATIONS_REDIRECT_ORIGINS", REDIRECT_ORIGINS),
             ("FAKE_SECRET", "fake-secret"),
         ];
         envs.extend_from_slice(extra_envs);
@@ -476,6 +480,7 @@ impl TestApp {
             ),
             ("INTEGRATIONS_PROVIDERS", registry.as_str()),
             ("INTEGRATIONS_CALLBACK_URL", CALLBACK_URL),
+            ("INTEGRATIONS_REDIRECT_ORIGINS", REDIRECT_ORIGINS),
             ("FAKE_SECRET", "fake-secret"),
         ];
         all_envs.extend_from_slice(envs);

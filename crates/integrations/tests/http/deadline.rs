@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::common::{
     create_key, eventually, http_client, with_params, write_registry, FakeProvider, ServerProcess,
-    TestApp, CALLBACK_URL,
+    TestApp, CALLBACK_URL, REDIRECT_ORIGINS,
 };
 
 fn tokens(n: u32) -> serde_json::Value {
@@ -136,6 +136,7 @@ async fn a_frozen_database_cannot_hold_requests_past_the_deadline() {
             ("INTEGRATIONS_ENCRYPTION_KEYS", keys.as_str()),
             ("INTEGRATIONS_PROVIDERS", registry.as_str()),
             ("INTEGRATIONS_CALLBACK_URL", CALLBACK_URL),
+            ("INTEGRATIONS_REDIRECT_ORIGINS", REDIRECT_ORIGINS),
             ("INTEGRATIONS_REQUEST_TIMEOUT", "2"),
             ("FAKE_SECRET", "fake-secret"),
         ],

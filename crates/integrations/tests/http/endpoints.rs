@@ -315,7 +315,7 @@ async fn start_flow(app: &TestApp, user: &str) -> (String, String, String) {
             Method::POST,
             "/v1/connect/good",
             Some(&app.keys.all),
-            Some(json!({"user_id": user, "redirect_uri": "https://app.example/done?from=test"})),
+            Some(json!({"user_id": user, "redirect_uri": "https://app.example/done?from=test&status=forged&error=x"})),
         )
         .await;
     assert_eq!(started.status, 200, "{}", started.text);
@@ -347,7 +347,10 @@ async fn callback(app: &TestApp, query: &str) -> HashMap<String, String> {
     let location = url::Url::parse(&done.header("location").unwrap()).unwrap();
     assert_eq!(location.host_str(), Some("app.example"));
     assert_eq!(location.path(), "/done");
-    location.query_pairs().into_owned().collect()
+    let pairs: Vec<(String, String)> = location.query_pairs().into_owned().collect();
+    let query: HashMap<String, String> = pairs.iter().cloned().collect();
+    assert_eq!(query.len(), pairs.len(), "each parameter once: {location}");
+    query
 }
 
 #[tokio::test]

@@ -436,3 +436,115 @@ async fn contradictory_fields_and_bad_batch_items_are_400_naming_them() {
     );
     app.assert_no_leaks();
 }
+
+/// A provider whose client secret is not set: every route that would call
+/// it answers 503 `provider_not_configured` naming the variable, nothing
+/// reaches the provider, and the integration's health and failure count
+/// are left alone. A token that needs no refresh is still served.
+#[tokio::test]
+async fn an_unconfigured_provider_is_named_and_counts_no_failure() {
+    let app = TestApp::spawn_args(&[("FAKE_SECRET", "")], &[]).await;
+    let key = Some(app.keys.all.as_str());
+    // Expires within the refresh margin: a token read must refresh first.
+    app.seed("user-1", "good", "soon", 60).await;
+    app.seed("user-1", "good", "later", 3600).await;
+
+    let named = |reply: &crate::common::Reply| {
+        let message = reply.assert_error(503, "provider_not_configured");
+        assert!(message.contains("FAKE_SECRET"), "{message}");
+    };
+    for _ in 0..6 {
+        named(
+            &app.send(
+                Method::POST,
+                "/v1/integrations/good/soon/refresh",
+                key,
+                None,
+            )
+            .await,
+        );
+    }
+    named(&app.get("/v1/integrations/good/soon/token", key).await);
+    named(
+        &app.send(
+            Method::POST,
+            "/v1/connect/good",
+            key,
+            Some(json!({"user_id": "user-1", "redirect_uri": "https://app.example/done"})),
+        )
+        .await,
+    );
+    let batch = app
+        .send(
+            Method::POST,
+            "/v1/integrations/refresh",
+            key,
+            Some(json!({"requests": [{"provider": "good", "account_id": "soon"}]})),
+        )
+        .await;
+    assert_eq!(batch.status, 200, "{}", batch.text);
+    assert_eq!(
+        batch.json()["results"][0]["error"]["code"],
+        "provider_not_configured"
+    );
+    let fresh = app.get("/v1/integrations/good/later/token", key).await;
+    assert_eq!(
+        fresh.status, 200,
+        "a fresh token needs no provider: {}",
+        fresh.text
+    );
+
+    let list = app.get("/v1/users/user-1/integrations", key).await.json();
+    let soon = list["integrations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["account_id"] == "soon")
+        .unwrap()
+        .clone();
+    assert_eq!(soon["status"], "connected", "{soon}");
+    assert_eq!(soon["healthy"], true, "{soon}");
+    assert_eq!(soon["refresh_failures"], 0, "{soon}");
+    assert_eq!(
+        app.fake.refreshes.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing was sent to the provider"
+    );
+    app.assert_no_leaks();
+}
+
+/// The connect flow sends users back only to the allowed origins, never to
+/// a URL with a user name or password, and the service's own outcome
+/// parameters replace any the redirect_uri already carried.
+#[tokio::test]
+async fn connect_redirects_only_to_allowed_origins() {
+    let app = TestApp::spawn().await;
+    let key = Some(app.keys.all.as_str());
+    for (redirect, says) in [
+        ("https://evil.example/done", "https://app.example"),
+        (
+            "https://app.example.evil.example/done",
+            "https://app.example",
+        ),
+        ("http://app.example/done", "https://app.example"),
+        (
+            "https://user:pass@app.example/done",
+            "user name or password",
+        ),
+        ("http://localhost:3000/done", "https://app.example"),
+    ] {
+        let reply = app
+            .send(
+                Method::POST,
+                "/v1/connect/good",
+                key,
+                Some(json!({"user_id": "user-1", "redirect_uri": redirect})),
+            )
+            .await;
+        let message = reply.assert_error(400, "invalid_request");
+        assert!(
+            message.contains("redirect_uri") && message.contains(says),
+            "{redirect}: {message}"
+        );
+    }
+}

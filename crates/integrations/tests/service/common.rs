@@ -66,6 +66,20 @@ impl TestService {
         build(&self.db, &self.fake, keys, "connection_limit=3", config).await
     }
 
+    /// Another instance on the same database whose providers' client
+    /// secret variable (FAKE_SECRET) is not set.
+    pub async fn without_client_secret(&self) -> Arc<IntegrationsService> {
+        build_with_env(
+            &self.db,
+            &self.fake,
+            &self.keys,
+            "connection_limit=3",
+            ServiceConfig::default(),
+            &|_| None,
+        )
+        .await
+    }
+
     /// Stores an integration whose token expires in `expires_in` seconds.
     pub async fn seed(&self, user: &str, provider: &str, account: &str, expires_in: i64) -> String {
         let refresh = format!("rt-seed-{provider}-{account}");
@@ -97,11 +111,21 @@ async fn build(
     params: &str,
     config: ServiceConfig,
 ) -> Arc<IntegrationsService> {
-    let pool = Pool::new(PoolConfig::parse(&with_params(&db.url, params)).unwrap()).unwrap();
     let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
+    build_with_env(db, fake, keys, params, config, &env).await
+}
+
+async fn build_with_env(
+    db: &TestDatabase,
+    fake: &FakeProvider,
+    keys: &str,
+    params: &str,
+    config: ServiceConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Arc<IntegrationsService> {
+    let pool = Pool::new(PoolConfig::parse(&with_params(&db.url, params)).unwrap()).unwrap();
     let registry =
-        ProviderRegistry::from_toml(&fake.registry_toml(PROVIDERS), "test providers", &env)
-            .unwrap();
+        ProviderRegistry::from_toml(&fake.registry_toml(PROVIDERS), "test providers", env).unwrap();
     let tokens = TokenClient::new(&TokenClientConfig::default()).unwrap();
     Arc::new(IntegrationsService::new(
         pool,

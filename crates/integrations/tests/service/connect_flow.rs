@@ -15,6 +15,8 @@ fn config(ttl: Duration) -> ServiceConfig {
     ServiceConfig {
         callback_url: Some("https://integrations.example/v1/oauth/callback".into()),
         state_ttl: ttl,
+        redirect_origins: integrations::service::RedirectOrigins::parse("https://app.example")
+            .unwrap(),
         ..ServiceConfig::default()
     }
 }

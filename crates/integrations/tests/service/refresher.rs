@@ -193,3 +193,28 @@ async fn failures_back_off_doubling_to_an_hour_and_the_refresher_skips_them() {
     let _ = t.service.refresh(&p, &a).await;
     assert_eq!(backoff_secs(&client, "flaky").await, 3600.0);
 }
+
+/// An instance without the providers' client secret leaves due
+/// integrations alone: nothing claimed, nothing sent, no failure counted;
+/// an instance with it refreshes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrations_of_unconfigured_providers_are_skipped_without_a_failure() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "due", 120).await;
+    let unconfigured = t.without_client_secret().await;
+    let report = unconfigured
+        .refresh_due(&scan(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(report.attempted, 0);
+    assert_eq!(t.fake.refreshes.load(Ordering::SeqCst), 0);
+    let status = t.service.integration("good", "due").await.unwrap();
+    assert_eq!(status.refresh_failures, 0);
+    assert!(status.healthy());
+    let report = t
+        .service
+        .refresh_due(&scan(), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((report.attempted, report.refreshed), (1, 1));
+}
