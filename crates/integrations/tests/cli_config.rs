@@ -124,7 +124,6 @@ fn invalid_input_exits_2_with_p1013() {
             Some("turbo"),
             "DATABASE_PROFILE='turbo'",
         ),
-        (None, None, "DATABASE_URL is not set"),
     ] {
         for as_json in [false, true] {
             let out = config(url, profile, as_json);

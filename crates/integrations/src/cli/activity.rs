@@ -8,6 +8,7 @@ use clap::Args;
 use db_pool::diagnostics::{self, Activity, Counts, Session};
 use db_pool::Pool;
 
+use super::embedded::Target;
 use super::DatabaseArgs;
 
 /// Options of `integrations activity`.
@@ -32,12 +33,12 @@ const CLEAR: &str = "\x1b[2J\x1b[H";
 /// Runs the command: 0 after a sample (or after Ctrl-C with --watch), 1 when
 /// the server cannot be reached or sampled, 2 on invalid input.
 pub fn run(args: ActivityArgs) -> ExitCode {
-    let cfg = match super::pool_config(&args.db) {
-        Ok(cfg) => cfg,
+    let target = match Target::of(&args.db) {
+        Ok(target) => target,
         Err(code) => return code,
     };
-    let database = cfg.database.clone();
-    super::block_on(async move {
+    super::block_on(target.run(|cfg, _| async move {
+        let database = cfg.database.clone();
         let pool = match Pool::new(diagnostics::diagnostic_config(&cfg)) {
             Ok(pool) => pool,
             Err(e) => return failed(&e),
@@ -45,7 +46,7 @@ pub fn run(args: ActivityArgs) -> ExitCode {
         let code = sample_loop(&pool, &database, &args).await;
         pool.close(Duration::from_secs(1)).await;
         code
-    })
+    }))
 }
 
 fn failed(e: &db_pool::Error) -> ExitCode {

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use db_pool::Pool;
 use secrecy::ExposeSecret;
 
-use super::embedded::{EmbeddedArgs, IfRunning};
+use super::embedded::Target;
 use super::DatabaseArgs;
 use crate::auth::{ApiKeySummary, ApiKeys, AuthError, Scope, DEFAULT_VERIFY_TTL};
 
@@ -34,9 +34,6 @@ struct CreateArgs {
     #[command(flatten)]
     db: DatabaseArgs,
 
-    #[command(flatten)]
-    embedded: EmbeddedArgs,
-
     /// The key's name, unique among active keys: 1 to 64 letters, digits,
     /// '-', '_' or '.', not only digits (e.g. ci-deploy).
     #[arg(long, value_parser = parse_name)]
@@ -54,9 +51,6 @@ struct ListArgs {
     #[command(flatten)]
     db: DatabaseArgs,
 
-    #[command(flatten)]
-    embedded: EmbeddedArgs,
-
     /// Print the keys as one JSON array instead of a table.
     #[arg(long)]
     json: bool,
@@ -67,9 +61,6 @@ struct ListArgs {
 struct RevokeArgs {
     #[command(flatten)]
     db: DatabaseArgs,
-
-    #[command(flatten)]
-    embedded: EmbeddedArgs,
 
     /// The key to revoke: its id (as shown by `api-key list`) or its name.
     #[arg(value_name = "ID_OR_NAME")]
@@ -87,56 +78,24 @@ fn parse_scope(scope: &str) -> Result<Scope, crate::auth::UnknownScope> {
 /// Runs the command: 0 on success, 1 on failure (including a duplicate name
 /// and a revoke that matched no active key), 2 on invalid input.
 pub fn run(args: ApiKeyArgs) -> ExitCode {
-    let (db, embedded) = match &args.command {
-        ApiKeyCommand::Create(a) => (&a.db, &a.embedded),
-        ApiKeyCommand::List(a) => (&a.db, &a.embedded),
-        ApiKeyCommand::Revoke(a) => (&a.db, &a.embedded),
+    let db = match &args.command {
+        ApiKeyCommand::Create(a) => &a.db,
+        ApiKeyCommand::List(a) => &a.db,
+        ApiKeyCommand::Revoke(a) => &a.db,
     };
     // Without DATABASE_URL: the embedded database `serve` uses.
-    let cfg = match db.database_url {
-        Some(_) => match super::pool_config(db) {
-            Ok(cfg) => Some(cfg),
-            Err(code) => return code,
-        },
-        None => {
-            // Checked before a server is started for nothing.
-            if let Err(e) = crate::settings::parse_profile(db.profile.as_deref()) {
-                return super::invalid_config(&e);
-            }
-            if !embedded.data_dir.join("postgres").exists() {
-                eprintln!(
-                    "note: no embedded database in {} yet: creating one (is this the directory `serve` runs in? see --data-dir)",
-                    embedded.data_dir.display()
-                );
-            }
-            None
-        }
+    let target = match Target::of(db) {
+        Ok(target) => target,
+        Err(code) => return code,
     };
-    let (data_dir, profile) = (embedded.data_dir.clone(), db.profile.clone());
-    super::block_on(async move {
-        let (cfg, started) = match cfg {
-            Some(cfg) => (cfg, None),
-            None => {
-                match super::embedded::open(&data_dir, profile.as_deref(), IfRunning::Join).await {
-                    Ok(embedded) => {
-                        eprintln!(
-                            "no DATABASE_URL: using the embedded PostgreSQL in {} (socket {})",
-                            data_dir.display(),
-                            embedded.socket_dir.display()
-                        );
-                        (embedded.cfg, embedded.cluster)
-                    }
-                    Err(e) => return super::report_failure(&e),
-                }
-            }
-        };
+    super::block_on(target.run(|cfg, started| async move {
         let pool = match Pool::new(cfg) {
             Ok(pool) => pool,
             Err(e) => return super::report_failure(&e.into()),
         };
         // `create` may be the first use of a database; so may any command
         // on an embedded database it started.
-        if matches!(args.command, ApiKeyCommand::Create(_)) || started.is_some() {
+        if matches!(args.command, ApiKeyCommand::Create(_)) || started {
             if let Err(e) = crate::store::migrations::run(&pool).await {
                 return super::report_failure(&e);
             }
@@ -148,15 +107,8 @@ pub fn run(args: ApiKeyArgs) -> ExitCode {
             ApiKeyCommand::Revoke(a) => revoke(&keys, a).await,
         };
         pool.close(Duration::from_secs(5)).await;
-        if let Some(cluster) = started {
-            if let Err(e) =
-                super::embedded::stop_when_unused(cluster, Duration::from_secs(10)).await
-            {
-                eprintln!("warning: stopping the embedded PostgreSQL: {e:#}");
-            }
-        }
         code
-    })
+    }))
 }
 
 async fn create(keys: &ApiKeys, args: CreateArgs) -> ExitCode {

@@ -19,6 +19,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use super::embedded::Target;
 use super::{DatabaseArgs, EXIT_INVALID_INPUT};
 
 /// Options of `integrations bench`.
@@ -176,28 +177,32 @@ fn nanos(d: Duration) -> u64 {
 /// Runs the command: 0 after a run (errors during it are counted, not
 /// fatal), 2 on invalid input.
 pub fn run(args: BenchArgs) -> ExitCode {
-    let cfg = match super::pool_config(&args.db) {
-        Ok(cfg) => cfg,
+    let target = match Target::of(&args.db) {
+        Ok(target) => target,
         Err(code) => return code,
     };
-    if !args.sweep.is_empty() {
-        return super::block_on_threads(usize::from(args.threads), sweep(cfg, args));
-    }
-    super::block_on_threads(usize::from(args.threads), async move {
-        match bench(cfg, &args).await {
-            Ok(report) => {
-                print_report(&report, &args);
-                ExitCode::SUCCESS
+    let threads = usize::from(args.threads);
+    super::block_on_threads(
+        threads,
+        target.run(|cfg, _| async move {
+            if !args.sweep.is_empty() {
+                return sweep(cfg, args).await;
             }
-            Err(Failed {
-                message,
-                invalid_input,
-            }) => {
-                eprintln!("{message}");
-                ExitCode::from(if invalid_input { EXIT_INVALID_INPUT } else { 1 })
+            match bench(cfg, &args).await {
+                Ok(report) => {
+                    print_report(&report, &args);
+                    ExitCode::SUCCESS
+                }
+                Err(Failed {
+                    message,
+                    invalid_input,
+                }) => {
+                    eprintln!("{message}");
+                    ExitCode::from(if invalid_input { EXIT_INVALID_INPUT } else { 1 })
+                }
             }
-        }
-    })
+        }),
+    )
 }
 
 /// `--sweep`: one run per pool size, a table, and optionally a chart.

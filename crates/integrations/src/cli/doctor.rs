@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use db_pool::diagnostics::{self, Check, DoctorOptions, DoctorReport, Status};
 use db_pool::PoolConfig;
 
+use super::embedded::Target;
 use super::DatabaseArgs;
 use crate::oauth::ProviderRegistry;
 
@@ -47,8 +48,8 @@ pub struct DoctorArgs {
 /// Runs the command: 0 when no check fails (warnings allowed), 1 when one
 /// does, 2 on invalid input.
 pub fn run(args: DoctorArgs) -> ExitCode {
-    let cfg = match super::pool_config(&args.db) {
-        Ok(cfg) => cfg,
+    let target = match Target::of(&args.db) {
+        Ok(target) => target,
         Err(code) => return code,
     };
     let opts = DoctorOptions {
@@ -61,7 +62,7 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     let providers = crate::settings::ServiceSettings::from_env(&crate::settings::process_env)
         .map_err(|e| e.to_string())
         .and_then(|s| s.providers().map_err(|e| e.to_string()));
-    super::block_on(async move {
+    super::block_on(target.run(|cfg, _| async move {
         let mut report = diagnostics::doctor(&cfg, &opts).await;
         report.checks.push(providers_check(providers, &cfg).await);
         if args.json {
@@ -76,7 +77,7 @@ pub fn run(args: DoctorArgs) -> ExitCode {
             print_report(&report, &cfg);
         }
         ExitCode::from(report.exit_code())
-    })
+    }))
 }
 
 /// Which providers lack their client id or secret (their refreshes and

@@ -1,7 +1,8 @@
 //! The embedded PostgreSQL of development mode. With no `DATABASE_URL`,
-//! `serve` runs it in `--data-dir` (kept between runs); `api-key` uses the
-//! same one: the server `serve` is running, or, when none runs, the data
-//! directory started for the command and stopped after it.
+//! `serve` runs it in `--data-dir` (kept between runs); every other command
+//! that needs a database ([`Target`]) uses the same one: the server `serve`
+//! is running, or, when none runs, the data directory started for the
+//! command and stopped after it.
 //!
 //! It is locked to the account that runs it ([`ClusterOptions::socket_only`]):
 //! no TCP port, only a Unix socket in a `0700` directory under
@@ -12,8 +13,10 @@
 //! created (trusting every connection on 127.0.0.1) is locked down the next
 //! time it starts.
 
+use std::future::Future;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,6 +31,100 @@ pub struct EmbeddedArgs {
     /// set (kept between runs), with the development encryption key beside it.
     #[arg(long, default_value = "./.integrations")]
     pub data_dir: PathBuf,
+}
+
+/// The database a command works on, decided before anything starts:
+/// `DATABASE_URL`'s, or the embedded PostgreSQL in `--data-dir`.
+pub enum Target {
+    /// `DATABASE_URL` (validated).
+    Url(Box<PoolConfig>),
+    /// No `DATABASE_URL`: the embedded database.
+    Embedded {
+        /// `--data-dir`.
+        data_dir: PathBuf,
+        /// `DATABASE_PROFILE`.
+        profile: Option<String>,
+    },
+}
+
+impl Target {
+    /// From the command line: `DATABASE_URL`'s configuration (an invalid
+    /// one prints P1013 and its hint: exit 2), or, when it is not set, the
+    /// embedded database (its profile checked before a server starts).
+    pub fn of(db: &super::DatabaseArgs) -> Result<Target, ExitCode> {
+        if db.database_url.is_some() {
+            return super::pool_config(db).map(|cfg| Target::Url(Box::new(cfg)));
+        }
+        if let Err(e) = crate::settings::parse_profile(db.profile.as_deref()) {
+            return Err(super::invalid_config(&e));
+        }
+        let data_dir = db.embedded.data_dir.clone();
+        if !data_dir.join("postgres").exists() {
+            eprintln!(
+                "note: no embedded database in {} yet: creating one (is this the directory `serve` runs in? see --data-dir)",
+                data_dir.display()
+            );
+        }
+        Ok(Target::Embedded {
+            data_dir,
+            profile: db.profile.clone(),
+        })
+    }
+
+    /// Whether this is the embedded database.
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, Target::Embedded { .. })
+    }
+
+    /// Runs `command` on the database's pool configuration: for the
+    /// embedded one, after joining the server `serve` runs or starting it
+    /// (`started` true: a fresh start may need migrations), saying which on
+    /// standard error, and stopping a server it started afterwards, once no
+    /// other command uses it.
+    pub async fn run<F, Fut>(self, command: F) -> ExitCode
+    where
+        F: FnOnce(PoolConfig, bool) -> Fut,
+        Fut: Future<Output = ExitCode>,
+    {
+        let (data_dir, profile) = match self {
+            Target::Url(cfg) => return command(*cfg, false).await,
+            Target::Embedded { data_dir, profile } => (data_dir, profile),
+        };
+        let embedded = match open(&data_dir, profile.as_deref(), IfRunning::Join).await {
+            Ok(embedded) => embedded,
+            Err(e) => return super::report_failure(&e),
+        };
+        eprintln!(
+            "no DATABASE_URL: using the embedded PostgreSQL in {} (socket {}): {}",
+            data_dir.display(),
+            embedded.socket_dir.display(),
+            if embedded.cluster.is_some() {
+                "started for this command"
+            } else {
+                "the one serve runs"
+            },
+        );
+        let code = command(embedded.cfg, embedded.cluster.is_some()).await;
+        if let Some(cluster) = embedded.cluster {
+            if let Err(e) = stop_when_unused(cluster, Duration::from_secs(10)).await {
+                eprintln!("warning: stopping the embedded PostgreSQL: {e:#}");
+            }
+        }
+        code
+    }
+}
+
+/// The development mode's encryption key, kept beside the embedded
+/// database in `data_dir` (created on first use).
+pub fn development_keyring(data_dir: &Path) -> anyhow::Result<crate::crypto::Keyring> {
+    let path = data_dir.join("encryption.key");
+    let (keys, created) = crate::crypto::Keyring::load_or_create(&path)?;
+    if created {
+        tracing::warn!(path = %path.display(), "development mode: created an encryption key; set INTEGRATIONS_ENCRYPTION_KEYS in production");
+    } else {
+        tracing::info!(path = %path.display(), "development mode: using the encryption key stored beside the embedded database");
+    }
+    Ok(keys)
 }
 
 /// The embedded database, ready for a pool.

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 use db_pool::Pool;
 
+use super::embedded::Target;
 use super::DatabaseArgs;
 use crate::crypto::{Keyring, KEYS_ENV};
 use crate::oauth::{TokenClient, TokenClientConfig};
@@ -58,8 +59,8 @@ pub struct RotateKeysArgs {
 /// Re-encrypts every token with the first key of
 /// `INTEGRATIONS_ENCRYPTION_KEYS`, in batches; safe to interrupt and rerun.
 pub fn rotate(args: RotateKeysArgs) -> ExitCode {
-    let cfg = match super::pool_config(&args.db) {
-        Ok(cfg) => cfg,
+    let target = match Target::of(&args.db) {
+        Ok(target) => target,
         Err(code) => return code,
     };
     let settings = match ServiceSettings::from_env(&process_env) {
@@ -69,14 +70,21 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
             return ExitCode::from(super::EXIT_INVALID_INPUT);
         }
     };
-    let keys = match settings.keyring() {
+    // The development key beside the embedded database, unless keys are set.
+    let keys = match (&target, &settings.encryption_keys) {
+        (Target::Embedded { data_dir, .. }, None) => {
+            super::embedded::development_keyring(data_dir).map_err(|e| format!("error: {e:#}"))
+        }
+        _ => settings.keyring().map_err(|e| e.to_string()),
+    };
+    let keys = match keys {
         Ok(k) => k,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(super::EXIT_INVALID_INPUT);
         }
     };
-    super::block_on(async move {
+    super::block_on(target.run(|cfg, _| async move {
         let result = async {
             let pool = Pool::new(cfg)?;
             crate::store::migrations::run(&pool).await?;
@@ -130,7 +138,7 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
             }
             Err(e) => super::report_failure(&e),
         }
-    })
+    }))
 }
 
 /// The flows a rotation dropped, when any.

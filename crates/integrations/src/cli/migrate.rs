@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use super::embedded::Target;
 use super::DatabaseArgs;
 use crate::store::migrations;
 
@@ -18,14 +19,18 @@ pub struct MigrateArgs {
 /// invalid input.
 pub fn run(args: MigrateArgs) -> ExitCode {
     // On DIRECT_URL when set: DDL and advisory locks need the server itself.
-    let cfg = match super::pool_config(&args.db).and_then(|main| {
-        let direct = super::direct_config(&args.db)?;
-        super::direct_or_main(&main, direct.as_ref(), "migrations")
+    let target = match Target::of(&args.db).and_then(|target| match target {
+        Target::Url(main) => {
+            let direct = super::direct_config(&args.db)?;
+            super::direct_or_main(&main, direct.as_ref(), "migrations")
+                .map(|cfg| Target::Url(Box::new(cfg)))
+        }
+        embedded => Ok(embedded),
     }) {
-        Ok(cfg) => cfg,
+        Ok(target) => target,
         Err(code) => return code,
     };
-    super::block_on(async move {
+    super::block_on(target.run(|cfg, _| async move {
         match migrations::run_on(&cfg).await {
             Ok(applied) if applied.applied.is_empty() => {
                 println!("schema up to date");
@@ -39,5 +44,5 @@ pub fn run(args: MigrateArgs) -> ExitCode {
             }
             Err(e) => super::report_failure(&e),
         }
-    })
+    }))
 }

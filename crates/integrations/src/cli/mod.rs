@@ -45,6 +45,10 @@ pub struct DatabaseArgs {
     /// production or high-traffic (read from DATABASE_PROFILE).
     #[arg(long, env = "DATABASE_PROFILE", hide_env_values = true)]
     pub profile: Option<String>,
+
+    /// Without DATABASE_URL: the embedded PostgreSQL's data directory.
+    #[command(flatten)]
+    pub embedded: embedded::EmbeddedArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use super::DatabaseArgs;
 use crate::auth::{ApiKeys, DEFAULT_VERIFY_TTL};
 use crate::changes::{self, ChangeFeed};
-use crate::crypto::Keyring;
 use crate::http::{self, app_with_deadline, AppState};
 use crate::oauth::{TokenClient, TokenClientConfig};
 use crate::service::IntegrationsService;
@@ -36,9 +35,6 @@ pub struct ServeArgs {
     /// Log line format: text for people, json for log pipelines.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
-
-    #[command(flatten)]
-    embedded: super::embedded::EmbeddedArgs,
 
     /// Seconds requests in flight may take to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30)]
@@ -135,7 +131,7 @@ async fn serve(
     let (cluster, (mut pool_cfg, direct_cfg), keys) = match pool_cfg {
         Some(cfgs) => (None, cfgs, settings.keyring()?),
         None => {
-            let data_dir = &args.embedded.data_dir;
+            let data_dir = &args.db.embedded.data_dir;
             let embedded = super::embedded::open(
                 data_dir,
                 args.db.profile.as_deref(),
@@ -151,16 +147,7 @@ async fn serve(
             let cfg = (cfg, None);
             let keys = match settings.encryption_keys {
                 Some(_) => settings.keyring()?,
-                None => {
-                    let path = data_dir.join("encryption.key");
-                    let (keys, created) = Keyring::load_or_create(&path)?;
-                    if created {
-                        tracing::warn!(path = %path.display(), "development mode: created an encryption key; set INTEGRATIONS_ENCRYPTION_KEYS in production");
-                    } else {
-                        tracing::info!(path = %path.display(), "development mode: using the encryption key stored beside the embedded database");
-                    }
-                    keys
-                }
+                None => super::embedded::development_keyring(data_dir)?,
             };
             (cluster, cfg, keys)
         }

@@ -203,9 +203,16 @@ fn processes_using(dir: &Path) -> Vec<String> {
 
 /// `integrations api-key <args> --data-dir <data_dir>`, with no DATABASE_URL.
 fn api_key(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    let args: Vec<&str> = std::iter::once("api-key")
+        .chain(args.iter().copied())
+        .collect();
+    command(data_dir, &args)
+}
+
+/// `integrations <args> --data-dir <data_dir>`, with no DATABASE_URL.
+fn command(data_dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_integrations"))
         .current_dir(data_dir.parent().unwrap())
-        .arg("api-key")
         .args(args)
         .args(["--data-dir", data_dir.to_str().unwrap()])
         .env_remove("DATABASE_URL")
@@ -309,6 +316,42 @@ async fn embedded_mode_keeps_integrations_and_its_key_across_restarts() {
         .unwrap();
     assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
 
+    // Every command that needs a database uses the one serve runs, and
+    // says so; rotate-keys uses the development key beside it.
+    let socket = format!(
+        "(socket {}): the one serve runs",
+        embedded_socket_dir(&first).display()
+    );
+    for (args, says) in [
+        (
+            &["config"][..],
+            "DATABASE_URL  not set: the embedded PostgreSQL",
+        ),
+        (&["doctor"], "result: 0 fail"),
+        (&["activity"], "integrations"),
+        (&["migrate"], "schema up to date"),
+        (&["rotate-keys"], "with key 'dev1'"),
+        (&["bench", "--sql", "SELECT 1", "--duration", "1"], "ops/s"),
+    ] {
+        let out = command(&data_dir, args);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(&socket), "{args:?}: {stderr}");
+        assert!(stdout.contains(says), "{args:?}: {stdout}");
+    }
+    // Development mode lets the connect flow send users back to localhost.
+    let started = http
+        .post(format!("{}/v1/connect/good", first.base_url))
+        .bearer_auth(&key)
+        .json(&json!({"user_id": "user-1", "redirect_uri": "http://localhost:3000/done"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 200, "{}", started.text().await.unwrap());
+
     first.terminate();
     let exit = first.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(exit.code(), Some(0), "{exit}:\n{}", first.logs().join("\n"));
@@ -377,6 +420,10 @@ async fn embedded_mode_keeps_integrations_and_its_key_across_restarts() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    let out = command(&data_dir, &["migrate"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("started for this command"), "{stderr}");
 
     // No PostgreSQL left running on the data directory.
     let left = eventually(Duration::from_secs(10), || async {
