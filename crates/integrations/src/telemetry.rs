@@ -13,10 +13,22 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber (once; later calls do nothing).
+/// Installs the global subscriber for `serve` (once; later calls do
+/// nothing): `info` and above unless `RUST_LOG` says otherwise.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
+    init_with(format, "info,tokio_postgres=warn");
+}
+
+/// Installs the global subscriber for the other commands: warnings and
+/// errors (the pool's leak, slow query and closing warnings among them)
+/// on standard error, beside the command's own output on standard output.
+pub fn init_for_command() {
+    init_with(LogFormat::Text, "warn,tokio_postgres=error");
+}
+
+fn init_with(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     // Colours only for a person at a terminal: a log file or pipe gets
     // plain text (and NO_COLOR turns them off anywhere).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())

@@ -103,6 +103,12 @@ async fn sweep_runs_once_per_size_and_plots() {
     assert_eq!(runs[0]["max_in_use"], 1);
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.contains("connection_limit"));
+    assert!(chart.contains("p99 pool wait (ms)"), "the pool wait line");
+    assert_eq!(
+        x_tick_labels(&chart),
+        ["1", "3"],
+        "ticks at the swept sizes"
+    );
 
     // The table form.
     let out = bench(
@@ -112,6 +118,58 @@ async fn sweep_runs_once_per_size_and_plots() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("p99 pool wait ms"), "{text}");
+}
+
+/// The labels of the chart's x axis: the numeric `<text>` elements of the
+/// lowest row (the y axes' labels all sit above it), left to right.
+fn x_tick_labels(svg: &str) -> Vec<String> {
+    let attr = |tag: &str, name: &str| -> f64 {
+        let start = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        let len = tag[start..].find('"').unwrap();
+        tag[start..start + len].parse().unwrap()
+    };
+    let texts: Vec<(f64, f64, String)> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let open = t.find('>')?;
+            let label = t[open + 1..t.find("</text>")?].trim().to_string();
+            label
+                .parse::<f64>()
+                .ok()
+                .map(|_| (attr(&t[..open], "x"), attr(&t[..open], "y"), label))
+        })
+        .collect();
+    let bottom = texts.iter().map(|t| t.1).fold(f64::MIN, f64::max);
+    let mut row: Vec<_> = texts.into_iter().filter(|t| t.1 == bottom).collect();
+    row.sort_by(|a, b| a.0.total_cmp(&b.0));
+    row.into_iter().map(|t| t.2).collect()
+}
+
+/// The pool's warnings reach standard error: a connection held past
+/// leak_detection_threshold and a statement past slow_query_threshold.
+#[tokio::test]
+async fn pool_warnings_are_printed() {
+    let db = TestDatabase::create().await;
+    let url = format!(
+        "{}?connection_limit=1&leak_detection_threshold=1&slow_query_threshold=1000",
+        db.url
+    );
+    let out = bench(
+        &url,
+        &[
+            "--sql",
+            "SELECT pg_sleep(2.5)",
+            "--concurrency",
+            "1",
+            "--duration",
+            "1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("possible leak"), "{stderr}");
+    assert!(stderr.contains("slow query"), "{stderr}");
 }
 
 #[tokio::test]

@@ -257,7 +257,8 @@ async fn sweep(cfg: PoolConfig, args: BenchArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Throughput (left axis) and p99 latency (right axis) against pool size.
+/// Throughput (left axis), p99 latency and p99 pool wait (right axis)
+/// against pool size, with x ticks at the swept sizes only.
 fn plot(
     reports: &[Report],
     sql: &str,
@@ -271,7 +272,11 @@ fn plot(
         .max()
         .unwrap_or(1) as f64;
     let max_ops = reports.iter().map(|r| r.ops_per_sec).fold(1.0, f64::max);
-    let max_p99 = reports.iter().map(|r| r.latency_ms.p99).fold(0.1, f64::max);
+    let max_p99 = reports
+        .iter()
+        .map(|r| r.latency_ms.p99.max(r.pool_wait_ms.p99))
+        .fold(0.1, f64::max);
+    let sizes: Vec<f64> = reports.iter().map(|r| r.connection_limit as f64).collect();
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
     let title: String = sql.chars().take(90).collect();
@@ -281,8 +286,11 @@ fn plot(
         .x_label_area_size(45)
         .y_label_area_size(70)
         .right_y_label_area_size(70)
-        .build_cartesian_2d(0f64..max_size * 1.05, 0f64..max_ops * 1.15)?
-        .set_secondary_coord(0f64..max_size * 1.05, 0f64..max_p99 * 1.15);
+        .build_cartesian_2d(
+            SweepAxis::new(max_size * 1.05, sizes.clone()),
+            0f64..max_ops * 1.15,
+        )?
+        .set_secondary_coord(SweepAxis::new(max_size * 1.05, sizes), 0f64..max_p99 * 1.15);
     chart
         .configure_mesh()
         .x_desc("connection_limit")
@@ -292,7 +300,7 @@ fn plot(
         .draw()?;
     chart
         .configure_secondary_axes()
-        .y_desc("p99 latency (ms)")
+        .y_desc("p99 latency and pool wait (ms)")
         .draw()?;
     let ops: Vec<(f64, f64)> = reports
         .iter()
@@ -312,6 +320,16 @@ fn plot(
         .label("p99 latency (ms)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
     chart.draw_secondary_series(p99.iter().map(|p| Circle::new(*p, 4, RED.filled())))?;
+    let wait: Vec<(f64, f64)> = reports
+        .iter()
+        .map(|r| (r.connection_limit as f64, r.pool_wait_ms.p99))
+        .collect();
+    let green = RGBColor(0, 140, 60);
+    chart
+        .draw_secondary_series(LineSeries::new(wait.clone(), green.stroke_width(2)))?
+        .label("p99 pool wait (ms)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], green));
+    chart.draw_secondary_series(wait.iter().map(|p| Circle::new(*p, 4, green.filled())))?;
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
@@ -320,6 +338,41 @@ fn plot(
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// The x axis of the sweep chart: 0 to `max`, with ticks exactly at the
+/// swept pool sizes. Written here because plotters' own `with_key_points`
+/// wrapper has no label formatter for `f64`, and its default ticks fall
+/// between sizes (rounded, they read `0 0 1 2 2 ...`).
+struct SweepAxis {
+    inner: plotters::coord::types::RangedCoordf64,
+    ticks: Vec<f64>,
+}
+
+impl SweepAxis {
+    fn new(max: f64, ticks: Vec<f64>) -> SweepAxis {
+        SweepAxis {
+            inner: (0f64..max).into(),
+            ticks,
+        }
+    }
+}
+
+impl plotters::coord::ranged1d::Ranged for SweepAxis {
+    type ValueType = f64;
+    type FormatOption = plotters::coord::ranged1d::DefaultFormatting;
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.inner.range()
+    }
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.inner.map(value, limit)
+    }
+
+    fn key_points<Hint: plotters::coord::ranged1d::KeyPointHint>(&self, _: Hint) -> Vec<f64> {
+        self.ticks.clone()
+    }
 }
 
 /// Why the benchmark could not run at all.

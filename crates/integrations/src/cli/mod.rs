@@ -80,6 +80,9 @@ pub fn run() -> ExitCode {
         return ExitCode::from(EXIT_INVALID_INPUT);
     }
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        crate::telemetry::init_for_command();
+    }
     match cli.command {
         Command::Config(args) => config::run(args),
         Command::Bench(args) => bench::run(args),
