@@ -1,7 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
+#![forbid(unsafe_code)]
 
-pub mod cluster;
 pub mod config;
 pub mod diagnostics;
 pub mod error;

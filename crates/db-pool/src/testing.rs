@@ -21,7 +21,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::{Client, NoTls};
 use url::Url;
 
-use crate::cluster::{ClusterOptions, LocalCluster};
+use pg_cluster::{ClusterOptions, LocalCluster};
 
 mod proxy;
 pub use proxy::{Fault, FaultProxy, Vanished};

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use db_pool::cluster::{ClusterError, ClusterOptions, LocalCluster};
 use db_pool::testing::{server_url, tokio_postgres_url, with_database, TestDatabase};
+use pg_cluster::{ClusterError, ClusterOptions, LocalCluster};
 use tokio_postgres::{Client, NoTls};
 
 async fn connect(url: &str) -> Client {
@@ -531,4 +531,24 @@ async fn socket_only_cluster_refuses_a_directory_of_another_account() {
         error.to_string().contains("account that created it"),
         "{error}"
     );
+}
+
+#[test]
+fn socket_urls_parse_to_the_socket_directory_and_port() {
+    use db_pool::Host;
+    let dir = Path::new("/tmp/a dir/sock");
+    let cfg =
+        db_pool::PoolConfig::parse(&pg_cluster::socket_url(dir, 5432, "integrations")).unwrap();
+    assert_eq!(cfg.host, Host::Unix(dir.to_path_buf()));
+    assert_eq!((cfg.port, cfg.database.as_str()), (5432, "integrations"));
+    assert_eq!(cfg.user, "postgres");
+    let cfg = db_pool::PoolConfig::parse(&pg_cluster::socket_url(dir, 41234, "postgres")).unwrap();
+    assert_eq!(cfg.host, Host::Unix(dir.to_path_buf()));
+    assert_eq!((cfg.port, cfg.database.as_str()), (41234, "postgres"));
+    // What a log shows names the directory, never a TCP address.
+    let shown = db_pool::PoolConfig::parse(&pg_cluster::socket_url(dir, 5432, "integrations"))
+        .unwrap()
+        .redacted_url();
+    assert!(!shown.contains("127.0.0.1"), "{shown}");
+    assert!(shown.contains("%2Ftmp%2Fa+dir%2Fsock"), "{shown}");
 }

@@ -5,10 +5,10 @@
 
 use std::time::Duration;
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::diagnostics::{self, Activity, DoctorOptions, DoctorReport, Status};
 use db_pool::testing::{tokio_postgres_url, with_params, TestDatabase};
 use db_pool::{Pool, PoolConfig};
+use pg_cluster::{ClusterOptions, LocalCluster};
 use tokio_postgres::{Client, NoTls};
 
 /// A plain tokio-postgres client showing `app` as its application_name.

@@ -6,10 +6,10 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::testing::{with_params, TestDatabase};
 use db_pool::{Pool, PoolConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use pg_cluster::{ClusterOptions, LocalCluster};
 
 fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

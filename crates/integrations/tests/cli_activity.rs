@@ -271,7 +271,7 @@ fn lines_of(output: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Rec
 /// samples resume.
 #[tokio::test]
 async fn watch_survives_a_server_restart() {
-    use db_pool::cluster::{ClusterOptions, LocalCluster};
+    use pg_cluster::{ClusterOptions, LocalCluster};
     let mut cluster = LocalCluster::start_temporary(ClusterOptions::default())
         .await
         .unwrap();

@@ -4,8 +4,8 @@
 
 use std::process::Output;
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::testing::{with_params, TestDatabase};
+use pg_cluster::{ClusterOptions, LocalCluster};
 use serde_json::Value;
 
 #[path = "support/cli.rs"]

@@ -21,7 +21,7 @@ pub fn pool(db: &TestDatabase, params: &str) -> (Pool, String) {
 }
 
 /// A superuser session on a private cluster (its driver spawned).
-pub async fn admin(cluster: &db_pool::cluster::LocalCluster) -> Client {
+pub async fn admin(cluster: &pg_cluster::LocalCluster) -> Client {
     let (client, connection) =
         tokio_postgres::connect(&cluster.url("postgres"), tokio_postgres::NoTls)
             .await

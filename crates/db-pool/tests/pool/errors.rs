@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::testing::TestDatabase;
 use db_pool::{Error, PoolConfig};
+use pg_cluster::{ClusterOptions, LocalCluster};
 
 use crate::common::{closed_port, pool, pool_url, with_params};
 

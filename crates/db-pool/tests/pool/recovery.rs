@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::Pool;
+use pg_cluster::{ClusterOptions, LocalCluster};
 
 use crate::common::{eventually, pool_url};
 

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
 use db_pool::testing::TestDatabase;
+use pg_cluster::{ClusterOptions, LocalCluster};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 use crate::common::{pool, pool_url};

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use db_pool::cluster::{socket_url, ClusterError, ClusterOptions, LocalCluster};
 use db_pool::PoolConfig;
+use pg_cluster::{socket_url, ClusterError, ClusterOptions, LocalCluster};
 
 /// Where the embedded PostgreSQL is, for commands that can use it.
 #[derive(Debug, Clone, Args)]

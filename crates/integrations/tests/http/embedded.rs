@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
+use pg_cluster::{ClusterOptions, LocalCluster};
 
 use reqwest::Method;
 use serde_json::json;
@@ -498,7 +498,7 @@ async fn embedded_server_listens_on_no_tcp_port_and_admits_only_its_own_account(
         let port: u16 = postmaster_line(&data_dir, 3).parse().unwrap();
         let url = format!(
             "{}&sslmode=disable",
-            db_pool::cluster::socket_url(&socket_dir, port, "integrations")
+            pg_cluster::socket_url(&socket_dir, port, "integrations")
         );
         let out = api_key_as_nobody(&url, dir.path());
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();

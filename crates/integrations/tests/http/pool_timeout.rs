@@ -85,7 +85,7 @@ async fn pool_timeout_is_503_p2024_with_retry_after() {
 /// superusers.
 #[tokio::test]
 async fn a_server_refusing_connections_is_503_p2024_naming_it_with_retry_after() {
-    use db_pool::cluster::{ClusterOptions, LocalCluster};
+    use pg_cluster::{ClusterOptions, LocalCluster};
     let cluster = LocalCluster::start_temporary(
         ClusterOptions::default()
             .setting("max_connections", "7")

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use db_pool::cluster::{ClusterOptions, LocalCluster};
+use pg_cluster::{ClusterOptions, LocalCluster};
 
 use crate::common::{eventually, TestApp};
 

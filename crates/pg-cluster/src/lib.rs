@@ -44,6 +44,8 @@
 //! Debian's `postgresql` package) and the directories they need are handed
 //! over to it.
 
+#![warn(missing_docs)]
+
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -1621,25 +1623,6 @@ mod tests {
             .setting("max_connections", "17")
             .setting("max_connections", "18");
         assert_eq!(opts.settings, vec![("max_connections".into(), "18".into())]);
-    }
-
-    #[test]
-    fn socket_urls_parse_to_the_socket_directory_and_port() {
-        use crate::config::Host;
-        let dir = Path::new("/tmp/a dir/sock");
-        let cfg = crate::PoolConfig::parse(&socket_url(dir, 5432, "integrations")).unwrap();
-        assert_eq!(cfg.host, Host::Unix(dir.to_path_buf()));
-        assert_eq!((cfg.port, cfg.database.as_str()), (5432, "integrations"));
-        assert_eq!(cfg.user, "postgres");
-        let cfg = crate::PoolConfig::parse(&socket_url(dir, 41234, "postgres")).unwrap();
-        assert_eq!(cfg.host, Host::Unix(dir.to_path_buf()));
-        assert_eq!((cfg.port, cfg.database.as_str()), (41234, "postgres"));
-        // What a log shows names the directory, never a TCP address.
-        let shown = crate::PoolConfig::parse(&socket_url(dir, 5432, "integrations"))
-            .unwrap()
-            .redacted_url();
-        assert!(!shown.contains("127.0.0.1"), "{shown}");
-        assert!(shown.contains("%2Ftmp%2Fa+dir%2Fsock"), "{shown}");
     }
 
     #[test]
