@@ -52,13 +52,22 @@ fn check(
 }
 
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr, $allowed:expr, $accepted:literal) => {
+    ($(#[$doc:meta])* $name:ident, $field:literal, $max:expr, $allowed:expr, $pattern:literal, $accepted:literal) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
         #[serde(transparent)]
         pub struct $name(String);
 
         impl $name {
+            /// Longest value accepted, in bytes (every accepted character
+            /// is ASCII, so also in characters).
+            pub const MAX_LEN: usize = $max;
+
+            /// The accepted values as an anchored regular expression, for
+            /// the OpenAPI document (`parse` is the authority; a test keeps
+            /// the two in step).
+            pub const PATTERN: &'static str = $pattern;
+
             /// Validates a raw value.
             pub fn parse(value: &str) -> Result<$name, InvalidInput> {
                 check($field, value, $max, $allowed, $accepted).map($name)
@@ -94,6 +103,7 @@ id_type!(
     "user_id",
     128,
     id_char,
+    "^[A-Za-z0-9._@:+|~=-]{1,128}$",
     "1 to 128 characters: letters, digits and - _ . @ : + | ~ ="
 );
 
@@ -103,6 +113,7 @@ id_type!(
     "account_id",
     256,
     id_char,
+    "^[A-Za-z0-9._@:+|~=-]{1,256}$",
     "1 to 256 characters: letters, digits and - _ . @ : + | ~ ="
 );
 
@@ -112,6 +123,7 @@ id_type!(
     "provider",
     64,
     |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_',
+    "^[a-z0-9_-]{1,64}$",
     "1 to 64 lowercase letters, digits, - or _"
 );
 
@@ -138,5 +150,53 @@ mod tests {
         );
         assert!(AccountId::parse("bad space").is_err());
         assert!(AccountId::parse("1234567890").is_ok());
+    }
+
+    /// The characters a `PATTERN`'s one class admits (`[...]`, with
+    /// `a-z` ranges and a literal trailing `-`).
+    fn class_of(pattern: &str) -> Vec<char> {
+        let start = pattern.find('[').unwrap() + 1;
+        let end = pattern.find(']').unwrap();
+        let class: Vec<char> = pattern[start..end].chars().collect();
+        let mut chars = Vec::new();
+        let mut i = 0;
+        while i < class.len() {
+            if i + 2 < class.len() && class[i + 1] == '-' {
+                chars.extend(class[i]..=class[i + 2]);
+                i += 3;
+            } else {
+                chars.push(class[i]);
+                i += 1;
+            }
+        }
+        chars
+    }
+
+    #[test]
+    fn openapi_patterns_admit_exactly_what_parse_accepts() {
+        type Parse = fn(&str) -> bool;
+        let cases: [(&str, usize, Parse); 3] = [
+            (UserId::PATTERN, UserId::MAX_LEN, |v| {
+                UserId::parse(v).is_ok()
+            }),
+            (AccountId::PATTERN, AccountId::MAX_LEN, |v| {
+                AccountId::parse(v).is_ok()
+            }),
+            (ProviderName::PATTERN, ProviderName::MAX_LEN, |v| {
+                ProviderName::parse(v).is_ok()
+            }),
+        ];
+        for (pattern, max, parse) in cases {
+            assert!(pattern.starts_with("^[") && pattern.ends_with(&format!("]{{1,{max}}}$")));
+            let class = class_of(pattern);
+            for c in (0u8..=127)
+                .map(char::from)
+                .chain(['é', '\u{0}', '\u{2028}'])
+            {
+                assert_eq!(parse(&c.to_string()), class.contains(&c), "{pattern} {c:?}");
+            }
+            let ok = class[0].to_string();
+            assert!(parse(&ok.repeat(max)) && !parse(&ok.repeat(max + 1)) && !parse(""));
+        }
     }
 }

@@ -13,6 +13,7 @@ use utoipa_axum::routes;
 use super::auth::{Caller, Write};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath, ApiQuery};
+use super::openapi::PROVIDER_UNAVAILABLE;
 use super::AppState;
 use crate::domain::{IntegrationView, ProviderName, UserId};
 use secrecy::ExposeSecret;
@@ -29,13 +30,29 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 pub struct ConnectRequest {
     /// The application's user id.
+    #[schema(schema_with = user_schema)]
     user_id: String,
     /// Where the user is sent when the provider answered (absolute http(s)
     /// URL); it receives
     /// `status=authorized&provider=..&account_id=..&completion_code=..`
     /// (then confirm with `POST /v1/connect/complete`) or
-    /// `status=error&error=<code>`.
+    /// `status=error&error=<code>`. Its origin must be one of
+    /// INTEGRATIONS_REDIRECT_ORIGINS, and it may not carry userinfo.
+    #[schema(min_length = 1, example = "https://app.example.com/integrations/done")]
     redirect_uri: String,
+}
+
+fn user_schema() -> utoipa::openapi::Object {
+    super::openapi::id_schema(UserId::MAX_LEN, UserId::PATTERN, "user-1")
+}
+
+fn optional_user_schema() -> utoipa::openapi::Object {
+    let mut schema = user_schema();
+    schema.schema_type = utoipa::openapi::schema::SchemaType::Array(vec![
+        utoipa::openapi::Type::String,
+        utoipa::openapi::Type::Null,
+    ]);
+    schema
 }
 
 /// Where to send the user, and the flow to keep.
@@ -54,11 +71,16 @@ pub struct ConnectStarted {
 #[utoipa::path(
     post,
     path = "/v1/connect/{provider}",
+    operation_id = "start_connect",
     params(("provider" = String, Path, description = "Provider name")),
     request_body = ConnectRequest,
     responses(
-        (status = 200, description = "The authorize URL", body = ConnectStarted),
-        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 200, description = "The authorize URL", body = ConnectStarted, links(
+            ("CompleteConnect" = (operation_id = "complete_connect", request_body = json!({"flow_id": "$response.body#/flow_id", "completion_code": "unknown", "user_id": "$request.body#/user_id"}))),
+        )),
+        (status = 400, description = "The provider name or the body is invalid (naming the field); redirect_uri is not an absolute http(s) URL, its origin is not in INTEGRATIONS_REDIRECT_ORIGINS, or it carries userinfo; or the service has no INTEGRATIONS_CALLBACK_URL", body = ErrorBody),
+        (status = 502, description = "The provider's registry entry cannot build an authorize URL (`oauth_failed`)", body = ErrorBody),
+        (status = 503, description = PROVIDER_UNAVAILABLE, body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = ErrorBody),
         (status = 404, description = "Unknown provider", body = ErrorBody),
@@ -90,6 +112,7 @@ async fn start(
 #[into_params(parameter_in = Query)]
 pub struct CallbackQuery {
     /// The state from the authorize URL.
+    #[param(required = true, value_type = String)]
     state: Option<String>,
     /// The authorization code.
     code: Option<String>,
@@ -107,10 +130,12 @@ pub struct CallbackQuery {
 #[utoipa::path(
     get,
     path = "/v1/oauth/callback",
+    operation_id = "oauth_callback",
     params(CallbackQuery),
     responses(
-        (status = 303, description = "Back to the application's redirect_uri with status=authorized (then POST /v1/connect/complete) or status=error"),
-        (status = 400, description = "Unknown, used or expired state", body = ErrorBody),
+        (status = 303, description = "Back to the application's redirect_uri with status=authorized (then POST /v1/connect/complete) or status=error and error=<code> (`access_denied`, `oauth_failed`, `provider_not_configured`, ...)"),
+        (status = 400, description = "state is missing, unknown, used or expired, or the query is malformed", body = ErrorBody),
+        (status = 503, description = PROVIDER_UNAVAILABLE, body = ErrorBody),
     ),
     tag = "connect"
 )]
@@ -177,12 +202,15 @@ pub struct CompleteRequest {
     /// The flow id `POST /v1/connect/{provider}` returned, read from the
     /// session of the user whose browser came back (never from the URL
     /// alone).
+    #[schema(min_length = 1)]
     flow_id: String,
     /// The `completion_code` the browser brought back to the redirect_uri.
+    #[schema(min_length = 1)]
     completion_code: String,
     /// Optional: the application's user; when given it must be the user
     /// the flow was started for.
     #[serde(default)]
+    #[schema(schema_with = optional_user_schema)]
     user_id: Option<String>,
 }
 
@@ -193,13 +221,17 @@ pub struct CompleteRequest {
 #[utoipa::path(
     post,
     path = "/v1/connect/complete",
+    operation_id = "complete_connect",
     request_body = CompleteRequest,
     responses(
-        (status = 200, description = "The integration, connected", body = IntegrationView<'static>),
-        (status = 400, description = "Unknown, completed, expired or mismatched flow (invalid_flow), or an invalid body", body = ErrorBody),
+        (status = 200, description = "The integration, connected", body = IntegrationView<'static>, links(
+            ("GetToken" = (operation_id = "get_token", parameters(("provider" = "$response.body#/provider"), ("account_id" = "$response.body#/account_id")))),
+        )),
+        (status = 400, description = "Unknown, completed, expired or mismatched flow (`invalid_flow`), or an invalid body (naming the field)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = ErrorBody),
         (status = 409, description = "The account is connected to another user", body = ErrorBody),
+        (status = 503, description = PROVIDER_UNAVAILABLE, body = ErrorBody),
     ),
     security(("api_key" = ["write"])),
     tag = "connect"

@@ -44,7 +44,8 @@ async fn healthz() -> Json<Health> {
     path = "/readyz",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "No database connection within 1 s", body = ErrorBody),
+        (status = 500, description = "The readiness query failed (`internal`)", body = ErrorBody),
+        (status = 503, description = "No database connection within 1 s (`not_ready`), the database is unavailable (a `P` code), or the request deadline passed (`request_timeout`)", body = ErrorBody),
     ),
     tag = "health"
 )]

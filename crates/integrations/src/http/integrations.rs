@@ -29,6 +29,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[utoipa::path(
     get,
     path = "/v1/users/{user_id}/integrations",
+    operation_id = "list_integrations",
     params(("user_id" = String, Path, description = "The application's user id")),
     responses(
         (status = 200, description = "The user's integrations", body = IntegrationList<'static>),
@@ -57,29 +58,106 @@ async fn list(
 
 /// The body of `PUT`: the token response as the provider returned it
 /// (`access_token`, `refresh_token`, `expires_in` or `expires_at`, `scope`
-/// or `scopes`, `token_type`), plus optional `metadata`.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct TokenBody {
-    /// The access token.
-    access_token: String,
-    /// The refresh token, if any (omitted: the stored one is kept).
-    refresh_token: Option<String>,
-    /// Seconds until the access token expires.
-    expires_in: Option<u64>,
-    /// When it expires (unix seconds or RFC 3339), instead of expires_in.
-    #[schema(value_type = Option<String>)]
-    expires_at: Option<serde_json::Value>,
-    /// Granted scopes, space or comma separated.
-    scope: Option<String>,
-    /// Granted scopes as a list.
-    scopes: Option<Vec<String>>,
-    /// Usually "Bearer".
-    token_type: Option<String>,
-    /// Application data to store with the integration (a JSON object).
-    #[schema(value_type = Option<Object>)]
-    metadata: Option<serde_json::Value>,
+/// or `scopes`, `token_type`), plus optional `metadata`. Parsed by
+/// [`TokenSet::from_response`]; its schema, written out here, says what that
+/// parser accepts (other fields are kept as extra token data).
+pub struct TokenBody;
+
+/// Holds a character Rust's `str::trim` keeps (one that is not Unicode
+/// `White_Space`): what "not blank" means to the parser.
+const NOT_BLANK: &str = r"[^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+
+/// Seconds as text. The parser takes any finite number Rust's `f64` parser
+/// reads (after trimming); documented is the plain decimal form.
+const SECONDS_TEXT: &str = r"^[0-9]{1,9}(\.[0-9]+)?$";
+
+/// Unix seconds or an RFC 3339 instant, as text (the plain forms of what
+/// the parser reads).
+const INSTANT_TEXT: &str = r"^([0-9]{1,9}(\.[0-9]+)?|20[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9]))$";
+
+impl utoipa::PartialSchema for TokenBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AllOfBuilder, AnyOfBuilder, ArrayBuilder, ObjectBuilder, SchemaType, Type,
+        };
+        let types = |t: &[Type]| SchemaType::Array(t.to_vec());
+        let string = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(types(&[Type::String, Type::Null]))
+                .description(Some(description))
+        };
+        // At most one of two fields is given (null counts as not given).
+        let one_of = |a: &str, b: &str| {
+            let null = || ObjectBuilder::new().schema_type(Type::Null);
+            AnyOfBuilder::new()
+                .item(ObjectBuilder::new().property(a, null()))
+                .item(ObjectBuilder::new().property(b, null()))
+        };
+        let fields = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .required("access_token")
+            .property(
+                "access_token",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(NOT_BLANK))
+                    .description(Some("The access token (not blank).")),
+            )
+            .property(
+                "refresh_token",
+                string("The refresh token, if any (omitted, null or blank: the stored one is kept)."),
+            )
+            .property(
+                "expires_in",
+                ObjectBuilder::new()
+                    .schema_type(types(&[Type::Number, Type::String, Type::Null]))
+                    .minimum(Some(0))
+                    .maximum(Some(3_153_600_000u64))
+                    .pattern(Some(SECONDS_TEXT))
+                    .description(Some("Seconds until the access token expires (at most 100 years), as a number or numeric text.")),
+            )
+            .property(
+                "expires_at",
+                ObjectBuilder::new()
+                    .schema_type(types(&[Type::Number, Type::String, Type::Null]))
+                    .minimum(Some(0))
+                    .maximum(Some(4_102_444_800u64))
+                    .pattern(Some(INSTANT_TEXT))
+                    .description(Some("When it expires, instead of expires_in: unix seconds (a number or numeric text) or RFC 3339 text.")),
+            )
+            .property("scope", string("Granted scopes, space or comma separated."))
+            .property(
+                "scopes",
+                ArrayBuilder::new()
+                    .schema_type(types(&[Type::Array, Type::Null]))
+                    .items(ObjectBuilder::new().schema_type(Type::String))
+                    .description(Some("Granted scopes as a list, instead of scope.")),
+            )
+            .property(
+                "token_type",
+                ObjectBuilder::new()
+                    .schema_type(types(&[Type::String, Type::Null]))
+                    .pattern(Some(NOT_BLANK))
+                    .description(Some("Usually \"Bearer\" (the default; not blank).")),
+            )
+            .property(
+                "metadata",
+                ObjectBuilder::new()
+                    .schema_type(types(&[Type::Object, Type::Null]))
+                    .description(Some("Application data to store with the integration.")),
+            );
+        AllOfBuilder::new()
+            .item(fields)
+            .item(one_of("scope", "scopes"))
+            .item(one_of("expires_in", "expires_at"))
+            .description(Some(
+                "A token response as the provider returned it, plus optional metadata; no string may hold a NUL character.",
+            ))
+            .into()
+    }
 }
+
+impl utoipa::ToSchema for TokenBody {}
 
 fn ids(
     user: &str,
@@ -98,6 +176,7 @@ fn ids(
 #[utoipa::path(
     put,
     path = "/v1/users/{user_id}/integrations/{provider}/{account_id}",
+    operation_id = "put_integration",
     params(
         ("user_id" = String, Path, description = "The application's user id"),
         ("provider" = String, Path, description = "Provider name, e.g. github"),
@@ -105,8 +184,13 @@ fn ids(
     ),
     request_body = TokenBody,
     responses(
-        (status = 200, description = "Stored", body = IntegrationView<'static>),
-        (status = 400, description = "Invalid body or path", body = super::error::ErrorBody),
+        (status = 200, description = "Stored", body = IntegrationView<'static>, links(
+            ("ListIntegrations" = (operation_id = "list_integrations", parameters(("user_id" = "$request.path.user_id")))),
+            ("GetToken" = (operation_id = "get_token", parameters(("provider" = "$request.path.provider"), ("account_id" = "$request.path.account_id")))),
+            ("RefreshIntegration" = (operation_id = "refresh_integration", parameters(("provider" = "$request.path.provider"), ("account_id" = "$request.path.account_id")))),
+            ("DeleteIntegration" = (operation_id = "delete_integration", parameters(("user_id" = "$request.path.user_id"), ("provider" = "$request.path.provider"), ("account_id" = "$request.path.account_id")))),
+        )),
+        (status = 400, description = "A path parameter or the body is invalid (naming the field), or the body gives both `scope` and `scopes`, or both `expires_in` and `expires_at`", body = super::error::ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = super::error::ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = super::error::ErrorBody),
         (status = 404, description = "Unknown provider", body = super::error::ErrorBody),
@@ -177,6 +261,7 @@ pub struct RevokeError {
 #[utoipa::path(
     delete,
     path = "/v1/users/{user_id}/integrations/{provider}/{account_id}",
+    operation_id = "delete_integration",
     params(
         ("user_id" = String, Path, description = "The application's user id"),
         ("provider" = String, Path, description = "Provider name"),

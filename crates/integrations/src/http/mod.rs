@@ -15,6 +15,7 @@ mod error;
 mod extract;
 mod health;
 mod integrations;
+mod openapi;
 mod server;
 mod tokens;
 
@@ -128,13 +129,15 @@ impl utoipa::Modify for BearerAuth {
 /// The routes and the OpenAPI document, built from the same handlers so
 /// they cannot drift apart.
 pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let router = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(integrations::router())
         .merge(tokens::router())
         .merge(connect::router())
         .merge(admin::router())
-        .merge(health::router())
-        .split_for_parts()
+        .merge(health::router());
+    let (router, mut doc) = router.split_for_parts();
+    openapi::complete(&mut doc);
+    (router, doc)
 }
 
 /// The application with the default request deadline
@@ -147,7 +150,8 @@ pub fn app(state: AppState) -> Router {
 /// request still running after `request_timeout` is stopped and answered
 /// 503 `request_timeout`.
 pub fn app_with_deadline(state: AppState, request_timeout: Duration) -> Router {
-    let (router, openapi) = routes();
+    let (router, mut openapi) = routes();
+    openapi::name_providers(&mut openapi, &state.service.providers().names());
     let openapi = Arc::new(openapi);
     let request_id = HeaderName::from_static("x-request-id");
     router

@@ -15,13 +15,17 @@ use utoipa_axum::routes;
 use super::auth::{Caller, Credentials, Write};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, ApiPath};
+use super::openapi::PROVIDER_UNAVAILABLE;
 use super::AppState;
 use crate::domain::IntegrationView;
 use crate::domain::{AccountId, ProviderName};
 use crate::service::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
 
-/// Most requests in one batch.
+/// Most requests in one batch (`maxItems` in the document).
 const MAX_BATCH: usize = 1000;
+
+/// Most refreshes in flight in one batch (`maximum` in the document).
+const MAX_BATCH_CONCURRENCY: usize = 50;
 
 /// The routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -51,17 +55,20 @@ pub struct TokenView {
 #[utoipa::path(
     get,
     path = "/v1/integrations/{provider}/{account_id}/token",
+    operation_id = "get_token",
     params(
         ("provider" = String, Path, description = "Provider name"),
         ("account_id" = String, Path, description = "Account id on the provider"),
     ),
     responses(
         (status = 200, description = "A valid access token", body = TokenView),
+        (status = 400, description = "A path parameter is invalid (naming it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the credentials scope", body = ErrorBody),
         (status = 404, description = "No such integration or provider", body = ErrorBody),
-        (status = 409, description = "Revoked or expired: the user must reconnect", body = ErrorBody),
-        (status = 502, description = "The provider failed to refresh", body = ErrorBody),
+        (status = 409, description = "Revoked or expired: the user must reconnect (`reconnect_required`)", body = ErrorBody),
+        (status = 502, description = "The provider failed to refresh (`refresh_failed`; `Retry-After` when worth retrying)", body = ErrorBody),
+        (status = 503, description = PROVIDER_UNAVAILABLE, body = ErrorBody),
     ),
     security(("api_key" = ["credentials"])),
     tag = "tokens"
@@ -89,17 +96,22 @@ async fn token(
 #[utoipa::path(
     post,
     path = "/v1/integrations/{provider}/{account_id}/refresh",
+    operation_id = "refresh_integration",
     params(
         ("provider" = String, Path, description = "Provider name"),
         ("account_id" = String, Path, description = "Account id on the provider"),
     ),
     responses(
-        (status = 200, description = "Refreshed", body = IntegrationView<'static>),
+        (status = 200, description = "Refreshed", body = IntegrationView<'static>, links(
+            ("GetToken" = (operation_id = "get_token", parameters(("provider" = "$request.path.provider"), ("account_id" = "$request.path.account_id")))),
+        )),
+        (status = 400, description = "A path parameter is invalid (naming it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = ErrorBody),
         (status = 404, description = "No such integration or provider", body = ErrorBody),
-        (status = 409, description = "Revoked: the user must reconnect", body = ErrorBody),
-        (status = 502, description = "The provider failed; the stored tokens are unchanged", body = ErrorBody),
+        (status = 409, description = "Revoked or expired: the user must reconnect (`reconnect_required`); or stored without a refresh token (`no_refresh_token`): it stays valid until it expires", body = ErrorBody),
+        (status = 502, description = "The provider failed (`refresh_failed`; `Retry-After` when worth retrying); the stored tokens are unchanged", body = ErrorBody),
+        (status = 503, description = PROVIDER_UNAVAILABLE, body = ErrorBody),
     ),
     security(("api_key" = ["write"])),
     tag = "tokens"
@@ -118,18 +130,46 @@ async fn refresh(
 #[derive(Deserialize, ToSchema)]
 pub struct BatchItem {
     /// Provider name.
+    #[schema(schema_with = provider_schema)]
     provider: String,
     /// Account id on the provider.
+    #[schema(schema_with = account_schema)]
     account_id: String,
+}
+
+fn provider_schema() -> utoipa::openapi::Object {
+    super::openapi::id_schema(ProviderName::MAX_LEN, ProviderName::PATTERN, "github")
+}
+
+fn account_schema() -> utoipa::openapi::Object {
+    super::openapi::id_schema(AccountId::MAX_LEN, AccountId::PATTERN, "12345")
 }
 
 /// A batch of refreshes.
 #[derive(Deserialize, ToSchema)]
 pub struct BatchRequest {
-    /// What to refresh (at most 1000).
+    /// What to refresh.
+    #[schema(max_items = 1000)]
     requests: Vec<BatchItem>,
-    /// Refreshes in flight (default 5, at most 50).
-    concurrency: Option<usize>,
+    /// Refreshes in flight (default 5). A number: JSON Schema counts `5.0`
+    /// as the integer 5, and so does the server.
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 50)]
+    concurrency: Option<serde_json::Number>,
+}
+
+/// `concurrency` as a count, when it is an integer from 1 to
+/// [`MAX_BATCH_CONCURRENCY`] (`5.0` included).
+fn concurrency(n: &serde_json::Number) -> Option<usize> {
+    let n = match n.as_u64() {
+        Some(n) => n,
+        None => n
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
+            .map(|f| f as u64)?,
+    };
+    usize::try_from(n)
+        .ok()
+        .filter(|n| (1..=MAX_BATCH_CONCURRENCY).contains(n))
 }
 
 /// One result per request, in order.
@@ -166,7 +206,7 @@ pub struct BatchResult {
     request_body = BatchRequest,
     responses(
         (status = 200, description = "Per-item results", body = BatchResponse),
-        (status = 400, description = "Invalid body", body = ErrorBody),
+        (status = 400, description = "The body is invalid (naming the field)", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = ErrorBody),
     ),
@@ -184,12 +224,14 @@ async fn batch_refresh(
             body.requests.len()
         )));
     }
-    let concurrency = body.concurrency.unwrap_or(DEFAULT_BATCH_CONCURRENCY);
-    if !(1..=50).contains(&concurrency) {
-        return Err(ApiError::bad_request(
-            "concurrency is invalid: accepted 1 to 50",
-        ));
-    }
+    let concurrency = match &body.concurrency {
+        None => DEFAULT_BATCH_CONCURRENCY,
+        Some(n) => concurrency(n).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "concurrency is invalid: it is {n}; accepted: an integer from 1 to {MAX_BATCH_CONCURRENCY}"
+            ))
+        })?,
+    };
     let mut parsed = Vec::with_capacity(body.requests.len());
     for (i, item) in body.requests.iter().enumerate() {
         let (provider, account_id) = ProviderName::parse(&item.provider)

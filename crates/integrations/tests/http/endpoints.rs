@@ -606,3 +606,100 @@ async fn openapi_documents_exactly_the_routes_the_server_answers() {
     }
     app.assert_no_leaks();
 }
+
+#[tokio::test]
+async fn openapi_documents_every_shared_answer_limit_and_link() {
+    let app = TestApp::spawn().await;
+    let doc = app.get("/openapi.json", None).await.json();
+    let mut operation_ids = BTreeSet::new();
+    let mut link_targets = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let name = format!("{method} {path}");
+            operation_ids.insert(op["operationId"].as_str().unwrap().to_string());
+            let responses = op["responses"].as_object().unwrap();
+            let has = |status: &str| responses.contains_key(status);
+            let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+            if secured {
+                for status in ["401", "403", "500", "503"] {
+                    assert!(has(status), "{name} lacks {status}");
+                }
+            }
+            if op.get("requestBody").is_some() {
+                for status in ["400", "413", "415"] {
+                    assert!(has(status), "{name} lacks {status}");
+                }
+            }
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                assert!(has("400"), "{name} lacks 400");
+                let schema = &param["schema"];
+                match param["name"].as_str().unwrap() {
+                    "user_id" => assert_eq!(schema["maxLength"], 128, "{name}"),
+                    "account_id" => assert_eq!(schema["maxLength"], 256, "{name}"),
+                    "provider" => {
+                        assert_eq!(schema["maxLength"], 64, "{name}");
+                        // The test registry's providers, and no other.
+                        assert!(schema["enum"].as_array().unwrap().contains(&json!("good")));
+                    }
+                    "state" => assert_eq!(param["required"], true, "{name}"),
+                    _ => {}
+                }
+                if param["in"] == "path" {
+                    assert!(schema["pattern"].is_string(), "{name}: {param}");
+                }
+            }
+            for (status, response) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(
+                        response["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{name} {status}"
+                    );
+                }
+                for link in response["links"].as_object().into_iter().flatten() {
+                    let target = link.1["operationId"].as_str();
+                    assert!(target.is_some(), "{name} {status}: {link:?}");
+                    link_targets.push(target.unwrap().to_string());
+                }
+            }
+        }
+    }
+    assert!(!link_targets.is_empty());
+    for target in link_targets {
+        assert!(operation_ids.contains(&target), "a link to {target}");
+    }
+    let batch = &doc["components"]["schemas"]["BatchRequest"]["properties"];
+    assert_eq!(batch["concurrency"]["minimum"], 1);
+    assert_eq!(batch["concurrency"]["maximum"], 50);
+    assert_eq!(batch["requests"]["maxItems"], 1000);
+}
+
+#[tokio::test]
+async fn batch_concurrency_is_an_integer_from_1_to_50_written_either_way() {
+    let app = TestApp::spawn().await;
+    let key = Some(app.keys.all.as_str());
+    for (concurrency, status) in [
+        (json!(5), 200),
+        // JSON Schema's integer: the document promises 5.0 is one.
+        (json!(5.0), 200),
+        (json!(null), 200),
+        (json!(5.5), 400),
+        (json!(0), 400),
+        (json!(51), 400),
+        (json!(-1), 400),
+        (json!("5"), 400),
+    ] {
+        let reply = app
+            .send(
+                Method::POST,
+                "/v1/integrations/refresh",
+                key,
+                Some(json!({"requests": [], "concurrency": concurrency})),
+            )
+            .await;
+        assert_eq!(reply.status, status, "{concurrency}: {}", reply.text);
+        if status == 400 {
+            assert!(reply.text.contains("concurrency"), "{}", reply.text);
+        }
+    }
+}
