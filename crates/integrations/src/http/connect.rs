@@ -231,7 +231,6 @@ pub struct CompleteRequest {
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 403, description = "The key lacks the write scope", body = ErrorBody),
         (status = 409, description = "The account is connected to another user", body = ErrorBody),
-        (status = 503, description = PROVIDER_UNAVAILABLE, body = ErrorBody),
     ),
     security(("api_key" = ["write"])),
     tag = "connect"
