@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::conn::ClientConn;
+use super::manager::ClientConn;
 use crate::error::Error;
 
 /// Backoff after the server refused a connection (53300).

@@ -1,104 +1,19 @@
-//! A pooled connection and the handle callers hold while they use it.
+//! The handle callers hold while they use a pooled connection ([`Conn`],
+//! [`Transaction`]); the connection itself is the manager's `ClientConn`.
 
-use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 use deadpool::managed::Object;
 use lru::LruCache;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Row, Statement};
 
-use super::manager::{Manager, Shared};
+use super::manager::{ClientConn, Flags, Manager, Shared};
 use super::params::{infer_types, Param};
 use super::stats::{CloseReason, Counters};
 use crate::error::Error;
-
-/// One server connection as the pool keeps it.
-pub struct ClientConn {
-    pub(crate) client: Client,
-    /// Prepared statements by SQL text, least recently used evicted. Written
-    /// by hand over `lru` because tokio-postgres caches nothing and
-    /// deadpool-postgres's cache is unbounded; evicting drops the
-    /// `Statement`, which makes tokio-postgres close it on the server.
-    statements: Option<LruCache<String, Statement>>,
-    pub(crate) id: u64,
-    pub(crate) pid: i32,
-    pub(crate) created: Instant,
-    /// When it was last returned to the pool (for the idle lifetime).
-    pub(crate) returned: Instant,
-    pub(crate) lifetime: Option<Duration>,
-    /// Whether a statement is in flight, and whether the connection broke.
-    pub(crate) flags: Flags,
-    /// A transaction may be open: roll back before anyone else uses it.
-    pub(crate) needs_rollback: bool,
-    /// Why it is being closed, set by whoever decides to close it and
-    /// counted when it is dropped (`shutdown` when nobody said).
-    close_reason: AtomicU8,
-    shared: Weak<Shared>,
-}
-
-impl ClientConn {
-    /// Records why this connection is about to be dropped.
-    pub(crate) fn closing(&self, reason: CloseReason) {
-        self.close_reason.store(reason as u8 + 1, Ordering::Relaxed);
-    }
-}
-
-impl Drop for ClientConn {
-    fn drop(&mut self) {
-        let reason = match self.close_reason.load(Ordering::Relaxed) {
-            0 => CloseReason::Shutdown,
-            n => CloseReason::from_index(n - 1),
-        };
-        tracing::debug!(
-            connection = self.id,
-            backend_pid = self.pid,
-            reason = reason.as_str(),
-            "closing database connection"
-        );
-        if let Some(shared) = self.shared.upgrade() {
-            shared.counters.closed(reason);
-        }
-    }
-}
-
-impl ClientConn {
-    pub(crate) fn new(
-        shared: Weak<Shared>,
-        client: Client,
-        id: u64,
-        pid: i32,
-        cache_size: usize,
-        lifetime: Option<Duration>,
-    ) -> ClientConn {
-        let now = Instant::now();
-        ClientConn {
-            client,
-            statements: NonZeroUsize::new(cache_size).map(LruCache::new),
-            id,
-            pid,
-            created: now,
-            returned: now,
-            lifetime,
-            flags: Flags::default(),
-            needs_rollback: false,
-            close_reason: AtomicU8::new(0),
-            shared,
-        }
-    }
-}
-
-/// What a connection's owner must know before reusing it.
-#[derive(Debug, Default)]
-pub(crate) struct Flags {
-    /// A statement was sent and its answer not yet read: a caller dropped
-    /// mid-statement leaves this set.
-    pub in_flight: bool,
-    /// Unusable: discard on return.
-    pub broken: bool,
-}
 
 /// What a statement should produce.
 #[derive(Clone, Copy)]

@@ -1,4 +1,5 @@
-//! Opening, checking and closing server connections: the deadpool `Manager`.
+//! Opening, checking and closing server connections: the deadpool `Manager`
+//! and the connection it keeps ([`ClientConn`]).
 //!
 //! Hand-written rather than deadpool-postgres's manager because that one has
 //! no bounded statement cache, no connection lifetimes, no socket timeout, no
@@ -6,22 +7,23 @@
 //! protection against connections returned mid-query or mid-transaction.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use std::future::Future;
 use std::pin::Pin;
 
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
+use lru::LruCache;
 use rand::Rng;
 use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
+use tokio_postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::attempts::{Attempts, Gate, Handoff};
-use super::conn::ClientConn;
 use super::observe::Observer;
 use super::stats::{CloseReason, Counters};
 use super::tls;
@@ -480,6 +482,91 @@ fn escape_option(value: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// One server connection as the pool keeps it.
+pub struct ClientConn {
+    pub(crate) client: Client,
+    /// Prepared statements by SQL text, least recently used evicted. Written
+    /// by hand over `lru` because tokio-postgres caches nothing and
+    /// deadpool-postgres's cache is unbounded; evicting drops the
+    /// `Statement`, which makes tokio-postgres close it on the server.
+    pub(super) statements: Option<LruCache<String, Statement>>,
+    pub(crate) id: u64,
+    pub(crate) pid: i32,
+    pub(crate) created: Instant,
+    /// When it was last returned to the pool (for the idle lifetime).
+    pub(crate) returned: Instant,
+    pub(crate) lifetime: Option<Duration>,
+    /// Whether a statement is in flight, and whether the connection broke.
+    pub(crate) flags: Flags,
+    /// A transaction may be open: roll back before anyone else uses it.
+    pub(crate) needs_rollback: bool,
+    /// Why it is being closed, set by whoever decides to close it and
+    /// counted when it is dropped (`shutdown` when nobody said).
+    close_reason: AtomicU8,
+    shared: Weak<Shared>,
+}
+
+impl ClientConn {
+    /// Records why this connection is about to be dropped.
+    pub(crate) fn closing(&self, reason: CloseReason) {
+        self.close_reason.store(reason as u8 + 1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        let reason = match self.close_reason.load(Ordering::Relaxed) {
+            0 => CloseReason::Shutdown,
+            n => CloseReason::from_index(n - 1),
+        };
+        tracing::debug!(
+            connection = self.id,
+            backend_pid = self.pid,
+            reason = reason.as_str(),
+            "closing database connection"
+        );
+        if let Some(shared) = self.shared.upgrade() {
+            shared.counters.closed(reason);
+        }
+    }
+}
+
+impl ClientConn {
+    pub(crate) fn new(
+        shared: Weak<Shared>,
+        client: Client,
+        id: u64,
+        pid: i32,
+        cache_size: usize,
+        lifetime: Option<Duration>,
+    ) -> ClientConn {
+        let now = Instant::now();
+        ClientConn {
+            client,
+            statements: NonZeroUsize::new(cache_size).map(LruCache::new),
+            id,
+            pid,
+            created: now,
+            returned: now,
+            lifetime,
+            flags: Flags::default(),
+            needs_rollback: false,
+            close_reason: AtomicU8::new(0),
+            shared,
+        }
+    }
+}
+
+/// What a connection's owner must know before reusing it.
+#[derive(Debug, Default)]
+pub(crate) struct Flags {
+    /// A statement was sent and its answer not yet read: a caller dropped
+    /// mid-statement leaves this set.
+    pub in_flight: bool,
+    /// Unusable: discard on return.
+    pub broken: bool,
 }
 
 #[cfg(test)]
