@@ -45,7 +45,7 @@ impl ConfigError {
 
     /// What to do about it.
     pub fn hint(&self) -> &'static str {
-        "Fix DATABASE_URL (see the parameter table in the README); `integrations config` shows the effective settings without connecting."
+        "Fix DATABASE_URL (see the parameter table in the README); PoolConfig::describe lists the effective settings and where each came from."
     }
 }
 

@@ -158,7 +158,9 @@ pub fn direct_or_main(
 /// Reports an invalid database setting with its hint: exit 2.
 pub fn invalid_config(e: &db_pool::ConfigError) -> ExitCode {
     eprintln!("{e}");
-    eprintln!("hint: {}", e.hint());
+    eprintln!(
+        "hint: Fix DATABASE_URL (see the parameter table in the README); `integrations config` shows the effective settings without connecting."
+    );
     ExitCode::from(EXIT_INVALID_INPUT)
 }
 
