@@ -17,7 +17,7 @@ use db_pool::{ListenEvent, Listener, PoolConfig};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::ApiKeys;
+use crate::service::api_keys::ApiKeys;
 use crate::service::IntegrationsService;
 
 /// The notification channel the triggers send on.

@@ -2,7 +2,6 @@
 //! in PostgreSQL through the `db-pool` crate.
 #![warn(missing_docs)]
 
-pub mod auth;
 pub mod changes;
 pub mod cli;
 pub mod crypto;

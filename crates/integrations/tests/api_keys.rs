@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use db_pool::testing::TestDatabase;
 use db_pool::{Pool, PoolConfig};
-use integrations::auth::{ApiKeys, AuthError, Scope, DEFAULT_VERIFY_TTL};
+use integrations::service::api_keys::{ApiKeys, AuthError, Scope, DEFAULT_VERIFY_TTL};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 

@@ -9,7 +9,7 @@ use secrecy::ExposeSecret;
 
 use super::embedded::Target;
 use super::DatabaseArgs;
-use crate::auth::{ApiKeySummary, ApiKeys, AuthError, Scope, DEFAULT_VERIFY_TTL};
+use crate::service::api_keys::{ApiKeySummary, ApiKeys, AuthError, Scope, DEFAULT_VERIFY_TTL};
 
 /// Options of `integrations api-key`.
 #[derive(Debug, Args)]
@@ -68,10 +68,10 @@ struct RevokeArgs {
 }
 
 fn parse_name(name: &str) -> Result<String, AuthError> {
-    crate::auth::validate_name(name).map(|()| name.to_string())
+    crate::service::api_keys::validate_name(name).map(|()| name.to_string())
 }
 
-fn parse_scope(scope: &str) -> Result<Scope, crate::auth::UnknownScope> {
+fn parse_scope(scope: &str) -> Result<Scope, crate::service::api_keys::UnknownScope> {
     scope.parse()
 }
 
@@ -116,7 +116,7 @@ async fn create(keys: &ApiKeys, args: CreateArgs) -> ExitCode {
         Ok((key, info)) => {
             let prefix = key
                 .expose_secret()
-                .get(..crate::auth::DISPLAY_PREFIX_LEN)
+                .get(..crate::service::api_keys::DISPLAY_PREFIX_LEN)
                 .unwrap_or_default();
             eprintln!(
                 "created API key '{}' (id {}, prefix {prefix}) with scopes {}; \
@@ -161,12 +161,15 @@ async fn revoke(keys: &ApiKeys, args: RevokeArgs) -> ExitCode {
         Ok(0) => {
             eprintln!(
                 "error: no active API key has the id or name '{}' (see `integrations api-key list`)",
-                crate::auth::shown(&args.key)
+                crate::service::api_keys::shown(&args.key)
             );
             ExitCode::FAILURE
         }
         Ok(_) => {
-            println!("revoked API key '{}'", crate::auth::shown(&args.key));
+            println!(
+                "revoked API key '{}'",
+                crate::service::api_keys::shown(&args.key)
+            );
             eprintln!(
                 "servers that verified it recently accept it for at most {} s more",
                 keys.verify_ttl().as_secs()

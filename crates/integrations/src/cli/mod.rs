@@ -10,7 +10,7 @@ pub mod bench;
 pub mod config;
 pub mod doctor;
 pub mod embedded;
-pub mod keys;
+pub mod encryption;
 pub mod migrate;
 pub mod serve;
 
@@ -64,9 +64,9 @@ enum Command {
     /// Apply the database schema migrations embedded in this binary.
     Migrate(migrate::MigrateArgs),
     /// Print a new encryption key for INTEGRATIONS_ENCRYPTION_KEYS.
-    GenerateKey(keys::GenerateKeyArgs),
+    GenerateKey(encryption::GenerateKeyArgs),
     /// Re-encrypt every stored token with the first key of INTEGRATIONS_ENCRYPTION_KEYS, in batches; resumable.
-    RotateKeys(keys::RotateKeysArgs),
+    RotateKeys(encryption::RotateKeysArgs),
     /// Create, list or revoke API keys for the HTTP API.
     ApiKey(api_key::ApiKeyArgs),
     /// Run the HTTP API and the background refresher (with no DATABASE_URL, on an embedded PostgreSQL).
@@ -89,8 +89,8 @@ pub fn run() -> ExitCode {
         Command::Activity(args) => activity::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Migrate(args) => migrate::run(args),
-        Command::GenerateKey(args) => keys::generate(args),
-        Command::RotateKeys(args) => keys::rotate(args),
+        Command::GenerateKey(args) => encryption::generate(args),
+        Command::RotateKeys(args) => encryption::rotate(args),
         Command::ApiKey(args) => api_key::run(args),
         Command::Serve(args) => serve::run(args),
     }

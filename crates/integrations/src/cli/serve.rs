@@ -13,10 +13,10 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio_util::sync::CancellationToken;
 
 use super::DatabaseArgs;
-use crate::auth::{ApiKeys, DEFAULT_VERIFY_TTL};
 use crate::changes::{self, ChangeFeed};
 use crate::http::{self, app_with_deadline, AppState};
 use crate::oauth::{TokenClient, TokenClientConfig};
+use crate::service::api_keys::{ApiKeys, DEFAULT_VERIFY_TTL};
 use crate::service::IntegrationsService;
 use crate::settings::{process_env, ServiceSettings};
 use crate::telemetry::{self, LogFormat};

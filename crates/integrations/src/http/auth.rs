@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::auth::Scope;
+use crate::service::api_keys::Scope;
 
 /// A scope a route needs, as a type: [`Read`], [`Write`], [`Credentials`]
 /// or [`Admin`].

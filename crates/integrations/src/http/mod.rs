@@ -43,7 +43,7 @@ pub use server::{
     DEFAULT_MAX_CONNECTIONS,
 };
 
-use crate::auth::ApiKeys;
+use crate::service::api_keys::ApiKeys;
 use crate::service::IntegrationsService;
 
 /// Largest request body accepted (token responses are a few KiB).

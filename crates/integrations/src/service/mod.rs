@@ -5,9 +5,10 @@
 //! on a provider; every write invalidates the user's cached status; tokens
 //! are decrypted only where they are used and never logged.
 
+pub mod api_keys;
 mod batch;
 mod connect;
-mod keys;
+mod encryption;
 mod redirect;
 mod refresh;
 mod refresher;
@@ -24,7 +25,7 @@ use secrecy::SecretString;
 
 pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
 pub use connect::{AuthorizedConnect, Disconnected, FinishedConnect, Revocation, StartedConnect};
-pub use keys::RotationReport;
+pub use encryption::RotationReport;
 pub use redirect::{RedirectOrigins, REDIRECT_ORIGINS_ENV};
 pub use refresher::{Refresher, ScanReport};
 pub use status::{CacheStats, UserStatus};

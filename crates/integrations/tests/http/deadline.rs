@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use db_pool::testing::{Fault, FaultProxy, TestDatabase};
-use integrations::auth::Scope;
 use integrations::crypto::Keyring;
+use integrations::service::api_keys::Scope;
 use reqwest::Method;
 use serde_json::json;
 

@@ -137,7 +137,7 @@ async fn writes_through_one_instance_are_seen_by_the_other() {
     let key = crate::common::create_key(
         &a.db.as_ref().unwrap().url,
         "short-lived",
-        &[integrations::auth::Scope::Read],
+        &[integrations::service::api_keys::Scope::Read],
     )
     .await;
     for _ in 0..2 {
