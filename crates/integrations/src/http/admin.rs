@@ -48,11 +48,8 @@ async fn pool(
     _: Caller<Admin>,
     State(state): State<AppState>,
 ) -> Result<Json<PoolReport>, ApiError> {
-    let pool = state.service.pool();
-    let stats = pool.stats();
-    let mut conn = pool.get().await?;
-    let database = pool.config().database.clone();
-    let activity = db_pool::diagnostics::activity(&mut conn, &database).await?;
+    let stats = state.service.pool().stats();
+    let activity = state.service.database_activity().await?;
     Ok(Json(PoolReport {
         pool: stats,
         cache: state.service.cache_stats(),

@@ -158,6 +158,7 @@ impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
         match e {
             ServiceError::Invalid(e) => ApiError::from(e),
+            ServiceError::Tokens(e) => ApiError::bad_request(e.to_string()),
             ServiceError::UnknownProvider(e) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }

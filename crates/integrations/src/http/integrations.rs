@@ -4,7 +4,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use chrono::Utc;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -15,7 +14,6 @@ use super::extract::{ApiJson, ApiPath};
 use super::AppState;
 
 use crate::domain::{AccountId, IntegrationList, IntegrationView, ProviderName, UserId};
-use crate::oauth::TokenSet;
 
 /// The routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -59,7 +57,7 @@ async fn list(
 /// The body of `PUT`: the token response as the provider returned it
 /// (`access_token`, `refresh_token`, `expires_in` or `expires_at`, `scope`
 /// or `scopes`, `token_type`), plus optional `metadata`. Parsed by
-/// [`TokenSet::from_response`]; its schema, written out here, says what that
+/// [`crate::oauth::TokenSet::from_response`]; its schema, written out here, says what that
 /// parser accepts (other fields are kept as extra token data).
 pub struct TokenBody;
 
@@ -207,27 +205,9 @@ async fn put(
     ApiJson(body): ApiJson<serde_json::Value>,
 ) -> Result<axum::response::Response, ApiError> {
     let (user, provider, account) = ids(&user_id, &provider, &account_id)?;
-    // A provider's response may carry both forms; a client's request that
-    // does is ambiguous: say so rather than pick one.
-    for (a, b) in [("scope", "scopes"), ("expires_in", "expires_at")] {
-        let given = |f: &str| body.get(f).is_some_and(|v| !v.is_null());
-        if given(a) && given(b) {
-            return Err(ApiError::bad_request(format!(
-                "both {a} and {b} are given; accepted: one of them"
-            )));
-        }
-    }
-    let registered = state
-        .service
-        .providers()
-        .get(provider.as_str())
-        .map_err(crate::service::ServiceError::from)?;
-    let tokens = TokenSet::from_response(&body, Utc::now(), registered.expiry)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let metadata = body.get("metadata").filter(|m| !m.is_null());
     let stored = state
         .service
-        .connect(&user, &provider, &account, &tokens, metadata)
+        .connect_response(&user, &provider, &account, &body)
         .await?;
     Ok(Json(IntegrationView::from(&stored)).into_response())
 }

@@ -56,6 +56,35 @@ pub struct FinishedConnect {
 }
 
 impl IntegrationsService {
+    /// Stores a token response the application obtained itself, as the
+    /// provider returned it (its expiry read with the provider's rules),
+    /// with the optional `metadata` object in it. Both forms of one thing
+    /// (`scope` and `scopes`, `expires_in` and `expires_at`) are ambiguous
+    /// in a request: refused, naming both.
+    pub async fn connect_response(
+        &self,
+        user_id: &UserId,
+        provider: &ProviderName,
+        account_id: &AccountId,
+        body: &serde_json::Value,
+    ) -> Result<IntegrationStatus, ServiceError> {
+        for (a, b) in [("scope", "scopes"), ("expires_in", "expires_at")] {
+            let given = |f: &str| body.get(f).is_some_and(|v| !v.is_null());
+            if given(a) && given(b) {
+                return Err(InvalidInput::new(
+                    a,
+                    format!("both {a} and {b} are given; accepted: one of them"),
+                )
+                .into());
+            }
+        }
+        let registered = self.providers.get(provider.as_str())?;
+        let tokens = TokenSet::from_response(body, Utc::now(), registered.expiry)?;
+        let metadata = body.get("metadata").filter(|m| !m.is_null());
+        self.connect(user_id, provider, account_id, &tokens, metadata)
+            .await
+    }
+
     /// Stores tokens the application obtained (creating or replacing the
     /// integration). A response without a refresh token keeps the stored
     /// one. Fails with `Conflict` when the account belongs to another user.

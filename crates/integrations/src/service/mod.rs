@@ -5,6 +5,7 @@
 //! on a provider; every write invalidates the user's cached status; tokens
 //! are decrypted only where they are used and never logged.
 
+mod admin;
 pub mod api_keys;
 mod batch;
 mod connect;
@@ -33,7 +34,8 @@ pub use status::{CacheStats, UserStatus};
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::InvalidInput;
 use crate::oauth::{
-    MissingCredential, OAuthError, Provider, ProviderRegistry, TokenClient, UnknownProvider,
+    MissingCredential, OAuthError, Provider, ProviderRegistry, TokenClient, TokenError,
+    UnknownProvider,
 };
 
 /// Tunables, with the seed's figures as defaults.
@@ -152,6 +154,9 @@ pub enum ServiceError {
     /// it, and the integration's health is left alone.
     #[error(transparent)]
     ProviderNotConfigured(#[from] MissingCredential),
+    /// A token response the application sent does not parse.
+    #[error(transparent)]
+    Tokens(#[from] TokenError),
     /// The provider refused an OAuth request.
     #[error(transparent)]
     OAuth(#[from] OAuthError),
