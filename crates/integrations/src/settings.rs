@@ -1,5 +1,7 @@
 //! The service's typed settings, assembled once from the environment (and
-//! `.env`), then handed down; nothing below re-reads the environment.
+//! `.env`), then handed down; nothing below re-reads the environment. Every
+//! reader takes its variables from the same source, a `Fn(&str) ->
+//! Option<String>` ([`process_env`] in production, a map in tests).
 
 use db_pool::{ConfigError, Defaults, PoolConfig, Profile};
 
@@ -184,10 +186,13 @@ impl ServiceSettings {
     }
 
     /// The provider registry: the file in `INTEGRATIONS_PROVIDERS`, or the
-    /// built-in one. Client ids and secrets come from the environment.
-    pub fn providers(&self) -> Result<crate::oauth::ProviderRegistry, crate::oauth::RegistryError> {
-        let env = |name: &str| std::env::var(name).ok();
-        crate::oauth::ProviderRegistry::load(self.providers_file.as_deref(), &env)
+    /// built-in one, its client ids and secrets read through `env` (the
+    /// source these settings came from).
+    pub fn providers(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<crate::oauth::ProviderRegistry, crate::oauth::RegistryError> {
+        crate::oauth::ProviderRegistry::load(self.providers_file.as_deref(), env)
     }
 }
 

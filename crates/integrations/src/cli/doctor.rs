@@ -61,7 +61,10 @@ pub fn run(args: DoctorArgs) -> ExitCode {
     };
     let providers = crate::settings::ServiceSettings::from_env(&crate::settings::process_env)
         .map_err(|e| e.to_string())
-        .and_then(|s| s.providers().map_err(|e| e.to_string()));
+        .and_then(|s| {
+            s.providers(&crate::settings::process_env)
+                .map_err(|e| e.to_string())
+        });
     super::block_on(target.run(|cfg, _| async move {
         let mut report = diagnostics::doctor(&cfg, &opts).await;
         report.checks.push(providers_check(providers, &cfg).await);

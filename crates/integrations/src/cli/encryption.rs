@@ -88,7 +88,7 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
         let result = async {
             let pool = Pool::new(cfg)?;
             crate::store::migrations::run(&pool).await?;
-            let providers = settings.providers()?;
+            let providers = settings.providers(&process_env)?;
             let current = keys.current_id().to_string();
             let service = IntegrationsService::new(
                 pool.clone(),

@@ -188,7 +188,7 @@ async fn serve(
     for m in &applied.applied {
         tracing::info!(migration = %m, "migration applied");
     }
-    let providers = settings.providers()?;
+    let providers = settings.providers(&process_env)?;
     tracing::info!(providers = %providers.names().join(", "), source = providers.source(), "provider registry");
     let service = Arc::new(IntegrationsService::new(
         pool.clone(),
