@@ -16,6 +16,7 @@ use std::time::Duration;
 use db_pool::{ListenEvent, Listener, PoolConfig};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::service::api_keys::ApiKeys;
 use crate::service::IntegrationsService;
@@ -144,10 +145,14 @@ impl ChangeFeed {
 
     /// Makes the first connection attempt (so a server that starts
     /// serving has its caches on when the database is there), then listens
-    /// in a task of its own until `stop`.
-    pub async fn start(mut self, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    /// in a task of its own, tracked by `tasks`, until `stop`.
+    pub async fn start(
+        mut self,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         self.first = Listener::connect(&self.config, &[CHANNEL]).await.ok();
-        tokio::spawn(self.run(stop))
+        tasks.spawn(self.run(stop))
     }
 
     /// Listens until `stop`, reconnecting with backoff.

@@ -9,8 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use db_pool::{Pool, PoolConfig};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use pg_cluster::LocalCluster;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::DatabaseArgs;
 use crate::changes::{self, ChangeFeed};
@@ -116,18 +118,72 @@ async fn serve(
         .install_recorder()
         .context("installing the Prometheus recorder")?;
     telemetry::describe_metrics();
-    // Histograms keep their samples until upkeep folds them in: without
-    // this, a server nobody scrapes grows by every request's sample.
-    let upkeep = metrics.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(METRICS_UPKEEP);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
+    let background = Background::new();
+    background.metrics_upkeep(metrics.clone());
+    let built = build(&args, &settings, pool_cfg, metrics, &background).await?;
+    let served = listen_and_serve(&args, &settings, built.app).await;
+    shut_down(background, built.pool, built.cluster).await?;
+    served
+}
 
+/// The server's background tasks (metrics upkeep, the change feed, the
+/// refresher): started in one tracked set, stopped with one token.
+struct Background {
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Background {
+    fn new() -> Background {
+        Background {
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Folds histogram samples into the exported summaries every
+    /// [`METRICS_UPKEEP`]: without it, a server nobody scrapes grows by
+    /// every request's sample.
+    fn metrics_upkeep(&self, metrics: PrometheusHandle) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => metrics.run_upkeep(),
+                }
+            }
+        });
+    }
+
+    /// Stops every task and waits for them (the refresher finishes the
+    /// page it is on).
+    async fn stop(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+/// What [`build`] made: the application to serve and what to close after.
+struct Built {
+    app: axum::Router,
+    pool: Pool,
+    /// The embedded PostgreSQL, when this process started it.
+    cluster: Option<LocalCluster>,
+}
+
+/// The database (the embedded one started when there is no URL), the
+/// migrations, the service, the change feed and the refresher.
+async fn build(
+    args: &ServeArgs,
+    settings: &ServiceSettings,
+    pool_cfg: Option<DatabaseConfigs>,
+    metrics: PrometheusHandle,
+    background: &Background,
+) -> anyhow::Result<Built> {
     let (cluster, (mut pool_cfg, direct_cfg), keys) = match pool_cfg {
         Some(cfgs) => (None, cfgs, settings.keyring()?),
         None => {
@@ -143,15 +199,70 @@ async fn serve(
                 socket_dir = %embedded.socket_dir.display(),
                 "no DATABASE_URL: using the embedded PostgreSQL (data kept between runs); set DATABASE_URL for production"
             );
-            let (cluster, cfg) = (embedded.cluster, embedded.cfg);
-            let cfg = (cfg, None);
             let keys = match settings.encryption_keys {
                 Some(_) => settings.keyring()?,
                 None => super::embedded::development_keyring(data_dir)?,
             };
-            (cluster, cfg, keys)
+            (embedded.cluster, (embedded.cfg, None), keys)
         }
     };
+    log_pool_config(&pool_cfg);
+    if !pool_cfg.pgbouncer {
+        // Names this instance in the change feed's payloads, so it skips its
+        // own writes (PgBouncer refuses the `options` startup parameter:
+        // behind it, an instance hears its own writes too, harmlessly).
+        pool_cfg.options = Some(changes::with_instance_option(
+            pool_cfg.options.as_deref(),
+            &settings.service.instance_id,
+        ));
+    }
+    let pool = Pool::new(pool_cfg.clone())?;
+    let applied = match &direct_cfg {
+        Some(direct) => crate::store::migrations::run_on(direct).await,
+        None => crate::store::migrations::run(&pool).await,
+    }
+    .context("applying migrations")?;
+    for m in &applied.applied {
+        tracing::info!(migration = %m, "migration applied");
+    }
+    let providers = settings.providers(&process_env)?;
+    tracing::info!(providers = %providers.names().join(", "), source = providers.source(), "provider registry");
+    let service = Arc::new(IntegrationsService::new(
+        pool.clone(),
+        keys,
+        providers,
+        TokenClient::new(&TokenClientConfig::default())?,
+        settings.service.clone(),
+    ));
+    let api_keys = Arc::new(ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL));
+    let state = AppState::new(service.clone(), api_keys.clone(), Some(metrics));
+
+    // Without DIRECT_URL the pool's own server (not PgBouncer: checked).
+    let listen_cfg = direct_cfg.unwrap_or_else(|| pool_cfg.clone());
+    tracing::info!(
+        url = %listen_cfg.redacted_url(),
+        "change listener: one connection outside the pool (this instance uses connection_limit + 1)"
+    );
+    // Its first attempt before the server listens: caches on from the first
+    // request when the database is there.
+    ChangeFeed::new(listen_cfg, service.clone(), api_keys)
+        .start(&background.tasks, background.stop.clone())
+        .await;
+    if !args.no_refresher {
+        background.tasks.spawn(
+            service
+                .clone()
+                .run_refresher(settings.refresher.clone(), background.stop.clone()),
+        );
+    }
+    Ok(Built {
+        app: app_with_deadline(state, settings.request_timeout),
+        pool,
+        cluster,
+    })
+}
+
+fn log_pool_config(pool_cfg: &PoolConfig) {
     tracing::info!(
         url = %pool_cfg.redacted_url(),
         connection_limit = pool_cfg.connection_limit,
@@ -167,58 +278,15 @@ async fn serve(
     for p in &pool_cfg.ignored_parameters {
         tracing::warn!(parameter = %p, "unknown DATABASE_URL parameter ignored");
     }
-    let instance = &settings.service.instance_id;
-    if !pool_cfg.pgbouncer {
-        // Names this instance in the change feed's payloads, so it skips its
-        // own writes (PgBouncer refuses the `options` startup parameter:
-        // behind it, an instance hears its own writes too, harmlessly).
-        pool_cfg.options = Some(changes::with_instance_option(
-            pool_cfg.options.as_deref(),
-            instance,
-        ));
-    }
-    let pool = Pool::new(pool_cfg.clone())?;
-    let applied = match &direct_cfg {
-        Some(direct) => crate::store::migrations::run_on(direct).await,
-        None => crate::store::migrations::run(&pool).await,
-    }
-    .context("applying migrations")?;
-    // Without DIRECT_URL the pool's own server (not PgBouncer: checked).
-    let listen_cfg = direct_cfg.unwrap_or_else(|| pool_cfg.clone());
-    for m in &applied.applied {
-        tracing::info!(migration = %m, "migration applied");
-    }
-    let providers = settings.providers(&process_env)?;
-    tracing::info!(providers = %providers.names().join(", "), source = providers.source(), "provider registry");
-    let service = Arc::new(IntegrationsService::new(
-        pool.clone(),
-        keys,
-        providers,
-        TokenClient::new(&TokenClientConfig::default())?,
-        settings.service.clone(),
-    ));
-    let api_keys = Arc::new(ApiKeys::new(pool.clone(), DEFAULT_VERIFY_TTL));
-    let state = AppState::new(service.clone(), api_keys.clone(), Some(metrics));
-    tracing::info!(
-        url = %listen_cfg.redacted_url(),
-        "change listener: one connection outside the pool (this instance uses connection_limit + 1)"
-    );
-    let stop_feed = CancellationToken::new();
-    // Its first attempt before the server listens: caches on from the first
-    // request when the database is there.
-    let feed = ChangeFeed::new(listen_cfg, service.clone(), api_keys)
-        .start(stop_feed.clone())
-        .await;
+}
 
-    let stop_refresher = CancellationToken::new();
-    let refresher = (!args.no_refresher).then(|| {
-        tokio::spawn(
-            service
-                .clone()
-                .run_refresher(settings.refresher.clone(), stop_refresher.clone()),
-        )
-    });
-
+/// Listens and serves `app` until SIGTERM or Ctrl-C, then lets requests in
+/// flight finish within `--shutdown-timeout`.
+async fn listen_and_serve(
+    args: &ServeArgs,
+    settings: &ServiceSettings,
+    app: axum::Router,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -243,7 +311,6 @@ async fn serve(
         "HTTP limits"
     );
     tracing::info!(address = %local, "listening on http://{local}");
-    let app = app_with_deadline(state, settings.request_timeout);
     let server = http::serve(listener, app, &settings.http, cap, shutdown.clone());
     let deadline = Duration::from_secs(args.shutdown_timeout);
     tokio::pin!(server);
@@ -253,13 +320,17 @@ async fn serve(
             tracing::warn!(timeout_secs = deadline.as_secs(), "requests still in flight at the shutdown deadline; stopping anyway");
         }
     }
+    Ok(())
+}
 
-    stop_refresher.cancel();
-    stop_feed.cancel();
-    if let Some(task) = refresher {
-        let _ = task.await;
-    }
-    let _ = feed.await;
+/// The shutdown order: background tasks (the refresher's page finished),
+/// then the pool, then the embedded PostgreSQL.
+async fn shut_down(
+    background: Background,
+    pool: Pool,
+    cluster: Option<LocalCluster>,
+) -> anyhow::Result<()> {
+    background.stop().await;
     pool.close(Duration::from_secs(10)).await;
     if let Some(mut cluster) = cluster {
         tracing::info!("stopping the embedded PostgreSQL");
