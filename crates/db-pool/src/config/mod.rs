@@ -16,6 +16,8 @@ use percent_encoding::percent_decode_str;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
+mod params;
+
 /// The Prisma error code for an invalid database string.
 pub const INVALID_URL_CODE: &str = "P1013";
 
@@ -239,32 +241,7 @@ impl Default for Defaults {
 }
 
 /// Every parameter this crate understands, in the order `config` prints them.
-pub const PARAMETERS: &[&str] = &[
-    "connection_limit",
-    "pool_timeout",
-    "connect_timeout",
-    "socket_timeout",
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "tcp_user_timeout",
-    "statement_cache_size",
-    "pgbouncer",
-    "max_connection_lifetime",
-    "max_idle_connection_lifetime",
-    "application_name",
-    "schema",
-    "options",
-    "sslmode",
-    "sslrootcert",
-    "sslcert",
-    "sslidentity",
-    "sslpassword",
-    "sslaccept",
-    "leak_detection_threshold",
-    "slow_query_threshold",
-];
+pub const PARAMETERS: &[&str] = &params::names(&params::PARAMS);
 
 /// The effective pool configuration: every `DATABASE_URL` parameter, typed.
 ///
@@ -606,13 +583,6 @@ impl PoolConfig {
     }
 
     fn apply_param(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
-        let path = |v: &str| -> Result<Option<PathBuf>, ConfigError> {
-            if v.is_empty() {
-                Err(invalid(format!("{key} is empty; accepted: a file path")))
-            } else {
-                Ok(Some(PathBuf::from(v)))
-            }
-        };
         match key {
             "host" => {
                 if value.is_empty() {
@@ -632,179 +602,19 @@ impl PoolConfig {
                 };
                 self.mark("host");
             }
-            "connection_limit" => {
-                let n = parse_uint(key, value, 1, "connections")?;
-                self.connection_limit = usize::try_from(n)
-                    .ok()
-                    .filter(|n| *n <= 100_000)
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "connection_limit='{value}' is not valid; accepted: a whole number from 1 to 100000"
-                        ))
-                    })?;
-                self.mark("connection_limit");
-            }
-            "pool_timeout" => {
-                self.pool_timeout = zero_is_none(parse_uint(key, value, 0, "seconds")?, false);
-                self.mark("pool_timeout");
-            }
-            "connect_timeout" => {
-                self.connect_timeout = zero_is_none(parse_uint(key, value, 0, "seconds")?, false);
-                self.mark("connect_timeout");
-            }
-            "socket_timeout" => {
-                self.socket_timeout = zero_is_none(parse_uint(key, value, 0, "seconds")?, false);
-                self.mark("socket_timeout");
-            }
-            "keepalives" => {
-                // libpq takes an integer (0 off, 1 on); true/false as for pgbouncer.
-                self.keepalives = match value {
-                    "1" | "true" => true,
-                    "0" | "false" => false,
-                    _ => {
-                        return Err(invalid(format!(
-                            "keepalives='{value}' is not valid; accepted: 1, 0, true, false"
-                        )))
-                    }
-                };
-                self.mark("keepalives");
-            }
-            "keepalives_idle" => {
-                self.keepalives_idle =
-                    Duration::from_secs(parse_range(key, value, 1, KEEPALIVE_SECS_MAX, "seconds")?);
-                self.mark("keepalives_idle");
-            }
-            "keepalives_interval" => {
-                self.keepalives_interval =
-                    Duration::from_secs(parse_range(key, value, 1, KEEPALIVE_SECS_MAX, "seconds")?);
-                self.mark("keepalives_interval");
-            }
-            "keepalives_count" => {
-                let n = parse_range(key, value, 1, KEEPALIVE_COUNT_MAX, "probes")?;
-                self.keepalives_count = u32::try_from(n).unwrap_or(DEFAULT_KEEPALIVES_COUNT);
-                self.mark("keepalives_count");
-            }
-            "tcp_user_timeout" => {
-                let n = parse_range(key, value, 0, TCP_USER_TIMEOUT_MAX, "milliseconds")?;
-                self.tcp_user_timeout = zero_is_none(n, true);
-                self.mark("tcp_user_timeout");
-            }
-            "statement_cache_size" => {
-                let n = parse_uint(key, value, 0, "statements")?;
-                self.statement_cache_size = usize::try_from(n)
-                    .ok()
-                    .filter(|n| *n <= 100_000)
-                    .ok_or_else(|| {
-                        invalid(format!(
-                            "statement_cache_size='{value}' is not valid; accepted: a whole number from 0 to 100000"
-                        ))
-                    })?;
-                self.mark("statement_cache_size");
-            }
-            "pgbouncer" => {
-                self.pgbouncer = match value {
-                    "true" => true,
-                    "false" => false,
-                    _ => {
-                        return Err(invalid(format!(
-                            "pgbouncer='{value}' is not valid; accepted: true, false"
-                        )))
-                    }
-                };
-                self.mark("pgbouncer");
-            }
-            "max_connection_lifetime" => {
-                self.max_connection_lifetime =
-                    zero_is_none(parse_uint(key, value, 0, "seconds")?, false);
-                self.mark("max_connection_lifetime");
-            }
-            "max_idle_connection_lifetime" => {
-                self.max_idle_connection_lifetime =
-                    zero_is_none(parse_uint(key, value, 0, "seconds")?, false);
-                self.mark("max_idle_connection_lifetime");
-            }
-            "application_name" => {
-                if value.is_empty() || value.len() > 63 {
-                    return Err(invalid(format!(
-                        "application_name='{value}' is not valid; accepted: 1 to 63 characters"
-                    )));
-                }
-                self.application_name = value.to_string();
-                self.mark("application_name");
-            }
-            "schema" => {
-                if value.is_empty() {
-                    return Err(invalid(
-                        "schema is empty; accepted: a schema name such as public",
-                    ));
-                }
-                self.schema = value.to_string();
-                self.mark("schema");
-            }
-            "options" => {
-                self.options = Some(value.to_string());
-                self.mark("options");
-            }
-            "sslmode" => {
-                self.sslmode = match value {
-                    "disable" => SslMode::Disable,
-                    "prefer" => SslMode::Prefer,
-                    "require" => SslMode::Require,
-                    "verify-ca" => SslMode::VerifyCa,
-                    "verify-full" => SslMode::VerifyFull,
-                    _ => {
-                        return Err(invalid(format!(
-                            "sslmode='{value}' is not valid; accepted: disable, prefer, require, verify-ca, verify-full"
-                        )))
-                    }
-                };
-                self.mark("sslmode");
-            }
-            "sslrootcert" => {
-                self.sslrootcert = path(value)?;
-                self.mark("sslrootcert");
-            }
-            "sslcert" => {
-                self.sslcert = path(value)?;
-                self.mark("sslcert");
-            }
-            "sslidentity" => {
-                self.sslidentity = path(value)?;
-                self.mark("sslidentity");
-            }
-            "sslpassword" => {
-                self.sslpassword = Some(SecretString::from(value.to_string()));
-                self.mark("sslpassword");
-            }
             // libpq's spelling of credentials in the query string.
             "user" if !value.is_empty() => {
                 self.user = value.to_string();
                 self.mark("user");
             }
             "password" => self.password = Some(SecretString::from(value.to_string())),
-            "sslaccept" => {
-                self.sslaccept = Some(match value {
-                    "strict" => SslAccept::Strict,
-                    "accept_invalid_certs" => SslAccept::AcceptInvalidCerts,
-                    _ => {
-                        return Err(invalid(format!(
-                        "sslaccept='{value}' is not valid; accepted: strict, accept_invalid_certs"
-                    )))
-                    }
-                });
-                self.mark("sslaccept");
-            }
-            "leak_detection_threshold" => {
-                self.leak_detection_threshold =
-                    zero_is_none(parse_uint(key, value, 0, "seconds")?, false);
-                self.mark("leak_detection_threshold");
-            }
-            "slow_query_threshold" => {
-                self.slow_query_threshold =
-                    zero_is_none(parse_uint(key, value, 0, "milliseconds")?, true);
-                self.mark("slow_query_threshold");
-            }
-            other => self.ignored_parameters.push(other.to_string()),
+            other => match params::find(other) {
+                Some(param) => {
+                    (param.apply)(self, value)?;
+                    self.mark(param.name);
+                }
+                None => self.ignored_parameters.push(other.to_string()),
+            },
         }
         Ok(())
     }
@@ -872,85 +682,43 @@ impl PoolConfig {
     /// where disabled or unlimited. The password is never included;
     /// `sslpassword` is `"****"` when set.
     pub fn to_json(&self) -> Value {
-        let secs = |d: Option<Duration>| d.map(|d| d.as_secs());
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        json!({
-            "host": self.host.to_string(),
-            "port": self.port,
-            "database": self.database,
-            "user": self.user,
-            "profile": self.profile.map(Profile::as_str),
-            "connection_limit": self.connection_limit,
-            "pool_timeout": secs(self.pool_timeout),
-            "connect_timeout": secs(self.connect_timeout),
-            "socket_timeout": secs(self.socket_timeout),
-            "keepalives": self.keepalives,
-            "keepalives_idle": self.keepalives_idle.as_secs(),
-            "keepalives_interval": self.keepalives_interval.as_secs(),
-            "keepalives_count": self.keepalives_count,
-            "tcp_user_timeout": self.tcp_user_timeout.map(|d| d.as_millis() as u64),
-            "statement_cache_size": self.effective_statement_cache_size(),
-            "pgbouncer": self.pgbouncer,
-            "max_connection_lifetime": secs(self.max_connection_lifetime),
-            "max_idle_connection_lifetime": secs(self.max_idle_connection_lifetime),
-            "application_name": self.application_name,
-            "schema": self.schema,
-            "options": self.options,
-            "sslmode": self.sslmode.as_str(),
-            "sslrootcert": path(&self.sslrootcert),
-            "sslcert": path(&self.sslcert),
-            "sslidentity": path(&self.sslidentity),
-            "sslpassword": self.sslpassword.as_ref().map(|_| "****"),
-            // Unset means strict: say so, as the README does.
-            "sslaccept": self.sslaccept.unwrap_or(SslAccept::Strict).as_str(),
-            "leak_detection_threshold": secs(self.leak_detection_threshold),
-            "slow_query_threshold": self.slow_query_threshold.map(|d| d.as_millis() as u64),
-            "ignored_parameters": self.ignored_parameters,
-        })
+        let mut json = serde_json::Map::new();
+        json.insert("host".into(), json!(self.host.to_string()));
+        json.insert("port".into(), json!(self.port));
+        json.insert("database".into(), json!(self.database));
+        json.insert("user".into(), json!(self.user));
+        json.insert("profile".into(), json!(self.profile.map(Profile::as_str)));
+        for param in &params::TABLE {
+            json.insert(param.name.into(), (param.json)(self));
+        }
+        json.insert("ignored_parameters".into(), json!(self.ignored_parameters));
+        Value::Object(json)
     }
 
     /// Rows of (parameter, shown value, source) for a human-readable table.
     pub fn describe(&self) -> Vec<(&'static str, String, Source)> {
-        let json = self.to_json();
-        let show = |v: &Value, name: &str| -> String {
-            let unit = match name {
-                "slow_query_threshold" | "tcp_user_timeout" => "ms",
-                "pool_timeout"
-                | "keepalives_idle"
-                | "keepalives_interval"
-                | "connect_timeout"
-                | "socket_timeout"
-                | "max_connection_lifetime"
-                | "max_idle_connection_lifetime"
-                | "leak_detection_threshold" => "s",
-                _ => "",
-            };
-            match v {
-                Value::Null if name == "pool_timeout" || name == "socket_timeout" => {
-                    "unlimited".to_string()
-                }
-                Value::Null if name == "connect_timeout" => "unlimited".to_string(),
-                Value::Null if name == "tcp_user_timeout" => "system default".to_string(),
-                Value::Null => "off".to_string(),
-                Value::String(s) => s.clone(),
-                other => format!("{other}{unit}"),
-            }
-        };
         let mut rows = vec![
             ("host", self.host.to_string(), self.source("host")),
             ("port", self.port.to_string(), self.source("port")),
             ("database", self.database.clone(), self.source("database")),
             ("user", self.user.clone(), self.source("user")),
         ];
-        for p in PARAMETERS {
-            let mut shown = show(&json[*p], p);
-            if *p == "statement_cache_size" && self.pgbouncer && self.statement_cache_size > 0 {
+        for param in &params::TABLE {
+            let mut shown = match (param.json)(self) {
+                Value::Null => param.null.to_string(),
+                Value::String(s) => s,
+                other => format!("{other}{}", param.unit),
+            };
+            if param.name == "statement_cache_size"
+                && self.pgbouncer
+                && self.statement_cache_size > 0
+            {
                 shown = format!(
                     "0 (pgbouncer=true disables it; configured {})",
                     self.statement_cache_size
                 );
             }
-            rows.push((*p, shown, self.source(p)));
+            rows.push((param.name, shown, self.source(param.name)));
         }
         rows
     }
