@@ -217,9 +217,13 @@ async fn keepalive_parameters_are_set_on_the_pool_sockets() {
     }
 }
 
-/// Waits until the server runs `query` for `app` (so the statement has been
-/// sent and acknowledged before the test cuts the network).
-async fn running(db: &TestDatabase, app: &str, query: &str) -> bool {
+/// Waits until the server sleeps in `query` (a `pg_sleep`) for `app`, so
+/// the statement has been sent and acknowledged before the test cuts the
+/// network. Not merely `active`: with the extended protocol a statement is
+/// shown active while it is parsed, before the client has sent its
+/// Bind/Execute; a cut then leaves those bytes unacknowledged, and
+/// keepalives never probe a socket with data in flight.
+async fn sleeping(db: &TestDatabase, app: &str, query: &str) -> bool {
     let (admin, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -228,7 +232,8 @@ async fn running(db: &TestDatabase, app: &str, query: &str) -> bool {
         let row = admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE application_name = $1 AND state = 'active' AND query = $2",
+                 WHERE application_name = $1 AND state = 'active' AND query = $2 \
+                 AND wait_event = 'PgSleep'",
                 &[&app, &query],
             )
             .await
@@ -294,7 +299,7 @@ async fn keepalives_detect_a_host_that_vanished_during_a_statement() {
                 })
             };
             assert!(
-                running(db, &app, SLEEP).await,
+                sleeping(db, &app, SLEEP).await,
                 "{params}: the statement runs"
             );
             let cut = proxy.vanish().unwrap_or_else(|e| panic!("{e}"));
