@@ -104,7 +104,7 @@ pub(super) enum BatchClaim {
 impl IntegrationsService {
     /// The in-process single flight of one integration: every task of this
     /// process that refreshes it takes its lock first.
-    pub(super) fn flight(&self, provider: &str, account_id: &str) -> Arc<Flight> {
+    fn flight(&self, provider: &str, account_id: &str) -> Arc<Flight> {
         let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
         let key = (provider.to_string(), account_id.to_string());
         if let Some(flight) = flights.get(&key).and_then(Weak::upgrade) {

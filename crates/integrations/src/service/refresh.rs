@@ -13,6 +13,7 @@ use tokio::sync::SemaphorePermit;
 
 use super::lease::{Lease, Turn};
 use super::{secret, AccessToken, IntegrationsService, ServiceError};
+use crate::crypto::CryptoError;
 use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status};
 use crate::oauth::{OAuthError, Provider, TokenSet};
 use crate::store::integrations::{self as rows, Claimed, Failure, Refreshed, TokenRow};
@@ -257,8 +258,7 @@ impl IntegrationsService {
     }
 
     /// Stores new tokens, encrypted under the current key, and returns the
-    /// new state. A response without a refresh token keeps the old one,
-    /// re-encrypted with the access token.
+    /// new state (read again when the lease was lost meanwhile).
     async fn store_success(
         &self,
         p: &str,
@@ -268,22 +268,7 @@ impl IntegrationsService {
         old_refresh: &SecretString,
     ) -> Result<IntegrationStatus, ServiceError> {
         let key = self.keys.current_id().to_string();
-        let refresh_plain = tokens.refresh_token.as_ref().unwrap_or(old_refresh);
-        let encrypted = self
-            .keys
-            .encrypt(
-                tokens.access_token.expose_secret().as_bytes(),
-                &Self::aad(p, a, "access"),
-            )
-            .and_then(|access| {
-                self.keys
-                    .encrypt(
-                        refresh_plain.expose_secret().as_bytes(),
-                        &Self::aad(p, a, "refresh"),
-                    )
-                    .map(|refresh| (access, refresh))
-            });
-        let (access, refresh) = match encrypted {
+        let (access, refresh) = match self.encrypt_refreshed(p, a, tokens, old_refresh) {
             Ok(values) => values,
             Err(e) => {
                 self.release(row).await;
@@ -313,6 +298,28 @@ impl IntegrationsService {
                 self.integration(p, a).await
             }
         }
+    }
+
+    /// The new access token and the refresh token to keep (the new one,
+    /// or the old one when the response carried none), encrypted under the
+    /// current key.
+    fn encrypt_refreshed(
+        &self,
+        p: &str,
+        a: &str,
+        tokens: &TokenSet,
+        old_refresh: &SecretString,
+    ) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
+        let refresh_plain = tokens.refresh_token.as_ref().unwrap_or(old_refresh);
+        let access = self.keys.encrypt(
+            tokens.access_token.expose_secret().as_bytes(),
+            &Self::aad(p, a, "access"),
+        )?;
+        let refresh = self.keys.encrypt(
+            refresh_plain.expose_secret().as_bytes(),
+            &Self::aad(p, a, "refresh"),
+        )?;
+        Ok((access, refresh))
     }
 
     /// Records a failed refresh (the stored tokens stay) and returns the
