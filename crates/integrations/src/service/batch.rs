@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use futures_util::stream::{self, StreamExt};
 use tokio::sync::Semaphore;
 
-use super::{Flight, IntegrationsService, ServiceError};
+use super::lease::{BatchClaim, PendingLease, Turn};
+use super::{IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, ProviderName};
-use crate::store::integrations::{self as rows, Claimed};
 
 /// The seed's batch size, used as the number of refreshes in flight.
 pub const DEFAULT_BATCH_CONCURRENCY: usize = 5;
@@ -39,11 +39,11 @@ impl IntegrationsService {
             .filter(|r| self.configured(r.provider.as_str()).is_ok())
             .map(|r| (r.provider.to_string(), r.account_id.to_string()))
             .collect();
-        let mut claimed: HashMap<(String, String), (Claimed, bool)> = if keys.is_empty() {
+        let mut claimed: HashMap<(String, String), BatchClaim> = if keys.is_empty() {
             HashMap::new()
         } else {
-            match self.claim_many(&keys).await {
-                Ok(c) => c.into_iter().map(|(k, c, mine)| (k, (c, mine))).collect(),
+            match self.claim_batch(&keys).await {
+                Ok(claimed) => claimed,
                 Err(e) => {
                     let e = std::sync::Arc::new(e);
                     return requests
@@ -58,21 +58,19 @@ impl IntegrationsService {
             .into_iter()
             .map(|r| {
                 let key = (r.provider.to_string(), r.account_id.to_string());
-                let (key_p, key_a) = key.clone();
                 // A request repeated in the batch refreshes once: the
                 // first occurrence takes the claim, the others wait for it.
                 let job = if let Some(&generation) = taken.get(&key) {
                     Job::Wait(generation)
                 } else {
                     match claimed.remove(&key) {
-                        Some((c, mine)) => {
-                            let generation = c.generation;
+                        Some(BatchClaim::Mine(lease)) => {
+                            taken.insert(key, lease.generation());
+                            Job::Refresh(lease)
+                        }
+                        Some(BatchClaim::Held(generation)) => {
                             taken.insert(key, generation);
-                            if mine {
-                                Job::claimed(self, &key_p, &key_a, c)
-                            } else {
-                                Job::Wait(generation)
-                            }
+                            Job::Wait(generation)
                         }
                         None => Job::Missing,
                     }
@@ -81,20 +79,6 @@ impl IntegrationsService {
             })
             .collect();
         self.run_claimed(jobs, concurrency).await
-    }
-
-    async fn claim_many(
-        &self,
-        keys: &[(String, String)],
-    ) -> Result<Vec<((String, String), Claimed, bool)>, db_pool::Error> {
-        let mut conn = self.pool.get().await?;
-        rows::claim_many(
-            &mut conn,
-            keys,
-            self.config.lease.as_secs_f64(),
-            &self.config.instance_id,
-        )
-        .await
     }
 
     /// Runs a batch whose leases are (partly) claimed: at most
@@ -137,59 +121,15 @@ impl IntegrationsService {
         let (p, a) = (request.provider.as_str(), request.account_id.as_str());
         self.configured(p)?;
         match job {
-            Job::Claimed {
-                claimed,
-                flight,
-                seen,
-                at,
-            } => {
+            Job::Refresh(lease) => {
                 // A slot in the window first, then the lease's age is
                 // judged: waiting for a slot can take long. The gate is
                 // never closed, so `acquire` cannot fail; were it closed,
                 // the refresh would run outside the window.
                 let permit = gate.acquire().await.ok();
-                let turn = flight.lock.lock().await;
-                if flight.completed.load(std::sync::atomic::Ordering::Acquire) != seen {
-                    // Someone in this process refreshed it meanwhile (our
-                    // lease does not stop our own process): theirs counts.
-                    drop(turn);
-                    self.outcome(p, a).await?;
-                } else if at.elapsed() < self.config.lease / 2 {
-                    return self.refresh_claimed(p, a, claimed, &flight, permit).await;
-                } else {
-                    // Claimed long ago (a long batch, a slow provider): the
-                    // lease may have expired and another instance refreshed
-                    // with the token we read. Renew it, with the current
-                    // refresh token, before using it.
-                    let renewed = {
-                        let mut conn = self.pool.get().await?;
-                        rows::claim(
-                            &mut conn,
-                            p,
-                            a,
-                            self.config.lease.as_secs_f64(),
-                            &self.config.instance_id,
-                        )
-                        .await?
-                    };
-                    match renewed {
-                        Some(fresh) if fresh.generation == claimed.generation => {
-                            return self.refresh_claimed(p, a, fresh, &flight, permit).await;
-                        }
-                        Some(fresh) => {
-                            self.release(&fresh).await;
-                            drop(turn);
-                            self.outcome(p, a).await?;
-                        }
-                        None => {
-                            drop(turn);
-                            if let Some(status) =
-                                self.refresh_after(p, a, claimed.generation).await?
-                            {
-                                return Ok(status);
-                            }
-                        }
-                    }
+                match self.take_turn(p, a, lease).await? {
+                    Turn::Mine(lease) => return self.refresh_leased(p, a, lease, permit).await,
+                    Turn::Done => self.outcome(p, a).await?,
                 }
             }
             // Another instance holds the lease: its result is ours.
@@ -198,12 +138,7 @@ impl IntegrationsService {
                     return Ok(status);
                 }
             }
-            Job::Missing => {
-                return Err(ServiceError::NotFound {
-                    provider: p.to_string(),
-                    account_id: a.to_string(),
-                })
-            }
+            Job::Missing => return Err(ServiceError::not_found(p, a)),
         }
         self.integration(p, a).await
     }
@@ -211,39 +146,10 @@ impl IntegrationsService {
 
 /// What a batch item does.
 pub(super) enum Job {
-    /// Refresh it: this instance holds the lease since `at`; `seen` is the
-    /// flight's completed count then.
-    Claimed {
-        /// The claimed row.
-        claimed: Claimed,
-        /// This integration's single flight.
-        flight: std::sync::Arc<Flight>,
-        /// `flight.completed` when claimed.
-        seen: u64,
-        /// When the lease was claimed.
-        at: std::time::Instant,
-    },
+    /// Refresh it with the lease this instance claimed for it.
+    Refresh(PendingLease),
     /// Wait for the refresh of this generation by whoever holds the lease.
     Wait(i64),
     /// No such integration.
     Missing,
-}
-
-impl Job {
-    /// A job for a row whose lease was just claimed.
-    pub(super) fn claimed(
-        service: &IntegrationsService,
-        p: &str,
-        a: &str,
-        claimed: Claimed,
-    ) -> Job {
-        let flight = service.flight(p, a);
-        let seen = flight.completed.load(std::sync::atomic::Ordering::Acquire);
-        Job::Claimed {
-            claimed,
-            flight,
-            seen,
-            at: std::time::Instant::now(),
-        }
-    }
 }

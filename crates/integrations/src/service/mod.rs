@@ -10,13 +10,14 @@ pub mod api_keys;
 mod batch;
 mod connect;
 mod encryption;
+mod lease;
 mod redirect;
 mod refresh;
 mod refresher;
 mod status;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -185,6 +186,16 @@ impl ServiceError {
     }
 }
 
+impl ServiceError {
+    /// No integration for this provider and account.
+    fn not_found(provider: &str, account_id: &str) -> ServiceError {
+        ServiceError::NotFound {
+            provider: provider.to_string(),
+            account_id: account_id.to_string(),
+        }
+    }
+}
+
 impl From<db_pool::Error> for ServiceError {
     fn from(e: db_pool::Error) -> Self {
         ServiceError::Db(Arc::new(e))
@@ -223,23 +234,8 @@ pub struct IntegrationsService {
     providers: Arc<ProviderRegistry>,
     tokens: TokenClient,
     cache: Arc<status::StatusCache>,
-    flights: Mutex<Flights>,
+    flights: Mutex<lease::Flights>,
     config: ServiceConfig,
-}
-
-/// The single-flight locks, by (provider, account_id); entries die with
-/// their last user.
-type Flights = HashMap<(String, String), Weak<Flight>>;
-
-/// One integration's single flight in this process.
-#[derive(Default)]
-pub(crate) struct Flight {
-    /// Held by whoever refreshes the integration.
-    pub lock: tokio::sync::Mutex<()>,
-    /// Refresh attempts this process completed: a batch item that claimed
-    /// the lease sees from it, without a query, whether someone in this
-    /// process refreshed meanwhile.
-    pub completed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for IntegrationsService {
@@ -297,22 +293,6 @@ impl IntegrationsService {
     /// The tunables.
     pub fn config(&self) -> &ServiceConfig {
         &self.config
-    }
-
-    /// The in-process single-flight lock of one integration: every task of
-    /// this process that refreshes it takes this first.
-    fn flight(&self, provider: &str, account_id: &str) -> Arc<Flight> {
-        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
-        let key = (provider.to_string(), account_id.to_string());
-        if let Some(flight) = flights.get(&key).and_then(Weak::upgrade) {
-            return flight;
-        }
-        if flights.len() > 1024 {
-            flights.retain(|_, w| w.strong_count() > 0);
-        }
-        let flight = Arc::new(Flight::default());
-        flights.insert(key, Arc::downgrade(&flight));
-        flight
     }
 
     fn aad(provider: &str, account_id: &str, field: &str) -> String {

@@ -1,24 +1,22 @@
 //! `access_token` and `refresh`: one refresh per token however many ask.
 //!
-//! In this process, callers of one integration queue on its single-flight
-//! lock. Across processes, the one that claims the row's lease (one
-//! conditional UPDATE) refreshes; the others wait until the row's refresh
-//! generation moves, then take that result. A lease expires by itself if its
-//! holder dies. No pooled connection is held while the provider answers.
+//! Who refreshes is decided by the refresh lease (`lease.rs`): in this
+//! process callers of one integration queue on its single flight; across
+//! processes the holder of the row's lease refreshes and the others take
+//! its result. No pooled connection is held while the provider answers.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::SemaphorePermit;
 
-use super::{secret, AccessToken, Flight, IntegrationsService, ServiceError};
+use super::lease::{Lease, Turn};
+use super::{secret, AccessToken, IntegrationsService, ServiceError};
+use crate::crypto::CryptoError;
 use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status};
-use crate::oauth::OAuthError;
+use crate::oauth::{OAuthError, Provider, TokenSet};
 use crate::store::integrations::{self as rows, Claimed, Failure, Refreshed, TokenRow};
-
-/// How often a caller waiting for another instance's refresh looks again.
-const WAIT_POLL: Duration = Duration::from_millis(50);
 
 /// How many times a refresh result is written before giving up (a rotated
 /// refresh token must not be lost to a passing database error).
@@ -81,7 +79,7 @@ impl IntegrationsService {
                 Err(db_pool::Error::ConnectionClosed) if attempt < super::READ_ATTEMPTS => {
                     attempt += 1;
                 }
-                read => return read?.ok_or_else(|| not_found(p, a)),
+                read => return read?.ok_or_else(|| ServiceError::not_found(p, a)),
             }
         }
     }
@@ -132,49 +130,9 @@ impl IntegrationsService {
         a: &str,
         seen: i64,
     ) -> Result<Option<IntegrationStatus>, ServiceError> {
-        let flight = self.flight(p, a);
-        let _turn = flight.lock.lock().await;
-        let deadline = tokio::time::Instant::now() + self.config.lease + Duration::from_secs(5);
-        loop {
-            let mut conn = self.pool.get().await?;
-            let (generation, leased) = rows::lease_state(&mut conn, p, a, &self.config.instance_id)
-                .await?
-                .ok_or_else(|| not_found(p, a))?;
-            if generation > seen {
-                drop(conn);
-                return self.outcome(p, a).await.map(|()| None);
-            }
-            if !leased {
-                let claimed = rows::claim(
-                    &mut conn,
-                    p,
-                    a,
-                    self.config.lease.as_secs_f64(),
-                    &self.config.instance_id,
-                )
-                .await?;
-                drop(conn);
-                if let Some(claimed) = claimed {
-                    if claimed.generation > seen {
-                        self.release(&claimed).await;
-                        return self.outcome(p, a).await.map(|()| None);
-                    }
-                    return self
-                        .refresh_claimed(p, a, claimed, &flight, None)
-                        .await
-                        .map(Some);
-                }
-            } else {
-                drop(conn);
-            }
-            // Another instance holds the lease: wait for its result.
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ServiceError::RefreshFailed {
-                    message: "another instance's refresh did not finish within the lease".into(),
-                    transient: true,
-                });
-            }
-            tokio::time::sleep(WAIT_POLL).await;
+        match self.lease_after(p, a, seen).await? {
+            Turn::Mine(lease) => self.refresh_leased(p, a, lease, None).await.map(Some),
+            Turn::Done => self.outcome(p, a).await.map(|()| None),
         }
     }
 
@@ -194,78 +152,100 @@ impl IntegrationsService {
         }
     }
 
-    pub(super) async fn release(&self, claimed: &Claimed) {
-        if let Ok(mut conn) = self.pool.get().await {
-            let _ = rows::release(&mut conn, claimed.id, &self.config.instance_id).await;
-        }
-    }
-
-    /// Refreshes a row whose lease this instance holds, stores the outcome,
-    /// releases the lease and returns the new state. The caller holds the
-    /// flight's lock. A batch's `permit` (its window bounds requests to the
-    /// provider, not the writes) is given back as soon as the provider has
-    /// answered.
-    pub(super) async fn refresh_claimed(
+    /// Refreshes the row of a lease this instance holds, stores the
+    /// outcome (which gives the lease back) and returns the new state. A
+    /// batch's `permit` (its window bounds requests to the provider, not
+    /// the writes) is given back as soon as the provider has answered.
+    pub(super) async fn refresh_leased(
         &self,
         p: &str,
         a: &str,
-        claimed: Claimed,
-        flight: &Flight,
+        lease: Lease,
         permit: Option<SemaphorePermit<'_>>,
     ) -> Result<IntegrationStatus, ServiceError> {
-        let result = self.refresh_claimed_inner(p, a, claimed, permit).await;
-        flight
-            .completed
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let result = self.refresh_row(p, a, &lease.row, permit).await;
+        lease.finish();
         result
     }
 
-    async fn refresh_claimed_inner(
+    /// The refresh of a leased row: the provider call, then the success or
+    /// the failure stored. When it cannot start, the lease is given back.
+    async fn refresh_row(
         &self,
         p: &str,
         a: &str,
-        claimed: Claimed,
+        row: &Claimed,
         permit: Option<SemaphorePermit<'_>>,
     ) -> Result<IntegrationStatus, ServiceError> {
-        let provider = match self.configured(p) {
-            Ok(provider) => provider,
+        let (provider, old_refresh) = match self.refresh_input(p, a, row) {
+            Ok(Some(input)) => input,
+            Ok(None) => {
+                self.release(row).await;
+                return Err(self.not_refreshable(p, a).await);
+            }
             Err(e) => {
-                self.release(&claimed).await;
+                self.release(row).await;
                 return Err(e);
             }
         };
-        let Some(stored) = &claimed.refresh_token else {
-            self.release(&claimed).await;
-            // Stored without a refresh token: not refreshable, but usable
-            // until it expires (an extra read, on this error path only).
-            let expires_at = self.integration(p, a).await?.expires_at;
-            if expires_at.is_some_and(|at| at <= Utc::now()) {
-                return Err(ServiceError::NeedsReconnect {
-                    provider: p.to_string(),
-                    status: "expired",
-                });
-            }
-            return Err(ServiceError::NoRefreshToken {
-                provider: p.to_string(),
-                expires_at,
-            });
-        };
-        let refresh_aad = Self::aad(p, a, "refresh");
-        let old_refresh = match self.keys.decrypt(&claimed.key_id, stored, &refresh_aad) {
-            Ok(plain) => secret(plain),
-            Err(e) => {
-                self.release(&claimed).await;
-                return Err(e.into());
-            }
-        };
+        match self.call_provider(p, provider, &old_refresh, permit).await {
+            Ok(tokens) => self.store_success(p, a, row, &tokens, &old_refresh).await,
+            Err(e) => Err(self.store_failure(p, row, e).await),
+        }
+    }
 
-        // The provider call: no connection is held meanwhile.
+    /// The provider and the decrypted refresh token to refresh with;
+    /// `None` when the row has no refresh token.
+    fn refresh_input(
+        &self,
+        p: &str,
+        a: &str,
+        row: &Claimed,
+    ) -> Result<Option<(&Provider, SecretString)>, ServiceError> {
+        let provider = self.configured(p)?;
+        let Some(stored) = &row.refresh_token else {
+            return Ok(None);
+        };
+        let plain = self
+            .keys
+            .decrypt(&row.key_id, stored, &Self::aad(p, a, "refresh"))?;
+        Ok(Some((provider, secret(plain))))
+    }
+
+    /// Why an integration stored without a refresh token was not
+    /// refreshed: it is usable until it expires (an extra read, on this
+    /// error path only).
+    async fn not_refreshable(&self, p: &str, a: &str) -> ServiceError {
+        let expires_at = match self.integration(p, a).await {
+            Ok(status) => status.expires_at,
+            Err(e) => return e,
+        };
+        if expires_at.is_some_and(|at| at <= Utc::now()) {
+            return ServiceError::NeedsReconnect {
+                provider: p.to_string(),
+                status: "expired",
+            };
+        }
+        ServiceError::NoRefreshToken {
+            provider: p.to_string(),
+            expires_at,
+        }
+    }
+
+    /// The refresh_token grant, timed and counted by outcome. No
+    /// connection is held meanwhile; `permit` is dropped at the answer.
+    async fn call_provider(
+        &self,
+        p: &str,
+        provider: &Provider,
+        old_refresh: &SecretString,
+        permit: Option<SemaphorePermit<'_>>,
+    ) -> Result<TokenSet, OAuthError> {
         let started = std::time::Instant::now();
-        let result = self.tokens.refresh(provider, &old_refresh).await;
+        let result = self.tokens.refresh(provider, old_refresh).await;
         drop(permit);
         metrics::histogram!("integrations_refresh_seconds", "provider" => p.to_string())
             .record(started.elapsed());
-
         let outcome = match &result {
             Ok(_) => "ok",
             Err(OAuthError::InvalidGrant { .. }) => "revoked",
@@ -274,86 +254,106 @@ impl IntegrationsService {
         };
         metrics::counter!("integrations_refreshes_total", "provider" => p.to_string(), "outcome" => outcome)
             .increment(1);
-        let owner = self.config.instance_id.as_str();
-        let stored_ok = match result {
-            Ok(tokens) => {
-                let key = self.keys.current_id().to_string();
-                // A response without a refresh token keeps the old one,
-                // re-encrypted under the current key with the access token.
-                let refresh_plain = tokens.refresh_token.as_ref().unwrap_or(&old_refresh);
-                let encrypted = self
-                    .keys
-                    .encrypt(
-                        tokens.access_token.expose_secret().as_bytes(),
-                        &Self::aad(p, a, "access"),
-                    )
-                    .and_then(|access| {
-                        self.keys
-                            .encrypt(refresh_plain.expose_secret().as_bytes(), &refresh_aad)
-                            .map(|refresh| (access, refresh))
-                    });
-                let (access, refresh) = match encrypted {
-                    Ok(values) => values,
-                    Err(e) => {
-                        self.release(&claimed).await;
-                        return Err(e.into());
-                    }
-                };
-                let scopes = (!tokens.scopes.is_empty()).then_some(tokens.scopes.as_slice());
-                let update = Refreshed {
-                    access_token: &access,
-                    refresh_token: &refresh,
-                    key_id: &key,
-                    expires_at: tokens.expires_at,
-                    scopes,
-                    token_type: &tokens.token_type,
-                };
-                let (update, id) = (&update, claimed.id);
-                self.store_with_retry(move |mut conn| async move {
-                    rows::store_refreshed(&mut conn, id, owner, update).await
-                })
-                .await
-                .map_err(ServiceError::from)
-            }
+        result
+    }
+
+    /// Stores new tokens, encrypted under the current key, and returns the
+    /// new state (read again when the lease was lost meanwhile).
+    async fn store_success(
+        &self,
+        p: &str,
+        a: &str,
+        row: &Claimed,
+        tokens: &TokenSet,
+        old_refresh: &SecretString,
+    ) -> Result<IntegrationStatus, ServiceError> {
+        let key = self.keys.current_id().to_string();
+        let (access, refresh) = match self.encrypt_refreshed(p, a, tokens, old_refresh) {
+            Ok(values) => values,
             Err(e) => {
-                let failure = match &e {
-                    OAuthError::InvalidGrant { .. } => Failure::Revoked,
-                    e if e.is_transient() => Failure::Transient {
-                        backoff_secs: self.config.failure_backoff.as_secs_f64(),
-                        max_failures: self.config.max_failures,
-                    },
-                    _ => Failure::Rejected,
-                };
-                let message = e.to_string();
-                tracing::warn!(error = %message, "token refresh failed");
-                let status = self
-                    .store_with_retry(|mut conn| {
-                        let (message, id) = (message.clone(), claimed.id);
-                        async move { rows::store_failure(&mut conn, id, owner, failure, &message).await }
-                    })
-                    .await;
-                self.forget_status(&claimed.user_id);
-                return match (failure, status) {
-                    (_, Err(db)) => Err(db.into()),
-                    (Failure::Revoked, _) => Err(ServiceError::NeedsReconnect {
-                        provider: p.to_string(),
-                        status: "revoked",
-                    }),
-                    (_, Ok(status)) => Err(ServiceError::RefreshFailed {
-                        message,
-                        transient: failure != Failure::Rejected
-                            && status.is_none_or(|s| s.status != Status::Error),
-                    }),
-                };
+                self.release(row).await;
+                return Err(e.into());
             }
         };
-        self.forget_status(&claimed.user_id);
-        match stored_ok? {
+        let scopes = (!tokens.scopes.is_empty()).then_some(tokens.scopes.as_slice());
+        let update = Refreshed {
+            access_token: &access,
+            refresh_token: &refresh,
+            key_id: &key,
+            expires_at: tokens.expires_at,
+            scopes,
+            token_type: &tokens.token_type,
+        };
+        let (update, id, owner) = (&update, row.id, self.config.instance_id.as_str());
+        let stored = self
+            .store_with_retry(move |mut conn| async move {
+                rows::store_refreshed(&mut conn, id, owner, update).await
+            })
+            .await;
+        self.forget_status(&row.user_id);
+        match stored? {
             Some(status) => Ok(status),
             None => {
                 tracing::warn!("refresh lease expired before the result was stored; another instance took over");
                 self.integration(p, a).await
             }
+        }
+    }
+
+    /// The new access token and the refresh token to keep (the new one,
+    /// or the old one when the response carried none), encrypted under the
+    /// current key.
+    fn encrypt_refreshed(
+        &self,
+        p: &str,
+        a: &str,
+        tokens: &TokenSet,
+        old_refresh: &SecretString,
+    ) -> Result<(Vec<u8>, Vec<u8>), CryptoError> {
+        let refresh_plain = tokens.refresh_token.as_ref().unwrap_or(old_refresh);
+        let access = self.keys.encrypt(
+            tokens.access_token.expose_secret().as_bytes(),
+            &Self::aad(p, a, "access"),
+        )?;
+        let refresh = self.keys.encrypt(
+            refresh_plain.expose_secret().as_bytes(),
+            &Self::aad(p, a, "refresh"),
+        )?;
+        Ok((access, refresh))
+    }
+
+    /// Records a failed refresh (the stored tokens stay) and returns the
+    /// error for the caller.
+    async fn store_failure(&self, p: &str, row: &Claimed, e: OAuthError) -> ServiceError {
+        let failure = match &e {
+            OAuthError::InvalidGrant { .. } => Failure::Revoked,
+            e if e.is_transient() => Failure::Transient {
+                backoff_secs: self.config.failure_backoff.as_secs_f64(),
+                max_failures: self.config.max_failures,
+            },
+            _ => Failure::Rejected,
+        };
+        let message = e.to_string();
+        tracing::warn!(error = %message, "token refresh failed");
+        let owner = self.config.instance_id.as_str();
+        let status = self
+            .store_with_retry(|mut conn| {
+                let (message, id) = (message.clone(), row.id);
+                async move { rows::store_failure(&mut conn, id, owner, failure, &message).await }
+            })
+            .await;
+        self.forget_status(&row.user_id);
+        match (failure, status) {
+            (_, Err(db)) => db.into(),
+            (Failure::Revoked, _) => ServiceError::NeedsReconnect {
+                provider: p.to_string(),
+                status: "revoked",
+            },
+            (_, Ok(status)) => ServiceError::RefreshFailed {
+                message,
+                transient: failure != Failure::Rejected
+                    && status.is_none_or(|s| s.status != Status::Error),
+            },
         }
     }
 
@@ -379,12 +379,5 @@ impl IntegrationsService {
                 other => return other,
             }
         }
-    }
-}
-
-fn not_found(p: &str, a: &str) -> ServiceError {
-    ServiceError::NotFound {
-        provider: p.to_string(),
-        account_id: a.to_string(),
     }
 }

@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Job, RefreshRequest};
 use super::IntegrationsService;
 use crate::domain::{AccountId, ProviderName};
-use crate::store::integrations as rows;
 
 /// How the refresher runs.
 #[derive(Debug, Clone)]
@@ -62,28 +61,16 @@ impl IntegrationsService {
             if cancel.is_cancelled() {
                 return Ok(report);
             }
-            let claimed = {
-                let mut conn = self.pool.get().await?;
-                rows::claim_due(
-                    &mut conn,
-                    cfg.margin.as_secs_f64(),
-                    cfg.page,
-                    self.config.lease.as_secs_f64(),
-                    &self.config.instance_id,
-                    &providers,
-                )
-                .await?
-            };
+            let claimed = self.claim_due(cfg.margin, cfg.page, &providers).await?;
             let n = claimed.len();
             let jobs: Vec<_> = claimed
                 .into_iter()
-                .filter_map(|((p, a), c)| {
+                .filter_map(|((p, a), lease)| {
                     let request = RefreshRequest {
                         provider: ProviderName::parse(&p).ok()?,
                         account_id: AccountId::parse(&a).ok()?,
                     };
-                    let job = Job::claimed(self, &p, &a, c);
-                    Some((request, job))
+                    Some((request, Job::Refresh(lease)))
                 })
                 .collect();
             let results = self.run_claimed(jobs, cfg.concurrency).await;

@@ -15,6 +15,53 @@ macro_rules! status_columns {
     };
 }
 
+// The refresh lease, defined once: `refresh_lease_owner` (an instance id)
+// holds a row until `refresh_lease_until`. Each statement below builds its
+// text from these at compile time, so it stays one constant (prepared and
+// cached by its text). The service's side is `service/lease.rs`.
+
+/// SQL: nobody holds the row's lease (never taken, given back, or expired).
+macro_rules! lease_free {
+    () => {
+        "(refresh_lease_until IS NULL OR refresh_lease_until < now())"
+    };
+}
+
+/// SQL: the lease is `$owner`'s (expired or not: until another instance
+/// claims it, `$owner`'s result may still be written).
+macro_rules! lease_mine {
+    ($owner:literal) => {
+        concat!("refresh_lease_owner = ", $owner)
+    };
+}
+
+/// SQL: `$owner` may claim the lease: it is free, or already `$owner`'s.
+/// Its negation is "another instance's lease is running".
+macro_rules! lease_free_or_mine {
+    ($owner:literal) => {
+        concat!("(", lease_free!(), " OR ", lease_mine!($owner), ")")
+    };
+}
+
+/// SQL `SET` list: `$owner` holds the lease for `$secs` seconds from now.
+macro_rules! lease_take {
+    ($secs:literal, $owner:literal) => {
+        concat!(
+            "refresh_lease_until = now() + make_interval(secs => ",
+            $secs,
+            "), refresh_lease_owner = ",
+            $owner
+        )
+    };
+}
+
+/// SQL `SET` list: the lease given back.
+macro_rules! lease_give_back {
+    () => {
+        "refresh_lease_until = NULL, refresh_lease_owner = NULL"
+    };
+}
+
 fn status_from_row(row: &Row) -> IntegrationStatus {
     IntegrationStatus {
         provider: row.get(0),
@@ -315,13 +362,13 @@ pub struct Claimed {
 
 /// The refresh lease claim of one row. Public so the index test EXPLAINs the statement the
 /// product runs.
-pub const CLAIM: &str =
-    "UPDATE integrations SET refresh_lease_until = now() + make_interval(secs => $3), \
-                     refresh_lease_owner = $4 \
-                     WHERE provider = $1 AND account_id = $2 \
-                       AND (refresh_lease_until IS NULL OR refresh_lease_until < now() \
-                            OR refresh_lease_owner = $4) \
-                     RETURNING id, user_id, refresh_token, key_id, refresh_generation";
+pub const CLAIM: &str = concat!(
+    "UPDATE integrations SET ",
+    lease_take!("$3", "$4"),
+    " WHERE provider = $1 AND account_id = $2 AND ",
+    lease_free_or_mine!("$4"),
+    " RETURNING id, user_id, refresh_token, key_id, refresh_generation"
+);
 
 /// Claims the refresh lease of one row with one conditional UPDATE. `None`
 /// when another instance's lease is still running (or the row is gone). This
@@ -349,25 +396,25 @@ pub async fn claim(
 // the CTE is planned as a nested loop: 9 s for 10,000 rows, against 0.3 s).
 /// The refresh lease claim of a batch. Public so the index test EXPLAINs the statement the
 /// product runs.
-pub const CLAIM_MANY: &str = "WITH want AS (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS w(provider, account_id)), \
-                          locked AS ( \
-                            SELECT i.id FROM integrations i JOIN want w ON i.provider = w.provider AND i.account_id = w.account_id \
-                            ORDER BY i.id FOR UPDATE OF i), \
-                          claimed AS ( \
-                            UPDATE integrations i SET refresh_lease_until = now() + make_interval(secs => $3), \
-                                   refresh_lease_owner = $4 \
-                            FROM locked \
-                            WHERE i.id = locked.id \
-                              AND (i.refresh_lease_until IS NULL OR i.refresh_lease_until < now() \
-                                   OR i.refresh_lease_owner = $4) \
-                            RETURNING i.provider, i.account_id, i.id, i.user_id, i.refresh_token, i.key_id, \
-                                      i.refresh_generation) \
-                          SELECT provider, account_id, id, user_id, refresh_token, key_id, refresh_generation, true \
-                          FROM claimed \
-                          UNION ALL \
-                          SELECT i.provider, i.account_id, i.id, i.user_id, NULL, i.key_id, i.refresh_generation, false \
-                          FROM integrations i JOIN want w ON i.provider = w.provider AND i.account_id = w.account_id \
-                          WHERE i.id NOT IN (SELECT id FROM claimed)";
+pub const CLAIM_MANY: &str = concat!(
+    "WITH want AS (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS w(provider, account_id)), \
+     locked AS ( \
+       SELECT i.id FROM integrations i JOIN want w ON i.provider = w.provider AND i.account_id = w.account_id \
+       ORDER BY i.id FOR UPDATE OF i), \
+     claimed AS ( \
+       UPDATE integrations i SET ",
+    lease_take!("$3", "$4"),
+    " FROM locked WHERE i.id = locked.id AND ",
+    lease_free_or_mine!("$4"),
+    " RETURNING i.provider, i.account_id, i.id, i.user_id, i.refresh_token, i.key_id, \
+                 i.refresh_generation) \
+     SELECT provider, account_id, id, user_id, refresh_token, key_id, refresh_generation, true \
+     FROM claimed \
+     UNION ALL \
+     SELECT i.provider, i.account_id, i.id, i.user_id, NULL, i.key_id, i.refresh_generation, false \
+     FROM integrations i JOIN want w ON i.provider = w.provider AND i.account_id = w.account_id \
+     WHERE i.id NOT IN (SELECT id FROM claimed)"
+);
 
 /// Claims the leases of many rows in one statement. Returns every requested
 /// row that exists, keyed by (provider, account_id), with its refresh
@@ -391,18 +438,21 @@ pub async fn claim_many(
 
 /// The background refresher's claim of due rows. Public so the index test EXPLAINs the statement the
 /// product runs.
-pub const CLAIM_DUE: &str = "UPDATE integrations i SET refresh_lease_until = now() + make_interval(secs => $3), \
-                         refresh_lease_owner = $4 \
-                         FROM (SELECT id FROM integrations \
-                               WHERE status = 'connected' AND refresh_token IS NOT NULL \
-                                 AND expires_at < now() + make_interval(secs => $1) \
-                                 AND provider = ANY($5) \
-                                 AND (next_refresh_at IS NULL OR next_refresh_at <= now()) \
-                                 AND (refresh_lease_until IS NULL OR refresh_lease_until < now()) \
-                               ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) due \
-                         WHERE i.id = due.id \
-                         RETURNING i.provider, i.account_id, i.id, i.user_id, i.refresh_token, i.key_id, \
-                                   i.refresh_generation";
+pub const CLAIM_DUE: &str = concat!(
+    "UPDATE integrations i SET ",
+    lease_take!("$3", "$4"),
+    " FROM (SELECT id FROM integrations \
+            WHERE status = 'connected' AND refresh_token IS NOT NULL \
+              AND expires_at < now() + make_interval(secs => $1) \
+              AND provider = ANY($5) \
+              AND (next_refresh_at IS NULL OR next_refresh_at <= now()) \
+              AND ",
+    lease_free!(),
+    " ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) due \
+     WHERE i.id = due.id \
+     RETURNING i.provider, i.account_id, i.id, i.user_id, i.refresh_token, i.key_id, \
+               i.refresh_generation"
+);
 
 /// Claims up to `page` integrations of `providers` that expire within
 /// `margin_secs`, for the background refresher. Two instances never claim
@@ -459,9 +509,11 @@ const STORE_REFRESHED: &str = concat!(
      scopes = COALESCE($7, scopes), token_type = $8, status = 'connected', \
      refresh_failures = 0, last_error = NULL, next_refresh_at = NULL, \
      last_refresh_at = now(), updated_at = now(), \
-     refresh_generation = refresh_generation + 1, \
-     refresh_lease_until = NULL, refresh_lease_owner = NULL \
-     WHERE id = $1 AND refresh_lease_owner = $2 RETURNING ",
+     refresh_generation = refresh_generation + 1, ",
+    lease_give_back!(),
+    " WHERE id = $1 AND ",
+    lease_mine!("$2"),
+    " RETURNING ",
     status_columns!()
 );
 
@@ -520,10 +572,11 @@ const STORE_FAILURE: &str = concat!(
                      ELSE status END, \
        next_refresh_at = now() + make_interval(secs => LEAST(3600, $6 * power(2, refresh_failures))), \
        updated_at = now(), \
-       refresh_generation = refresh_generation + 1, \
-       refresh_lease_until = NULL, refresh_lease_owner = NULL \
-     WHERE id = $1 AND refresh_lease_owner = $2 \
-     RETURNING ",
+       refresh_generation = refresh_generation + 1, ",
+    lease_give_back!(),
+    " WHERE id = $1 AND ",
+    lease_mine!("$2"),
+    " RETURNING ",
     status_columns!()
 );
 
@@ -551,18 +604,23 @@ pub async fn store_failure(
         .map(status_from_row))
 }
 
-const RELEASE: &str =
-    "UPDATE integrations SET refresh_lease_until = NULL, refresh_lease_owner = NULL \
-                       WHERE id = $1 AND refresh_lease_owner = $2";
+const RELEASE: &str = concat!(
+    "UPDATE integrations SET ",
+    lease_give_back!(),
+    " WHERE id = $1 AND ",
+    lease_mine!("$2")
+);
 
 /// Gives a lease back without a result (the refresh was not needed).
 pub async fn release(conn: &mut Conn, id: i64, owner: &str) -> Result<(), Error> {
     conn.execute(RELEASE, &[&id, &owner]).await.map(drop)
 }
 
-const LEASE_STATE: &str = "SELECT refresh_generation, \
-                           refresh_lease_until > now() AND refresh_lease_owner <> $3 \
-                           FROM integrations WHERE provider = $1 AND account_id = $2";
+const LEASE_STATE: &str = concat!(
+    "SELECT refresh_generation, NOT ",
+    lease_free_or_mine!("$3"),
+    " FROM integrations WHERE provider = $1 AND account_id = $2"
+);
 
 /// (generation, whether another instance's lease is running), to wait for
 /// another holder.
