@@ -239,13 +239,13 @@ impl IntegrationsService {
         redirect_uri: &str,
     ) -> Result<StartedConnect, ServiceError> {
         let p = self.configured(provider.as_str())?;
-        self.config.redirect_origins.check(redirect_uri)?;
         let callback = self.config.callback_url.as_deref().ok_or_else(|| {
             InvalidInput::new(
                 "callback_url",
                 "the service has no OAuth callback URL; set INTEGRATIONS_CALLBACK_URL to this service's /v1/oauth/callback",
             )
         })?;
+        self.config.redirect_origins.check(redirect_uri)?;
         let state = random_token();
         let flow_id = random_token();
         let hash = sha256(state.expose_secret());
