@@ -228,3 +228,43 @@ async fn bad_parameters_are_refused_naming_them() {
         .assert_error(401, "unauthorized");
     app.assert_no_leaks();
 }
+
+#[tokio::test]
+async fn serve_purges_events_older_than_integrations_event_retention() {
+    let one = TestApp::spawn().await;
+    one.seed("u1", "good", "recent", 3600).await;
+    let db = one.db.as_ref().unwrap();
+    db.connect()
+        .await
+        .batch_execute(
+            "INSERT INTO events (type, created_at, integration_id, user_id, provider, account_id, status, refresh_failures) \
+             SELECT 'integration.connected', now() - interval '2 hours', i, 'old', 'good', 'old' || i, 'connected', 0 \
+             FROM generate_series(1, 2500) i",
+        )
+        .await
+        .unwrap();
+    // The first instance keeps 7 days; one keeping an hour purges at start.
+    let url = with_params(&db.url, "connection_limit=5");
+    let two = one
+        .spawn_beside(&url, &[("INTEGRATIONS_EVENT_RETENTION", "3600")], &[])
+        .await;
+    let line = two
+        .server
+        .wait_for_log(
+            |l| l.contains("expired events purged"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the purge ran");
+    assert!(line.contains("purged=2500"), "{line}");
+    let left: Vec<String> = db
+        .connect()
+        .await
+        .query("SELECT account_id FROM events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["recent"]);
+}

@@ -416,3 +416,41 @@ async fn an_event_committed_later_with_a_lower_id_is_not_skipped() {
         "A's event holds the lower id: {after:?}"
     );
 }
+
+#[tokio::test]
+async fn events_older_than_the_retention_are_purged_in_batches() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "acct", 3600).await;
+    let client = t.db.connect().await;
+    client
+        .batch_execute(
+            "INSERT INTO events (type, created_at, integration_id, user_id, provider, account_id, status, refresh_failures) \
+             SELECT 'integration.connected', now() - interval '8 days', i, 'old', 'good', 'old' || i, 'connected', 0 \
+             FROM generate_series(1, 25) i",
+        )
+        .await
+        .unwrap();
+    let week = Duration::from_secs(7 * 24 * 3600);
+    let purged = t
+        .service
+        .purge_events(week, 10, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(purged, 25, "three batches of at most 10");
+    let left: Vec<String> = client
+        .query("SELECT user_id FROM events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["u1"], "the recent event stays");
+    // Stopped: nothing is deleted.
+    client
+        .batch_execute("UPDATE events SET created_at = now() - interval '8 days'")
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    assert_eq!(t.service.purge_events(week, 10, &stop).await.unwrap(), 0);
+}
