@@ -127,12 +127,17 @@ impl EventCursor {
         let bytes: [u8; 16] = bytes.try_into().map_err(|_| bad())?;
         let (txid, id) = bytes.split_at(8);
         let txid = u64::from_be_bytes(txid.try_into().map_err(|_| bad())?);
+        // Any 16 bytes are a position (a negative id is before every
+        // event of its transaction), so a cursor is refused only when it
+        // is not 16 bytes of canonical base64url.
         let id = i64::from_be_bytes(id.try_into().map_err(|_| bad())?);
-        if id < 0 {
-            return Err(bad());
-        }
         Ok(EventCursor { txid, id })
     }
+
+    /// What [`EventCursor::encode`] writes, as an anchored regular
+    /// expression (for the OpenAPI document): 22 base64url characters, the
+    /// last one carrying 2 bits and 4 zero bits.
+    pub const PATTERN: &'static str = "^[A-Za-z0-9_-]{21}[AQgw]$";
 
     /// The opaque text form.
     pub fn encode(&self) -> String {
@@ -250,11 +255,36 @@ mod tests {
             "AAAAAAAAAAAAAAAAAAAAAA==",
             "AAAAAAAAAAAAAAAAAAAA",
             &EventCursor { txid: 0, id: 0 }.encode().repeat(2),
-            "_____________________w",
+            "AAAAAAAAAAAAAAAAAAAAAB",
+            "AAAAAAAAAAAAAAAAAAAAA=",
         ] {
             let err = EventCursor::parse("after", bad).unwrap_err();
             assert_eq!(err.field, "after");
             assert!(err.reason.contains("next_cursor"), "{err}");
+        }
+        // The pattern the OpenAPI document gives matches every cursor, and
+        // every text it matches parses.
+        let pattern = |s: &str| {
+            s.len() == 22
+                && s[..21]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                && s.ends_with(['A', 'Q', 'g', 'w'])
+        };
+        assert_eq!(EventCursor::PATTERN, "^[A-Za-z0-9_-]{21}[AQgw]$");
+        for txid in [0, 1, 255, 1 << 40, u64::MAX] {
+            for id in [0, 1, 3, 1 << 33, i64::MAX, -1] {
+                let text = EventCursor { txid, id }.encode();
+                assert!(pattern(&text), "{text}");
+            }
+        }
+        for text in [
+            "_____________________w",
+            "AAAAAAAAAAAAAAAAAAAAAQ",
+            "zzzzzzzzzzzzzzzzzzzzzg",
+        ] {
+            assert!(pattern(text));
+            assert!(EventCursor::parse("after", text).is_ok(), "{text}");
         }
         assert!(
             EventCursor { txid: 1, id: 9 } < EventCursor { txid: 2, id: 1 },

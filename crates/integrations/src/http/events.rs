@@ -26,7 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 pub struct EventsQuery {
     /// The `next_cursor` of an earlier answer; leave it out to start from
     /// the oldest event kept.
-    #[param(value_type = Option<String>, pattern = "^[A-Za-z0-9_-]{22}$")]
+    #[param(value_type = Option<String>, pattern = "^[A-Za-z0-9_-]{21}[AQgw]$")]
     after: Option<String>,
     /// Most events in the answer: 1 to 1000 (default 100).
     #[param(value_type = Option<i64>, minimum = 1, maximum = 1000)]

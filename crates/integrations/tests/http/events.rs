@@ -221,6 +221,31 @@ async fn bad_parameters_are_refused_naming_them() {
         assert!(message.starts_with(names), "{query}: {message}");
         assert!(message.contains("accepted"), "{query}: {message}");
     }
+    // What the document promises is what the server takes.
+    let doc = app.get("/openapi.json", None).await.json();
+    let params = doc["paths"]["/v1/events"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {params:?}"))
+            .clone()
+    };
+    assert_eq!(
+        param("after")["schema"]["pattern"],
+        integrations::domain::EventCursor::PATTERN
+    );
+    assert_eq!(param("limit")["schema"]["maximum"], 1000);
+    let types = param("type").to_string();
+    for t in integrations::domain::EventType::ALL {
+        assert!(
+            types.contains(t.as_str()) || doc.to_string().contains(t.as_str()),
+            "{t:?}"
+        );
+    }
     let (events, _) = page(&app, "?limit=1000&type=integration.recovered").await;
     assert!(events.is_empty());
     app.get("/v1/events", None)
