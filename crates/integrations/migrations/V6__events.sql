@@ -35,8 +35,10 @@ ALTER TABLE integrations ADD COLUMN last_error_code text;
 
 CREATE TABLE events (
     id               bigserial   PRIMARY KEY,
-    -- The writing transaction (64-bit, never wraps): the polling cursor's
-    -- first half. See store/events.rs for why ids alone are not a cursor.
+    -- The writing transaction (64-bit, never wraps), or the txid of the
+    -- integration's previous event when that is higher (see
+    -- integrations_event_position): the polling cursor's first half. See
+    -- store/events.rs for why ids alone are not a cursor.
     txid             xid8        NOT NULL DEFAULT pg_current_xact_id(),
     type             text        NOT NULL CHECK (type IN (
                          'integration.connected', 'integration.reconnected',
@@ -67,6 +69,27 @@ CREATE INDEX events_cursor ON events (txid, id);
 CREATE INDEX events_type_cursor ON events (type, txid, id);
 -- The retention purge: the oldest first.
 CREATE INDEX events_created_at ON events (created_at);
+-- The trigger's look-up of an integration's latest event.
+CREATE INDEX events_integration ON events (integration_id, txid);
+
+-- An event's position (its cursor's first half): the writing transaction's
+-- id, or the txid of the integration's latest event when that is higher,
+-- so one integration's events page in the order they happened. The two
+-- differ when a transaction got its id before another that changed the
+-- same row and committed first (ids are assigned at a transaction's first
+-- write, anywhere, not when it reaches this row). Never below the
+-- transaction's own id, so the cursor stays safe (store/events.rs): an
+-- event is still hidden until every transaction below its position has
+-- ended. Changes of one integration are serialised by its row lock, and
+-- this runs after the change (after any wait for that lock), with a
+-- snapshot of its own, so it sees the integration's latest committed
+-- event.
+CREATE FUNCTION integrations_event_position(integration bigint) RETURNS xid8
+LANGUAGE sql VOLATILE AS $$
+    SELECT GREATEST(pg_current_xact_id(),
+                    (SELECT txid FROM events WHERE integration_id = integration
+                     ORDER BY txid DESC LIMIT 1))
+$$;
 
 CREATE FUNCTION integrations_record_event() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -79,10 +102,11 @@ BEGIN
         kind := 'integration.connected';
         r := NEW;
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO events (type, integration_id, user_id, provider, account_id, status,
+        INSERT INTO events (txid, type, integration_id, user_id, provider, account_id, status,
                             previous_status, refresh_failures, expires_at)
-        VALUES ('integration.deleted', OLD.id, OLD.user_id, OLD.provider, OLD.account_id, NULL,
-                OLD.status, OLD.refresh_failures, OLD.expires_at);
+        VALUES (integrations_event_position(OLD.id), 'integration.deleted', OLD.id, OLD.user_id,
+                OLD.provider, OLD.account_id, NULL, OLD.status, OLD.refresh_failures,
+                OLD.expires_at);
         RETURN NULL;
     ELSE
         r := NEW;
@@ -105,9 +129,10 @@ BEGIN
             RETURN NULL;
         END IF;
     END IF;
-    INSERT INTO events (type, integration_id, user_id, provider, account_id, status,
+    INSERT INTO events (txid, type, integration_id, user_id, provider, account_id, status,
                         previous_status, refresh_failures, error_code, error_message, expires_at)
-    VALUES (kind, r.id, r.user_id, r.provider, r.account_id, r.status, before,
+    VALUES (integrations_event_position(r.id), kind, r.id, r.user_id, r.provider, r.account_id,
+            r.status, before,
             r.refresh_failures,
             CASE WHEN r.last_error IS NOT NULL THEN COALESCE(r.last_error_code, 'refresh_failed') END,
             r.last_error, r.expires_at);

@@ -454,3 +454,41 @@ async fn events_older_than_the_retention_are_purged_in_batches() {
     stop.cancel();
     assert_eq!(t.service.purge_events(week, 10, &stop).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn one_integrations_events_page_in_the_order_they_happened() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "acct", 3600).await;
+    // Transaction A gets its id first (a write elsewhere), then waits for
+    // the integration's row, which B changes and commits meanwhile: A's
+    // id is the lower, its change the later.
+    let a = t.db.connect().await;
+    a.batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    let b = t.db.connect().await;
+    b.batch_execute(
+        "UPDATE integrations SET status = 'revoked', refresh_failures = 1, \
+         last_error = 'gone', last_error_code = 'invalid_grant' WHERE account_id = 'acct'",
+    )
+    .await
+    .unwrap();
+    a.batch_execute(
+        "UPDATE integrations SET status = 'connected', refresh_failures = 0, last_error = NULL, \
+         last_error_code = NULL, connect_generation = connect_generation + 1 \
+         WHERE account_id = 'acct'; COMMIT",
+    )
+    .await
+    .unwrap();
+    let (events, _) = poll_until(&t.service, None, 2, 3).await;
+    let kinds: Vec<EventType> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventType::Connected,
+            EventType::Revoked,
+            EventType::Reconnected
+        ],
+        "{events:?}"
+    );
+}
