@@ -20,6 +20,11 @@
 //! transaction that started writing before it has ended, so a long-running
 //! write transaction delays (never loses) the events behind it.
 //!
+//! An event's `txid` may be raised to its integration's previous event's
+//! (migration V6, `integrations_event_position`), so one integration's
+//! events keep their order; never below its own transaction's id, so the
+//! argument above holds for it unchanged.
+//!
 //! A page that is not full has seen every event below the horizon, so its
 //! next cursor moves to `(xmin, 0)`: an empty poll still advances, and the
 //! next one starts its index scan there (with a type filter, past every

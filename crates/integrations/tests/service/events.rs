@@ -459,9 +459,9 @@ async fn events_older_than_the_retention_are_purged_in_batches() {
 async fn one_integrations_events_page_in_the_order_they_happened() {
     let t = TestService::start().await;
     t.seed("u1", "good", "acct", 3600).await;
-    // Transaction A gets its id first (a write elsewhere), then waits for
-    // the integration's row, which B changes and commits meanwhile: A's
-    // id is the lower, its change the later.
+    // Transaction A gets its id first (as a write elsewhere would give
+    // it), B changes the integration and commits, then A changes it too:
+    // A's id is the lower, its change the later.
     let a = t.db.connect().await;
     a.batch_execute("BEGIN; SELECT pg_current_xact_id()")
         .await
