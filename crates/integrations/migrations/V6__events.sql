@@ -20,7 +20,8 @@
 --   refresh_failures grew, status unchanged        integration.refresh_failed
 -- Anything else (a successful refresh of a healthy row, tokens stored again
 -- for a healthy row, a lease taken or given back, rotate-keys rewriting
--- ciphertexts, metadata) is traffic, not news: no event.
+-- ciphertexts, metadata) is traffic, not news: no event. A TRUNCATE of
+-- integrations (an operator's) records nothing.
 
 -- Told apart by the application storing tokens, not by the status: a
 -- refresh that succeeds (recovered) and a PUT (reconnected) both end in

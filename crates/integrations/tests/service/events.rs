@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use integrations::crypto::Keyring;
 use integrations::domain::{Event, EventCursor, EventType};
 use integrations::service::{IntegrationsService, ServiceConfig};
 
@@ -268,7 +269,7 @@ async fn delete_produces_deleted() {
 }
 
 #[tokio::test]
-async fn a_successful_refresh_with_no_state_change_produces_no_event() {
+async fn a_successful_refresh_or_a_key_rotation_produces_no_event() {
     let t = TestService::start().await;
     t.seed("u1", "good", "acct", 3600).await;
     let (p, a) = (provider_name("good"), account_id("acct"));
@@ -283,6 +284,10 @@ async fn a_successful_refresh_with_no_state_change_produces_no_event() {
         .await
         .unwrap();
     assert!(report.refreshed >= 1, "{report:?}");
+    // Nor does rewriting every row under a new key.
+    let keys = format!("{},{}", Keyring::generate_spec("k2"), t.keys);
+    let rotated = t.with_keys(&keys, ServiceConfig::default()).await;
+    assert_eq!(rotated.rotate_keys(10).await.unwrap().reencrypted, 2);
     assert_eq!(
         types(&t).await,
         ["integration.connected", "integration.connected"]
