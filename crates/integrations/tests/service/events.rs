@@ -497,3 +497,62 @@ async fn one_integrations_events_page_in_the_order_they_happened() {
         "{events:?}"
     );
 }
+
+/// The connect flow, from start to the application's confirmation, for
+/// `account` of `user` on `good`.
+async fn connect_through_the_flow(t: &TestService, user: &str, account: &str, code: &str) {
+    use secrecy::ExposeSecret;
+    let started = t
+        .service
+        .start_connect(
+            &user_id(user),
+            &provider_name("good"),
+            "https://app.example/done",
+        )
+        .await
+        .unwrap();
+    let state = url::Url::parse(&started.authorize_url)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "state")
+        .unwrap()
+        .1
+        .into_owned();
+    t.fake.authorize(&started.authorize_url, code, account);
+    let authorized = t.service.finish_connect(&state, code).await.result.unwrap();
+    t.service
+        .complete_connect(
+            started.flow_id.expose_secret(),
+            authorized.completion_code.expose_secret(),
+            Some(&user_id(user)),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_connect_flow_records_connected_then_reconnected() {
+    let config = ServiceConfig {
+        callback_url: Some("https://integrations.example/v1/oauth/callback".into()),
+        redirect_origins: integrations::service::RedirectOrigins::parse("https://app.example")
+            .unwrap(),
+        ..ServiceConfig::default()
+    };
+    let t = TestService::start_with("connection_limit=3", config).await;
+    connect_through_the_flow(&t, "u1", "gh-1", "code-1").await;
+    t.fake.set_mode("good", Mode::InvalidGrant);
+    t.service
+        .refresh(&provider_name("good"), &account_id("gh-1"))
+        .await
+        .unwrap_err();
+    t.fake.set_mode("good", Mode::Rotate);
+    connect_through_the_flow(&t, "u1", "gh-1", "code-2").await;
+    assert_eq!(
+        types(&t).await,
+        [
+            "integration.connected",
+            "integration.revoked",
+            "integration.reconnected"
+        ]
+    );
+}
