@@ -53,6 +53,9 @@ pub struct ServiceSettings {
     pub service: crate::service::ServiceConfig,
     /// The background refresher.
     pub refresher: crate::service::Refresher,
+    /// How long events are kept (`INTEGRATIONS_EVENT_RETENTION`) and how
+    /// the background purge runs.
+    pub events: crate::service::EventRetention,
     /// The HTTP server's timeouts and connection cap.
     pub http: crate::http::ServerLimits,
     /// `INTEGRATIONS_REQUEST_TIMEOUT`: a request still running after this
@@ -137,6 +140,8 @@ impl ServiceSettings {
             "INTEGRATIONS_REFRESHER_MARGIN",
             refresher.margin.max(service.refresh_margin),
         )?;
+        let mut events = crate::service::EventRetention::default();
+        events.retention = secs("INTEGRATIONS_EVENT_RETENTION", events.retention)?;
         let mut http = crate::http::ServerLimits::default();
         http.header_read_timeout =
             secs("INTEGRATIONS_HTTP_HEADER_TIMEOUT", http.header_read_timeout)?;
@@ -167,6 +172,7 @@ impl ServiceSettings {
                 .map(std::path::PathBuf::from),
             service,
             refresher,
+            events,
             http,
             request_timeout,
         })
@@ -232,6 +238,19 @@ mod tests {
         assert_eq!(http.header_read_timeout.as_secs(), 2);
         assert_eq!(http.idle_timeout.as_secs(), 5);
         assert_eq!(http.max_connections, Some(3));
+    }
+
+    #[test]
+    fn event_retention_defaults_to_7_days_and_parses() {
+        let events = settings(&[]).unwrap().events;
+        assert_eq!(events.retention.as_secs(), 7 * 24 * 3600);
+        let s = settings(&[("INTEGRATIONS_EVENT_RETENTION", " 3600 ")]).unwrap();
+        assert_eq!(s.events.retention.as_secs(), 3600);
+        for bad in ["0", "7d", "-1"] {
+            let err = settings(&[("INTEGRATIONS_EVENT_RETENTION", bad)]).unwrap_err();
+            assert_eq!(err.var, "INTEGRATIONS_EVENT_RETENTION");
+            assert!(err.to_string().contains("accepted"), "{err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! `integrations serve`: the HTTP API, the background refresher and, with no
-//! `DATABASE_URL`, an embedded PostgreSQL kept in `--data-dir`.
+//! `integrations serve`: the HTTP API, the background refresher, the event
+//! purge and, with no `DATABASE_URL`, an embedded PostgreSQL kept in
+//! `--data-dir`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -127,7 +128,8 @@ async fn serve(
 }
 
 /// The server's background tasks (metrics upkeep, the change feed, the
-/// refresher): started in one tracked set, stopped with one token.
+/// refresher, the event purge): started in one tracked set, stopped with
+/// one token.
 struct Background {
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -255,6 +257,12 @@ async fn build(
                 .run_refresher(settings.refresher.clone(), background.stop.clone()),
         );
     }
+    // Every instance purges (batches skip rows another is deleting).
+    background.tasks.spawn(
+        service
+            .clone()
+            .run_event_purge(settings.events.clone(), background.stop.clone()),
+    );
     Ok(Built {
         app: app_with_deadline(state, settings.request_timeout),
         pool,

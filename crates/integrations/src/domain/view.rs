@@ -98,7 +98,7 @@ impl<'a> From<&'a IntegrationStatus> for IntegrationView<'a> {
 /// Timestamps as RFC 3339 in UTC, formatted into one string first: chrono's
 /// `Serialize` goes through `Display` a character at a time, which was the
 /// largest cost of rendering a status list.
-fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     use chrono::{Datelike, Timelike};
     // YYYY-MM-DDTHH:MM:SS.ffffffZ, digits written directly.
     let mut buf = *b"0000-00-00T00:00:00.000000Z";
@@ -118,7 +118,10 @@ fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Er
     s.serialize_str(std::str::from_utf8(&buf).unwrap_or_default())
 }
 
-fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn rfc3339_opt<S: serde::Serializer>(
+    t: &Option<DateTime<Utc>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => rfc3339(t, s),
         None => s.serialize_none(),

@@ -12,6 +12,7 @@ mod admin;
 mod auth;
 mod connect;
 mod error;
+mod events;
 mod extract;
 mod health;
 mod integrations;
@@ -101,6 +102,7 @@ impl std::ops::Deref for AppState {
         (name = "integrations", description = "A user's integrations"),
         (name = "tokens", description = "Access tokens and refreshes"),
         (name = "connect", description = "The OAuth connect flow"),
+        (name = "events", description = "What happened to integrations, by polling"),
         (name = "admin", description = "Operations"),
         (name = "health", description = "Health and metrics"),
     )
@@ -133,6 +135,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(integrations::router())
         .merge(tokens::router())
         .merge(connect::router())
+        .merge(events::router())
         .merge(admin::router())
         .merge(health::router());
     let (router, mut doc) = router.split_for_parts();

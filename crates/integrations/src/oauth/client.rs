@@ -110,6 +110,20 @@ impl OAuthError {
     pub fn is_invalid_grant(&self) -> bool {
         matches!(self, OAuthError::InvalidGrant { .. })
     }
+
+    /// A short code for what failed, kept beside the message as the
+    /// integration's `last_error_code` (events carry both): the provider's
+    /// `error` code (already reduced to a plain word or `provider_error`),
+    /// or one of `temporary_failure`, `malformed_response`,
+    /// `not_configured`.
+    pub fn code(&self) -> &str {
+        match self {
+            OAuthError::InvalidGrant { error, .. } | OAuthError::Rejected { error, .. } => error,
+            OAuthError::Transient(_) => "temporary_failure",
+            OAuthError::Malformed(_) => "malformed_response",
+            OAuthError::NotConfigured(_) => "not_configured",
+        }
+    }
 }
 
 impl From<MissingCredential> for OAuthError {

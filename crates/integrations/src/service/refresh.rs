@@ -333,13 +333,15 @@ impl IntegrationsService {
             },
             _ => Failure::Rejected,
         };
-        let message = e.to_string();
+        let (code, message) = (e.code().to_string(), e.to_string());
         tracing::warn!(error = %message, "token refresh failed");
         let owner = self.config.instance_id.as_str();
         let status = self
             .store_with_retry(|mut conn| {
-                let (message, id) = (message.clone(), row.id);
-                async move { rows::store_failure(&mut conn, id, owner, failure, &message).await }
+                let (code, message, id) = (code.clone(), message.clone(), row.id);
+                async move {
+                    rows::store_failure(&mut conn, id, owner, failure, &code, &message).await
+                }
             })
             .await;
         self.forget_status(&row.user_id);

@@ -112,8 +112,9 @@ const UPSERT: &str = concat!(
        refresh_token = COALESCE(EXCLUDED.refresh_token, i.refresh_token), \
        key_id = EXCLUDED.key_id, expires_at = EXCLUDED.expires_at, \
        metadata = COALESCE($10, i.metadata), status = 'connected', refresh_failures = 0, \
-       last_error = NULL, next_refresh_at = NULL, last_refresh_at = now(), updated_at = now(), \
-       refresh_generation = i.refresh_generation + 1 \
+       last_error = NULL, last_error_code = NULL, next_refresh_at = NULL, last_refresh_at = now(), \
+       updated_at = now(), refresh_generation = i.refresh_generation + 1, \
+       connect_generation = i.connect_generation + 1 \
      WHERE i.user_id = EXCLUDED.user_id \
        AND (EXCLUDED.refresh_token IS NOT NULL OR i.refresh_token IS NULL OR i.key_id = EXCLUDED.key_id) \
      RETURNING ",
@@ -507,7 +508,7 @@ const STORE_REFRESHED: &str = concat!(
     "UPDATE integrations SET access_token = $3, \
      refresh_token = $4, key_id = $5, expires_at = $6, \
      scopes = COALESCE($7, scopes), token_type = $8, status = 'connected', \
-     refresh_failures = 0, last_error = NULL, next_refresh_at = NULL, \
+     refresh_failures = 0, last_error = NULL, last_error_code = NULL, next_refresh_at = NULL, \
      last_refresh_at = now(), updated_at = now(), \
      refresh_generation = refresh_generation + 1, ",
     lease_give_back!(),
@@ -566,7 +567,7 @@ pub enum Failure {
 
 const STORE_FAILURE: &str = concat!(
     "UPDATE integrations SET \
-       refresh_failures = refresh_failures + 1, last_error = $3, \
+       refresh_failures = refresh_failures + 1, last_error = $3, last_error_code = $7, \
        status = CASE WHEN $4 = 'revoked' THEN 'revoked' \
                      WHEN $4 = 'rejected' OR refresh_failures + 1 >= $5 THEN 'error' \
                      ELSE status END, \
@@ -581,12 +582,14 @@ const STORE_FAILURE: &str = concat!(
 );
 
 /// Records a failed refresh (the stored tokens stay), releases the lease
-/// and returns the new state.
+/// and returns the new state. `code` is the error's code (what events
+/// carry beside the message, `error`).
 pub async fn store_failure(
     conn: &mut Conn,
     id: i64,
     owner: &str,
     failure: Failure,
+    code: &str,
     error: &str,
 ) -> Result<Option<IntegrationStatus>, Error> {
     let (kind, backoff, max) = match failure {
@@ -598,7 +601,10 @@ pub async fn store_failure(
         } => ("transient", backoff_secs, max_failures),
     };
     Ok(conn
-        .query_opt(STORE_FAILURE, &[&id, &owner, &error, &kind, &max, &backoff])
+        .query_opt(
+            STORE_FAILURE,
+            &[&id, &owner, &error, &kind, &max, &backoff, &code],
+        )
         .await?
         .as_ref()
         .map(status_from_row))

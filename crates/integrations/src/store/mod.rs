@@ -4,6 +4,7 @@
 //! across a call to a provider).
 
 pub mod api_keys;
+pub mod events;
 pub mod integrations;
 pub mod migrations;
 pub mod oauth_pending;

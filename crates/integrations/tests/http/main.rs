@@ -11,6 +11,7 @@ mod deadline;
 mod embedded;
 mod endpoints;
 mod errors;
+mod events;
 mod instances;
 mod metrics_labels;
 mod pool_timeout;

@@ -9,6 +9,7 @@ mod cache;
 mod connect_flow;
 mod dead_connections;
 mod encryption;
+mod events;
 mod refresh;
 mod refresher;
 mod storage;

@@ -160,6 +160,81 @@ async fn hot_queries_use_their_indexes() {
     }
 }
 
+/// The events statements (`GET /v1/events` with and without a type, the
+/// retention purge) use their indexes, under custom and generic plans.
+#[tokio::test]
+async fn event_queries_use_their_indexes() {
+    use integrations::store::events as sql;
+    let t = TestService::start().await;
+    let client = t.db.connect().await;
+    // Enough events, of several transactions and types (the one filtered
+    // on rare, as revocations are), that a sequential scan would not be
+    // chosen on merit; their transactions spread below
+    // the current one, as real events' are (all ended, so all pollable).
+    client
+        .batch_execute(
+            "INSERT INTO events (txid, type, created_at, integration_id, user_id, provider, account_id, status, refresh_failures) \
+             SELECT (3 + i * (cur - 4) / 20000)::text::xid8, \
+                    CASE WHEN i % 100 = 0 THEN 'integration.revoked' \
+                         ELSE (ARRAY['integration.connected', 'integration.refresh_failed'])[1 + i % 2] END, \
+                    now() - (i || ' seconds')::interval, i, 'user' || i, 'good', 'acct' || i, 'connected', 0 \
+             FROM generate_series(1, 20000) i, \
+                  (SELECT pg_current_xact_id()::text::bigint AS cur) c; ANALYZE events",
+        )
+        .await
+        .unwrap();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let explain = |sql: &'static str, typed: bool| {
+            let client = &client;
+            async move {
+                let stmt = client.prepare(&format!("EXPLAIN {sql}")).await.unwrap();
+                let (txid, id, limit) = ("3".to_string(), 7i64, 100i64);
+                let kind = "integration.revoked".to_string();
+                let rows = if typed {
+                    client.query(&stmt, &[&txid, &id, &limit, &kind]).await
+                } else {
+                    client.query(&stmt, &[&txid, &id, &limit]).await
+                }
+                .unwrap();
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+        };
+        let page = explain(sql::PAGE, false).await;
+        assert!(
+            page.contains("events_cursor") && !page.contains("Seq Scan"),
+            "{mode} PAGE: {page}"
+        );
+        let typed = explain(sql::PAGE_OF_TYPE, true).await;
+        assert!(
+            typed.contains("events_type_cursor") && !typed.contains("Seq Scan"),
+            "{mode} PAGE_OF_TYPE: {typed}"
+        );
+        let stmt = client
+            .prepare(&format!("EXPLAIN {}", sql::PURGE))
+            .await
+            .unwrap();
+        let purge: Vec<String> = client
+            .query(&stmt, &[&604800.0f64, &1000i64])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let purge = purge.join("\n");
+        assert!(
+            purge.contains("events_created_at") && !purge.contains("Seq Scan"),
+            "{mode} PURGE: {purge}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn rotate_keys_reencrypts_every_row_and_is_resumable() {
     let t = TestService::start().await;
