@@ -73,12 +73,16 @@ impl Loader {
         let max_loaders = config.connection_limit.div_ceil(2);
         let (done, mut answer) = oneshot::channel();
         let since = Instant::now();
-        let (id, start) = self.shared.lock().enqueue(
+        let queued = self.shared.lock().enqueue(
             &self.shared.cache,
             user_id,
             Waiter { done, since },
             max_loaders,
         );
+        let (id, start) = match queued {
+            Enqueued::Kept(status) => return Ok(status),
+            Enqueued::Queued { id, start } => (id, start),
+        };
         if start {
             self.start_loader(pool);
         }
@@ -196,19 +200,24 @@ impl Shared {
 
     /// Gives each load's answer to everyone waiting for it, and keeps the
     /// statuses loaded in the cache (which keeps those with no write for
-    /// their user since their mark).
+    /// their user since their mark). A status is kept before its load
+    /// leaves the queue, under the queue's lock, so a miss for the user
+    /// finds one or the other (see [`MissQueue::enqueue`]), never neither.
     fn answer(&self, answers: impl IntoIterator<Item = (u64, Answer)>) {
         let done: Vec<_> = {
             let mut queue = self.lock();
             answers
                 .into_iter()
-                .filter_map(|(id, answer)| Some((queue.forget(id)?, answer)))
+                .filter_map(|(id, answer)| {
+                    let load = queue.loads.get(&id)?;
+                    if let Ok(status) = &answer {
+                        self.cache.keep(&load.user_id, load.mark, status);
+                    }
+                    Some((queue.forget(id)?, answer))
+                })
                 .collect()
         };
         for (load, answer) in done {
-            if let Ok(status) = &answer {
-                self.cache.keep(&load.user_id, load.mark, status);
-            }
             for waiter in load.waiters {
                 let _ = waiter.done.send(match &answer {
                     Ok(status) => Ok(status.clone()),
@@ -234,6 +243,15 @@ struct Load {
 struct Waiter {
     done: oneshot::Sender<Answer>,
     since: Instant,
+}
+
+/// What a miss became.
+enum Enqueued {
+    /// The user's status was kept meanwhile (a load answered between the
+    /// caller's look in the cache and its turn in the queue).
+    Kept(Arc<UserStatus>),
+    /// The load's id, and whether a place for a new loader was reserved.
+    Queued { id: u64, start: bool },
 }
 
 /// What became of a load whose caller waited [`LOADER_PATIENCE`] more.
@@ -262,17 +280,21 @@ struct MissQueue {
 }
 
 impl MissQueue {
-    /// Joins `user_id`'s load if it may serve `waiter` (not taken yet, or
-    /// taken with no write for the user since), or queues a new one
-    /// (counted as a miss). The load's id, and whether a place for a new
-    /// loader was reserved (see the module's documentation).
+    /// The user's status if the cache has kept it since the caller looked
+    /// (loads are kept under this lock); else joins `user_id`'s load if it
+    /// may serve `waiter` (not taken yet, or taken with no write for the
+    /// user since), or queues a new one (counted as a miss), reserving a
+    /// place for a new loader when the module's documentation says so.
     fn enqueue(
         &mut self,
         cache: &Cache,
         user_id: &str,
         waiter: Waiter,
         max_loaders: usize,
-    ) -> (u64, bool) {
+    ) -> Enqueued {
+        if let Some(status) = cache.get(user_id) {
+            return Enqueued::Kept(status);
+        }
         let mark = cache.mark(user_id);
         let joinable = self.by_user.get(user_id).copied().filter(|id| {
             self.loads
@@ -286,7 +308,7 @@ impl MissQueue {
                 load.mark = mark;
             }
             load.waiters.push(waiter);
-            return (id, false);
+            return Enqueued::Queued { id, start: false };
         }
         cache.count_miss();
         self.next_id += 1;
@@ -307,7 +329,7 @@ impl MissQueue {
         if start {
             self.loaders += 1;
         }
-        (id, start)
+        Enqueued::Queued { id, start }
     }
 
     /// Load `id`, not answered after its caller (asking `since`) waited
