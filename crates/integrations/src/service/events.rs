@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{IntegrationsService, ServiceError};
+use super::{retried_read, IntegrationsService, ServiceError};
 use crate::domain::{Event, EventCursor, EventType};
 use crate::store::events as rows;
 
@@ -57,28 +57,16 @@ impl IntegrationsService {
         kind: Option<EventType>,
     ) -> Result<EventPage, ServiceError> {
         let after = after.unwrap_or(EventCursor::START);
-        let mut attempt = 1;
-        let page = loop {
-            let mut conn = self.pool.get().await?;
-            match rows::page(&mut conn, after, limit, kind).await {
-                // A read: safe to try again on another connection.
-                Err(db_pool::Error::ConnectionClosed) if attempt < super::READ_ATTEMPTS => {
-                    attempt += 1;
-                }
-                read => break read?,
-            }
-        };
-        let full = page.events.len() as i64 >= limit;
-        let last = page.events.last().map(|(c, _)| *c);
-        let next_cursor = match last {
-            Some(last) if full => last,
-            _ => after.max(last.unwrap_or(after)).max(EventCursor {
+        let page = retried_read!(self, |conn| rows::page(conn, after, limit, kind))?;
+        let next_cursor = match page.last {
+            Some(last) if page.read as i64 >= limit => last,
+            last => after.max(last.unwrap_or(after)).max(EventCursor {
                 txid: page.horizon,
                 id: 0,
             }),
         };
         Ok(EventPage {
-            events: page.events.into_iter().map(|(_, e)| e).collect(),
+            events: page.events,
             next_cursor,
         })
     }

@@ -208,6 +208,34 @@ impl From<db_pool::Error> for ServiceError {
 /// any row came) is tried in all, each on another connection.
 pub(crate) const READ_ATTEMPTS: u32 = 3;
 
+/// `$read`, a read using `$conn` (a `&mut Conn` checked out of
+/// `$service`'s pool), as a `Result<_, db_pool::Error>`. A read whose
+/// connection turned out dead (its backend terminated, the server
+/// restarted) is tried again on another connection, up to
+/// [`READ_ATTEMPTS`] in all: it changed nothing, and when every backend
+/// dies at once the next connection may be dead too. Only for statements
+/// that write nothing. A macro, not a function taking a closure: the read
+/// borrows its arguments beside the connection, which a closure returning
+/// a future cannot express without boxing it.
+macro_rules! retried_read {
+    ($service:expr, |$conn:ident| $read:expr) => {{
+        let mut attempt = 1;
+        loop {
+            let mut checked_out = $service.pool.get().await?;
+            let $conn = &mut checked_out;
+            match $read.await {
+                Err(db_pool::Error::ConnectionClosed)
+                    if attempt < $crate::service::READ_ATTEMPTS =>
+                {
+                    attempt += 1;
+                }
+                result => break result,
+            }
+        }
+    }};
+}
+pub(crate) use retried_read;
+
 /// A usable access token.
 #[derive(Clone)]
 pub struct AccessToken {

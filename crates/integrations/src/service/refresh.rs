@@ -12,7 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::SemaphorePermit;
 
 use super::lease::{Lease, Turn};
-use super::{secret, AccessToken, IntegrationsService, ServiceError};
+use super::{retried_read, secret, AccessToken, IntegrationsService, ServiceError};
 use crate::crypto::CryptoError;
 use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status};
 use crate::oauth::{OAuthError, Provider, TokenSet};
@@ -66,22 +66,10 @@ impl IntegrationsService {
         }
     }
 
-    /// The row's token columns. A read whose connection turned out dead
-    /// (its backend terminated, the server restarted) is tried again on
-    /// another connection, up to [`super::READ_ATTEMPTS`] in all: it
-    /// changed nothing, and when every backend dies at once the next
-    /// connection may be dead too.
+    /// The row's token columns (a read, tried again on a dead connection).
     async fn token_row(&self, p: &str, a: &str) -> Result<TokenRow, ServiceError> {
-        let mut attempt = 1;
-        loop {
-            let mut conn = self.pool.get().await?;
-            match rows::token_row(&mut conn, p, a).await {
-                Err(db_pool::Error::ConnectionClosed) if attempt < super::READ_ATTEMPTS => {
-                    attempt += 1;
-                }
-                read => return read?.ok_or_else(|| ServiceError::not_found(p, a)),
-            }
-        }
+        retried_read!(self, |conn| rows::token_row(conn, p, a))?
+            .ok_or_else(|| ServiceError::not_found(p, a))
     }
 
     /// The stored token when it can be used as is; `None` when it must be

@@ -45,41 +45,48 @@ macro_rules! event_columns {
     };
 }
 
+// The page statement, defined once; `$filter` narrows the events (two
+// statements rather than one with `$4 IS NULL OR type = $4`, so each gets
+// a plan on its own index).
+macro_rules! page {
+    ($filter:literal) => {
+        concat!(
+            "SELECT h.xmin::text, ",
+            event_columns!(),
+            " FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) h \
+             LEFT JOIN LATERAL ( \
+               SELECT * FROM events \
+               WHERE ",
+            $filter,
+            "(txid, id) > (CAST($1::text AS xid8), $2::bigint) AND txid < h.xmin \
+               ORDER BY txid, id LIMIT $3) e ON true \
+             ORDER BY e.txid, e.id"
+        )
+    };
+}
+
 /// A page of events after a cursor, of every type. Public so the index
 /// test EXPLAINs the statement the product runs. $1, $2: the cursor (txid
 /// as text: `xid8` has no binary form the driver knows), $3: the limit.
 /// One statement, so the horizon and the rows come from one snapshot (a
 /// later snapshot's horizon could pass events this one did not see). The
 /// lateral subquery yields the horizon's row even when no event qualifies.
-pub const PAGE: &str = concat!(
-    "SELECT h.xmin::text, ",
-    event_columns!(),
-    " FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) h \
-     LEFT JOIN LATERAL ( \
-       SELECT * FROM events \
-       WHERE (txid, id) > (CAST($1::text AS xid8), $2::bigint) AND txid < h.xmin \
-       ORDER BY txid, id LIMIT $3) e ON true \
-     ORDER BY e.txid, e.id"
-);
+pub const PAGE: &str = page!("");
 
 /// [`PAGE`] of one type ($4).
-pub const PAGE_OF_TYPE: &str = concat!(
-    "SELECT h.xmin::text, ",
-    event_columns!(),
-    " FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin) h \
-     LEFT JOIN LATERAL ( \
-       SELECT * FROM events \
-       WHERE type = $4::text AND (txid, id) > (CAST($1::text AS xid8), $2::bigint) \
-         AND txid < h.xmin \
-       ORDER BY txid, id LIMIT $3) e ON true \
-     ORDER BY e.txid, e.id"
-);
+pub const PAGE_OF_TYPE: &str = page!("type = $4::text AND ");
 
 /// A page of events and where the next one starts.
 #[derive(Debug)]
 pub struct Page {
-    /// The events, in cursor order.
-    pub events: Vec<(EventCursor, Event)>,
+    /// The events, in cursor order (without those of a type this version
+    /// does not know, written by a newer one).
+    pub events: Vec<Event>,
+    /// How many events were read, known or not: the page is full when
+    /// they reach the limit.
+    pub read: usize,
+    /// The position of the last event read.
+    pub last: Option<EventCursor>,
     /// The horizon: every transaction below it had ended.
     pub horizon: u64,
 }
@@ -105,16 +112,24 @@ pub async fn page(
         .and_then(|r| r.get::<_, Option<&str>>(0))
         .and_then(|x| x.parse().ok())
         .unwrap_or(0);
-    let events = rows.iter().filter_map(event_from_row).collect();
-    Ok(Page { events, horizon })
+    let read: Vec<_> = rows.iter().filter_map(event_from_row).collect();
+    Ok(Page {
+        read: read.len(),
+        last: read.last().map(|(cursor, _)| *cursor),
+        events: read.into_iter().filter_map(|(_, event)| event).collect(),
+        horizon,
+    })
 }
 
-/// The event of a page's row; `None` for the horizon's row alone (no
-/// event), or a type this version does not know.
-fn event_from_row(row: &Row) -> Option<(EventCursor, Event)> {
+/// The position and event of a page's row; `None` for the horizon's row
+/// alone (no event), and no event for a type this version does not know.
+fn event_from_row(row: &Row) -> Option<(EventCursor, Option<Event>)> {
     let id: i64 = row.get::<_, Option<i64>>(1)?;
     let txid: u64 = row.get::<_, Option<&str>>(2)?.parse().ok()?;
-    let kind = EventType::from_db(row.get(3))?;
+    let cursor = EventCursor { txid, id };
+    let Some(kind) = EventType::from_db(row.get(3)) else {
+        return Some((cursor, None));
+    };
     let status = |i: usize| row.get::<_, Option<&str>>(i).map(Status::from_db);
     let error = match (
         row.get::<_, Option<String>>(11),
@@ -124,8 +139,8 @@ fn event_from_row(row: &Row) -> Option<(EventCursor, Event)> {
         _ => None,
     };
     Some((
-        EventCursor { txid, id },
-        Event {
+        cursor,
+        Some(Event {
             id,
             kind,
             created_at: row.get::<_, DateTime<Utc>>(4),
@@ -139,7 +154,7 @@ fn event_from_row(row: &Row) -> Option<(EventCursor, Event)> {
                 error,
                 expires_at: row.get(13),
             },
-        },
+        }),
     ))
 }
 
