@@ -20,9 +20,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::service::api_keys::ApiKeys;
 use crate::service::IntegrationsService;
+// The webhook fan-out's channel (migration V7): deliveries were queued.
+use crate::store::webhooks::CHANNEL as WEBHOOKS_CHANNEL;
 
 /// The notification channel the triggers send on.
 pub const CHANNEL: &str = "integrations_changes";
+
+/// Every channel the feed listens on.
+const CHANNELS: [&str; 2] = [CHANNEL, WEBHOOKS_CHANNEL];
 
 /// The custom setting that names the writing instance in payloads (set on
 /// the pool's connections when the server is reached directly).
@@ -151,7 +156,7 @@ impl ChangeFeed {
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
-        self.first = Listener::connect(&self.config, &[CHANNEL]).await.ok();
+        self.first = Listener::connect(&self.config, &CHANNELS).await.ok();
         tasks.spawn(self.run(stop))
     }
 
@@ -167,7 +172,7 @@ impl ChangeFeed {
                 Some(first) => Ok(first),
                 None => tokio::select! {
                     () = stop.cancelled() => return,
-                    c = Listener::connect(&self.config, &[CHANNEL]) => c,
+                    c = Listener::connect(&self.config, &CHANNELS) => c,
                 },
             };
             let mut listener = match connected {
@@ -187,6 +192,8 @@ impl ChangeFeed {
             };
             retry = RETRY_MIN;
             self.caches_live(true);
+            // Deliveries queued while nobody listened are due too.
+            self.service.wake_dispatcher();
             if ever_connected || lost_logged {
                 tracing::info!("change listener connected again; caches serve again");
             } else {
@@ -199,8 +206,12 @@ impl ChangeFeed {
                     e = listener.next() => e,
                 };
                 match event {
+                    ListenEvent::Notification(n) if n.channel() == WEBHOOKS_CHANNEL => {
+                        self.service.wake_dispatcher();
+                    }
                     ListenEvent::Notification(n) => self.apply(n.payload(), &instance),
                     ListenEvent::Lagged => {
+                        self.service.wake_dispatcher();
                         tracing::warn!(
                             "change listener fell behind; forgetting every cached entry"
                         );

@@ -140,6 +140,7 @@ impl ServiceSettings {
             "INTEGRATIONS_REFRESHER_MARGIN",
             refresher.margin.max(service.refresh_margin),
         )?;
+        service.webhooks = webhook_settings(env, &secs)?;
         let mut events = crate::service::EventRetention::default();
         events.retention = secs("INTEGRATIONS_EVENT_RETENTION", events.retention)?;
         let mut http = crate::http::ServerLimits::default();
@@ -202,6 +203,53 @@ impl ServiceSettings {
     }
 }
 
+/// The `INTEGRATIONS_WEBHOOK_*` variables; `secs` parses whole seconds.
+fn webhook_settings(
+    env: &dyn Fn(&str) -> Option<String>,
+    secs: &dyn Fn(
+        &'static str,
+        std::time::Duration,
+    ) -> Result<std::time::Duration, SettingError>,
+) -> Result<crate::webhooks::WebhookConfig, SettingError> {
+    let mut cfg = crate::webhooks::WebhookConfig::default();
+    let set = |var: &'static str| env(var).filter(|v| !v.trim().is_empty());
+    if let Some(v) = set(crate::webhooks::ALLOW_PRIVATE_ENV) {
+        cfg.send.allow_private = match v.trim() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(SettingError {
+                    var: crate::webhooks::ALLOW_PRIVATE_ENV,
+                    value: v,
+                    accepted: "true or false (true lets webhook endpoints be loopback, private or link-local addresses and plain http: for tests and local development)",
+                })
+            }
+        };
+    }
+    cfg.send.timeout = secs("INTEGRATIONS_WEBHOOK_TIMEOUT", cfg.send.timeout)?;
+    cfg.disable_after = secs("INTEGRATIONS_WEBHOOK_DISABLE_AFTER", cfg.disable_after)?;
+    if let Some(v) = set("INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE") {
+        cfg.schedule = crate::webhooks::parse_schedule(&v).ok_or(SettingError {
+            var: "INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE",
+            value: v.clone(),
+            accepted: "1 to 30 comma-separated pauses before each retry, each a whole number and a unit (ms, s, m, h, d), e.g. 5s,5m,30m,2h,5h,10h,14h",
+        })?;
+    }
+    if let Some(v) = set("INTEGRATIONS_WEBHOOK_CONCURRENCY") {
+        cfg.concurrency = v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1024).contains(n))
+            .ok_or(SettingError {
+                var: "INTEGRATIONS_WEBHOOK_CONCURRENCY",
+                value: v.clone(),
+                accepted: "a whole number of attempts in flight per endpoint per instance, from 1 to 1024",
+            })?;
+    }
+    Ok(cfg)
+}
+
 /// The process environment, for [`ServiceSettings::from_env`].
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -249,6 +297,41 @@ mod tests {
         for bad in ["0", "7d", "-1"] {
             let err = settings(&[("INTEGRATIONS_EVENT_RETENTION", bad)]).unwrap_err();
             assert_eq!(err.var, "INTEGRATIONS_EVENT_RETENTION");
+            assert!(err.to_string().contains("accepted"), "{err}");
+        }
+    }
+
+    #[test]
+    fn webhook_settings_default_and_parse() {
+        let w = settings(&[]).unwrap().service.webhooks;
+        assert_eq!(w, crate::webhooks::WebhookConfig::default());
+        assert!(!w.send.allow_private);
+        assert_eq!(w.send.timeout.as_secs(), 10);
+        assert_eq!(w.disable_after.as_secs(), 5 * 24 * 3600);
+        let w = settings(&[
+            ("INTEGRATIONS_WEBHOOK_ALLOW_PRIVATE", "true"),
+            ("INTEGRATIONS_WEBHOOK_TIMEOUT", "2"),
+            ("INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE", "1s, 500ms"),
+            ("INTEGRATIONS_WEBHOOK_CONCURRENCY", "4"),
+            ("INTEGRATIONS_WEBHOOK_DISABLE_AFTER", "60"),
+        ])
+        .unwrap()
+        .service
+        .webhooks;
+        assert!(w.send.allow_private);
+        assert_eq!(w.send.timeout.as_secs(), 2);
+        assert_eq!(w.schedule.len(), 2);
+        assert_eq!(w.concurrency, 4);
+        assert_eq!(w.disable_after.as_secs(), 60);
+        for (var, value) in [
+            ("INTEGRATIONS_WEBHOOK_ALLOW_PRIVATE", "yes"),
+            ("INTEGRATIONS_WEBHOOK_TIMEOUT", "0"),
+            ("INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE", "5"),
+            ("INTEGRATIONS_WEBHOOK_CONCURRENCY", "0"),
+            ("INTEGRATIONS_WEBHOOK_DISABLE_AFTER", "5d"),
+        ] {
+            let err = settings(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
             assert!(err.to_string().contains("accepted"), "{err}");
         }
     }

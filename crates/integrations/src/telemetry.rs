@@ -89,6 +89,14 @@ pub fn describe_metrics() {
             "integrations_status_cache_misses_total",
             "Status reads loaded from the database.",
         ),
+        (
+            "integrations_webhook_deliveries_total",
+            "Webhook delivery attempts, by outcome: delivered (a 2xx), retry (failed, another attempt scheduled), failed (failed, the schedule spent).",
+        ),
+        (
+            "integrations_webhook_endpoints_disabled_total",
+            "Webhook endpoints disabled after failing every attempt for INTEGRATIONS_WEBHOOK_DISABLE_AFTER.",
+        ),
     ] {
         describe_counter!(name, help);
     }
@@ -106,6 +114,14 @@ pub fn describe_metrics() {
             "integrations_status_cache_entries",
             "Users whose status is cached.",
         ),
+        (
+            "integrations_webhook_pending",
+            "Webhook deliveries not delivered yet (due, being sent or waiting for a retry), all instances.",
+        ),
+        (
+            "integrations_webhook_oldest_pending_seconds",
+            "Age of the oldest pending webhook delivery (0 when none).",
+        ),
     ] {
         describe_gauge!(name, help);
     }
@@ -121,6 +137,10 @@ pub fn describe_metrics() {
         (
             "integrations_refresh_seconds",
             "Token refresh duration, by provider.",
+        ),
+        (
+            "integrations_webhook_delivery_lag_seconds",
+            "From an event's transaction start to its webhook's 2xx.",
         ),
     ] {
         describe_histogram!(name, Unit::Seconds, help);

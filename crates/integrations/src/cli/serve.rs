@@ -128,7 +128,7 @@ async fn serve(
 }
 
 /// The server's background tasks (metrics upkeep, the change feed, the
-/// refresher, the event purge): started in one tracked set, stopped with
+/// refresher, the webhook dispatcher, the event purge): started in one tracked set, stopped with
 /// one token.
 struct Background {
     tasks: TaskTracker,
@@ -257,6 +257,12 @@ async fn build(
                 .run_refresher(settings.refresher.clone(), background.stop.clone()),
         );
     }
+    // Every instance delivers webhooks (claims skip rows another holds).
+    background.tasks.spawn(
+        service
+            .clone()
+            .run_webhook_dispatcher(background.stop.clone()),
+    );
     // Every instance purges (batches skip rows another is deleting).
     background.tasks.spawn(
         service

@@ -5,6 +5,7 @@ mod event;
 mod ids;
 mod integration;
 mod view;
+mod webhook;
 
 pub use event::{
     event_limit, Event, EventCursor, EventData, EventError, EventType, DEFAULT_EVENT_LIMIT,
@@ -13,3 +14,4 @@ pub use event::{
 pub use ids::{AccountId, InvalidInput, ProviderName, UserId};
 pub use integration::{IntegrationStatus, Status};
 pub use view::{IntegrationList, IntegrationView, Metadata, Scopes};
+pub use webhook::{event_types, Delivery, DeliveryStatus, Webhook, WebhookId};

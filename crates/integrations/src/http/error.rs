@@ -206,6 +206,12 @@ impl From<ServiceError> for ApiError {
                 tracing::warn!(error = %o, "OAuth request failed");
                 ApiError::new(StatusCode::BAD_GATEWAY, "oauth_failed", o.to_string())
             }
+            ServiceError::WebhookNotFound | ServiceError::EventNotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            ServiceError::TooManyWebhooks => {
+                ApiError::new(StatusCode::CONFLICT, "too_many_webhooks", e.to_string())
+            }
             ServiceError::Crypto(c) => ApiError::internal(&c),
             ServiceError::Internal(_) => ApiError::internal(&e),
             ServiceError::Db(db) => ApiError::from(db.as_ref()),

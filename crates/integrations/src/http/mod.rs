@@ -19,6 +19,7 @@ mod integrations;
 mod openapi;
 mod server;
 mod tokens;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,6 +104,7 @@ impl std::ops::Deref for AppState {
         (name = "tokens", description = "Access tokens and refreshes"),
         (name = "connect", description = "The OAuth connect flow"),
         (name = "events", description = "What happened to integrations, by polling"),
+        (name = "webhooks", description = "Events pushed to the application's endpoints, signed as Standard Webhooks"),
         (name = "admin", description = "Operations"),
         (name = "health", description = "Health and metrics"),
     )
@@ -136,6 +138,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(tokens::router())
         .merge(connect::router())
         .merge(events::router())
+        .merge(webhooks::router())
         .merge(admin::router())
         .merge(health::router());
     let (router, mut doc) = router.split_for_parts();

@@ -8,7 +8,7 @@ use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
 
-use crate::domain::{AccountId, ProviderName, UserId};
+use crate::domain::{AccountId, ProviderName, UserId, WebhookId};
 
 /// 503 for a provider route: the database, the deadline, or a provider
 /// without credentials.
@@ -128,6 +128,7 @@ fn limit_path_parameters(op: &mut Operation) {
             "user_id" => (UserId::MAX_LEN, UserId::PATTERN, "user-1"),
             "provider" => (ProviderName::MAX_LEN, ProviderName::PATTERN, "github"),
             "account_id" => (AccountId::MAX_LEN, AccountId::PATTERN, "12345"),
+            "webhook_id" => (27, WebhookId::PATTERN, "wh_0123456789abcdef01234567"),
             _ => continue,
         };
         param.schema = Some(RefOr::T(id_schema(max, pattern, example).into()));

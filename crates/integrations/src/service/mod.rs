@@ -9,6 +9,7 @@ mod admin;
 pub mod api_keys;
 mod batch;
 mod connect;
+mod delivery;
 mod encryption;
 mod events;
 mod lease;
@@ -16,6 +17,7 @@ mod redirect;
 mod refresh;
 mod refresher;
 mod status;
+mod webhooks;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +35,7 @@ pub use events::{EventPage, EventRetention};
 pub use redirect::{RedirectOrigins, REDIRECT_ORIGINS_ENV};
 pub use refresher::{Refresher, ScanReport};
 pub use status::{CacheStats, UserStatus};
+pub use webhooks::{CreatedWebhook, RotatedSecret, TestDelivery};
 
 use crate::crypto::{CryptoError, Keyring};
 use crate::domain::InvalidInput;
@@ -65,6 +68,8 @@ pub struct ServiceConfig {
     pub state_ttl: Duration,
     /// The origins the connect flow may send users back to.
     pub redirect_origins: RedirectOrigins,
+    /// Webhook deliveries: timeout, retries, concurrency, addresses.
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl Default for ServiceConfig {
@@ -85,6 +90,7 @@ impl Default for ServiceConfig {
             callback_url: None,
             state_ttl: Duration::from_secs(600),
             redirect_origins: RedirectOrigins::default(),
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }
@@ -170,6 +176,16 @@ pub enum ServiceError {
     /// one failed cache load answers every caller that waited for it.
     #[error(transparent)]
     Db(Arc<db_pool::Error>),
+    /// No webhook endpoint with that id.
+    #[error("no such webhook endpoint")]
+    WebhookNotFound,
+    /// No event with that id (never written, or purged after
+    /// INTEGRATIONS_EVENT_RETENTION).
+    #[error("no event {0}: it never existed or was purged after INTEGRATIONS_EVENT_RETENTION")]
+    EventNotFound(i64),
+    /// The most webhook endpoints are registered.
+    #[error("{} webhook endpoints are registered, the most accepted; delete one first", crate::webhooks::MAX_ENDPOINTS)]
+    TooManyWebhooks,
     /// A failure of our own (a bug): a status that did not render, a
     /// status loader gone before answering.
     #[error("internal error: {0}")]
@@ -266,6 +282,10 @@ pub struct IntegrationsService {
     cache: Arc<status::StatusCache>,
     flights: Mutex<lease::Flights>,
     config: ServiceConfig,
+    /// The webhook client, built on first use.
+    webhook_sender: tokio::sync::OnceCell<crate::webhooks::Sender>,
+    /// Wakes the webhook dispatcher.
+    webhook_wake: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for IntegrationsService {
@@ -298,6 +318,8 @@ impl IntegrationsService {
             tokens,
             flights: Mutex::new(HashMap::new()),
             config,
+            webhook_sender: tokio::sync::OnceCell::new(),
+            webhook_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 

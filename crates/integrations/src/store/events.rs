@@ -44,6 +44,7 @@ macro_rules! event_columns {
          e.expires_at"
     };
 }
+pub(crate) use event_columns;
 
 // The page statement, defined once; `$filter` narrows the events (two
 // statements rather than one with `$4 IS NULL OR type = $4`, so each gets
@@ -121,9 +122,11 @@ pub async fn page(
     })
 }
 
-/// The position and event of a page's row; `None` for the horizon's row
-/// alone (no event), and no event for a type this version does not know.
-fn event_from_row(row: &Row) -> Option<(EventCursor, Option<Event>)> {
+/// The position and event of a row whose columns 1 to 13 are
+/// [`event_columns`] (a page's, after the horizon; a claimed delivery's,
+/// after its id); `None` for the horizon's row alone (no event), and no
+/// event for a type this version does not know.
+pub(crate) fn event_from_row(row: &Row) -> Option<(EventCursor, Option<Event>)> {
     let id: i64 = row.get::<_, Option<i64>>(1)?;
     let txid: u64 = row.get::<_, Option<&str>>(2)?.parse().ok()?;
     let cursor = EventCursor { txid, id };

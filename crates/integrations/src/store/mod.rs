@@ -9,3 +9,4 @@ pub mod integrations;
 pub mod migrations;
 pub mod oauth_pending;
 pub mod oauth_states;
+pub mod webhooks;

@@ -1,0 +1,90 @@
+-- Webhooks (issue 16): endpoints the application registers, and one
+-- delivery per (endpoint, event) written by a trigger on `events` in the
+-- same transaction as the event (so as the change itself): a delivery
+-- exists exactly when its event committed, and survives any crash until an
+-- instance has had a 2xx for it.
+
+CREATE TABLE webhook_endpoints (
+    -- 'wh_' and 24 hex digits.
+    id               text        PRIMARY KEY,
+    url              text        NOT NULL,
+    -- The event types sent to it.
+    event_types      text[]      NOT NULL,
+    -- The signing secret ('whsec_<base64>'), encrypted like tokens
+    -- (AAD 'webhook:<id>:secret'), under the key secret_key_id.
+    secret           bytea       NOT NULL,
+    secret_key_id    text        NOT NULL,
+    -- The secret before the last rotation, signing beside the new one until
+    -- previous_until (24 h after the rotation).
+    previous_secret  bytea,
+    previous_key_id  text,
+    previous_until   timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- When the attempts started failing without a 2xx since: an endpoint
+    -- failing for INTEGRATIONS_WEBHOOK_DISABLE_AFTER (5 days) is disabled.
+    failing_since    timestamptz,
+    disabled_at      timestamptz,
+    disabled_reason  text
+);
+
+CREATE TABLE webhook_deliveries (
+    id               bigserial   PRIMARY KEY,
+    endpoint_id      text        NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+    -- Purged with its event (INTEGRATIONS_EVENT_RETENTION, 7 days: longer
+    -- than the retries last).
+    event_id         bigint      NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    -- The event's integration and position (txid, event_id), copied so one
+    -- integration's deliveries to one endpoint go out in order.
+    integration_id   bigint      NOT NULL,
+    txid             xid8        NOT NULL,
+    status           text        NOT NULL DEFAULT 'pending'
+                                 CHECK (status IN ('pending', 'succeeded', 'failed')),
+    -- Attempts made (an attempt counts when it is claimed).
+    attempts         integer     NOT NULL DEFAULT 0,
+    -- When it is due; while an instance is sending it, the end of that
+    -- instance's claim (a claim that outlives its instance, killed, is
+    -- taken again after it).
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    claimed_by       text,
+    last_attempt_at  timestamptz,
+    -- The HTTP status of the last attempt (null: no answer).
+    last_status      integer,
+    last_error       text,
+    delivered_at     timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (endpoint_id, event_id)
+);
+
+-- The claim: an endpoint's due deliveries, the earliest first.
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (endpoint_id, next_attempt_at)
+    WHERE status = 'pending';
+-- The claim's order check: an integration's earlier pending delivery to the
+-- same endpoint holds the later ones back.
+CREATE INDEX webhook_deliveries_order
+    ON webhook_deliveries (endpoint_id, integration_id, txid, event_id)
+    WHERE status = 'pending';
+-- GET /v1/webhooks/{id}/deliveries?status=...
+CREATE INDEX webhook_deliveries_listing ON webhook_deliveries (endpoint_id, status, id);
+-- Redelivery of an event, and the cascade from the event purge.
+CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
+
+-- One delivery per enabled endpoint subscribed to the event's type, in the
+-- event's transaction; then a wake-up for the instances' dispatchers (one
+-- per transaction: PostgreSQL folds identical notifications).
+CREATE FUNCTION webhooks_fan_out() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO webhook_deliveries (endpoint_id, event_id, integration_id, txid)
+    SELECT w.id, NEW.id, NEW.integration_id, NEW.txid
+    FROM webhook_endpoints w
+    WHERE w.disabled_at IS NULL AND NEW.type = ANY (w.event_types);
+    IF FOUND THEN
+        PERFORM pg_notify('integrations_webhooks', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_webhooks_fan_out
+    AFTER INSERT ON events
+    FOR EACH ROW EXECUTE FUNCTION webhooks_fan_out();

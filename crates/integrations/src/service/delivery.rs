@@ -1,0 +1,282 @@
+//! The webhook dispatcher `serve` runs: claims due deliveries (any instance
+//! may; `FOR UPDATE SKIP LOCKED` gives each attempt to one), sends them
+//! concurrently, at most `concurrency` per endpoint so a slow or dead
+//! endpoint fills only its own slots, and records each outcome. Woken by
+//! the database's notification when deliveries are queued, and every
+//! `poll` for retries that came due.
+//!
+//! At least once: a delivery is marked delivered only after its 2xx, so a
+//! process killed in between sends it again (after its claim runs out);
+//! receivers de-duplicate on `webhook-id`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use super::IntegrationsService;
+use crate::store::webhooks::{self as rows, Claimed, Failure};
+use crate::webhooks::SigningKey;
+
+/// How often the backlog gauges are refreshed.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// An enabled endpoint, its secrets decrypted.
+struct Endpoint {
+    id: String,
+    url: Url,
+    keys: Vec<SigningKey>,
+}
+
+/// Counts outcomes without a label per endpoint (endpoints come and go;
+/// the label set stays fixed).
+fn count(outcome: &'static str) {
+    metrics::counter!("integrations_webhook_deliveries_total", "outcome" => outcome).increment(1);
+}
+
+impl IntegrationsService {
+    /// Delivers webhooks until `cancel` fires, then waits for the attempts
+    /// in flight (each bounded by the timeout) so their outcomes are
+    /// recorded.
+    pub async fn run_webhook_dispatcher(self: Arc<Self>, cancel: CancellationToken) {
+        let cfg = self.config.webhooks.clone();
+        tracing::info!(
+            concurrency = cfg.concurrency,
+            timeout_secs = cfg.send.timeout.as_secs_f64(),
+            retries = cfg.schedule.len(),
+            "webhook dispatcher started"
+        );
+        let wake = self.webhook_wake();
+        let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
+        let mut loaded: Option<Instant> = None;
+        let mut backlog_at: Option<Instant> = None;
+        let mut in_flight: HashMap<String, usize> = HashMap::new();
+        let mut attempts: JoinSet<String> = JoinSet::new();
+        // Logged once per outage, not per loop.
+        let mut failing = false;
+        loop {
+            if loaded.is_none_or(|at| at.elapsed() >= cfg.poll) {
+                match self.load_endpoints().await {
+                    Ok(list) => {
+                        endpoints = list;
+                        loaded = Some(Instant::now());
+                    }
+                    Err(e) => self.dispatch_failed(&mut failing, &e),
+                }
+            }
+            for endpoint in &endpoints {
+                let busy = in_flight.get(&endpoint.id).copied().unwrap_or(0);
+                let free = cfg.concurrency.saturating_sub(busy);
+                if free == 0 {
+                    continue;
+                }
+                let claimed = self.claim(endpoint, free).await;
+                match claimed {
+                    Ok(claimed) => {
+                        failing = false;
+                        for delivery in claimed {
+                            *in_flight.entry(endpoint.id.clone()).or_default() += 1;
+                            attempts.spawn(self.clone().attempt(endpoint.clone(), delivery));
+                        }
+                    }
+                    Err(e) => {
+                        self.dispatch_failed(&mut failing, &e);
+                        break;
+                    }
+                }
+            }
+            if backlog_at.is_none_or(|at| at.elapsed() >= BACKLOG_EVERY) {
+                backlog_at = Some(Instant::now());
+                self.report_backlog().await;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = wake.notified() => {}
+                () = tokio::time::sleep(cfg.poll) => {}
+                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                    let mut done = Some(done);
+                    // Every attempt that has finished frees its slot before
+                    // the next claim.
+                    while let Some(finished) = done {
+                        if let Ok(id) = finished {
+                            if let Some(n) = in_flight.get_mut(&id) {
+                                *n = n.saturating_sub(1);
+                            }
+                        }
+                        done = attempts.try_join_next();
+                    }
+                }
+            }
+        }
+        let waiting = attempts.len();
+        if waiting > 0 {
+            tracing::info!(
+                in_flight = waiting,
+                "webhook dispatcher stopping: waiting for the attempts in flight"
+            );
+        }
+        while attempts.join_next().await.is_some() {}
+        tracing::info!("webhook dispatcher stopped");
+    }
+
+    fn dispatch_failed(&self, failing: &mut bool, e: &super::ServiceError) {
+        if !*failing {
+            tracing::warn!(error = %e, "webhook dispatcher cannot reach the database; retrying");
+            *failing = true;
+        }
+    }
+
+    /// The enabled endpoints with their keys; an endpoint whose secret
+    /// cannot be decrypted (a key removed before `rotate-keys`) is left
+    /// out and logged.
+    async fn load_endpoints(&self) -> Result<Vec<Arc<Endpoint>>, super::ServiceError> {
+        let stored = {
+            let mut conn = self.pool.get().await?;
+            rows::active(&mut conn).await?
+        };
+        let mut endpoints = Vec::with_capacity(stored.len());
+        for e in stored {
+            let keys = match self.signing_keys(&e.id, &e.secrets) {
+                Ok(keys) => keys,
+                Err(err) => {
+                    tracing::warn!(webhook = %e.id, error = %err, "webhook secret unreadable: its deliveries wait");
+                    continue;
+                }
+            };
+            let Ok(url) = Url::parse(&e.url) else {
+                tracing::warn!(webhook = %e.id, "webhook URL unreadable: its deliveries wait");
+                continue;
+            };
+            endpoints.push(Arc::new(Endpoint {
+                id: e.id,
+                url,
+                keys,
+            }));
+        }
+        Ok(endpoints)
+    }
+
+    async fn claim(
+        &self,
+        endpoint: &Endpoint,
+        free: usize,
+    ) -> Result<Vec<Claimed>, super::ServiceError> {
+        let mut conn = self.pool.get().await?;
+        let limit = i64::try_from(free).unwrap_or(i64::MAX);
+        Ok(rows::claim(
+            &mut conn,
+            &endpoint.id,
+            limit,
+            self.config.webhooks.claim().as_secs_f64(),
+            &self.config.instance_id,
+        )
+        .await?)
+    }
+
+    /// One attempt of one delivery, and its outcome recorded; the
+    /// endpoint's id when done (its slot is free again).
+    async fn attempt(self: Arc<Self>, endpoint: Arc<Endpoint>, claimed: Claimed) -> String {
+        let cfg = &self.config.webhooks;
+        let body = claimed
+            .event
+            .as_ref()
+            .map(serde_json::to_vec)
+            .transpose()
+            .ok()
+            .flatten();
+        let attempt = match (body, self.webhook_sender().await) {
+            (Some(body), Ok(sender)) => {
+                let keys: Vec<&SigningKey> = endpoint.keys.iter().collect();
+                sender
+                    .send(&endpoint.url, &claimed.event_id.to_string(), body, &keys)
+                    .await
+            }
+            (None, _) => crate::webhooks::Attempt {
+                status: None,
+                error: Some("the event's type is unknown to this version".into()),
+                elapsed: Duration::ZERO,
+            },
+            (_, Err(e)) => crate::webhooks::Attempt {
+                status: None,
+                error: Some(e.to_string()),
+                elapsed: Duration::ZERO,
+            },
+        };
+        let recorded = match &attempt.error {
+            None => {
+                count("delivered");
+                if let Some(event) = &claimed.event {
+                    let lag = chrono::Utc::now() - event.created_at;
+                    metrics::histogram!("integrations_webhook_delivery_lag_seconds")
+                        .record(lag.as_seconds_f64().max(0.0));
+                }
+                self.record_success(&claimed, attempt.status).await
+            }
+            Some(error) => {
+                let retry = cfg.retry_after(claimed.attempt);
+                count(if retry.is_some() { "retry" } else { "failed" });
+                let reason = format!(
+                    "every attempt failed for {} s (the last: {error})",
+                    cfg.disable_after.as_secs()
+                );
+                let failure = Failure {
+                    id: claimed.id,
+                    attempt: claimed.attempt,
+                    give_up: retry.is_none(),
+                    retry_in_secs: retry.unwrap_or_default().as_secs_f64(),
+                    status: attempt.status.map(i32::from),
+                    error,
+                    disable_after_secs: cfg.disable_after.as_secs_f64(),
+                    disabled_reason: &reason,
+                };
+                self.record_failure(&endpoint.id, &failure).await
+            }
+        };
+        if let Err(e) = recorded {
+            // The claim runs out and the delivery is sent again: at least
+            // once.
+            tracing::warn!(webhook = %endpoint.id, delivery = claimed.id, error = %e, "recording a webhook attempt failed; it will be sent again");
+        }
+        endpoint.id.clone()
+    }
+
+    async fn record_success(
+        &self,
+        claimed: &Claimed,
+        status: Option<u16>,
+    ) -> Result<(), super::ServiceError> {
+        let mut conn = self.pool.get().await?;
+        let status = status.map(i32::from).unwrap_or(200);
+        rows::succeeded(&mut conn, claimed.id, claimed.attempt, status).await?;
+        Ok(())
+    }
+
+    async fn record_failure(
+        &self,
+        endpoint: &str,
+        failure: &Failure<'_>,
+    ) -> Result<(), super::ServiceError> {
+        let mut conn = self.pool.get().await?;
+        if rows::failed(&mut conn, failure).await? {
+            metrics::counter!("integrations_webhook_endpoints_disabled_total").increment(1);
+            tracing::warn!(webhook = %endpoint, reason = failure.disabled_reason, "webhook endpoint disabled");
+        }
+        Ok(())
+    }
+
+    /// Refreshes the backlog gauges (every instance reports the same
+    /// database-wide figures).
+    async fn report_backlog(&self) {
+        let backlog = async {
+            let mut conn = self.pool.get().await?;
+            Ok::<_, super::ServiceError>(rows::backlog(&mut conn).await?)
+        };
+        if let Ok((pending, oldest)) = backlog.await {
+            metrics::gauge!("integrations_webhook_pending").set(pending as f64);
+            metrics::gauge!("integrations_webhook_oldest_pending_seconds").set(oldest);
+        }
+    }
+}

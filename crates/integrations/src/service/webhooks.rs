@@ -1,0 +1,278 @@
+//! Webhook endpoints and their deliveries, as the admin API manages them.
+//! Deliveries themselves are queued by the database (migration V7) and
+//! sent by the dispatcher (`delivery.rs`).
+
+use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{IntegrationsService, ServiceError};
+use crate::domain::{event_types, Delivery, DeliveryStatus, InvalidInput, Webhook, WebhookId};
+use crate::store::webhooks as rows;
+use crate::webhooks::{address, sign, Sender, SigningKey, MAX_ENDPOINTS, SECRET_OVERLAP};
+
+/// A new endpoint and its signing secret, shown only in this answer.
+pub struct CreatedWebhook {
+    /// The endpoint.
+    pub webhook: Webhook,
+    /// `whsec_...`.
+    pub secret: SecretString,
+}
+
+impl std::fmt::Debug for CreatedWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedWebhook")
+            .field("webhook", &self.webhook)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A rotated secret.
+pub struct RotatedSecret {
+    /// The new `whsec_...`, shown only in this answer.
+    pub secret: SecretString,
+    /// Until when the old one still signs beside it.
+    pub previous_secret_expires_at: DateTime<Utc>,
+}
+
+/// What a test delivery got.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct TestDelivery {
+    /// A 2xx arrived within the timeout.
+    pub delivered: bool,
+    /// The HTTP status (null: no answer).
+    pub status: Option<u16>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// How long it took, in milliseconds.
+    pub duration_ms: u64,
+    /// The `webhook-id` it carried.
+    pub webhook_id: String,
+}
+
+/// The AAD binding an endpoint's secret to its row.
+fn secret_aad(id: &str) -> String {
+    format!("webhook:{id}:secret")
+}
+
+impl IntegrationsService {
+    /// The delivery client, built on first use.
+    pub(super) async fn webhook_sender(&self) -> Result<&Sender, ServiceError> {
+        self.webhook_sender
+            .get_or_try_init(|| async {
+                Sender::new(self.config.webhooks.send.clone()).map_err(|e| {
+                    ServiceError::Internal(format!("building the webhook client failed: {e}"))
+                })
+            })
+            .await
+    }
+
+    /// Registers an endpoint: `url` checked (https and public unless
+    /// allowed), `types` the event types (all when `None`).
+    pub async fn create_webhook(
+        &self,
+        url: &str,
+        types: Option<&[String]>,
+    ) -> Result<CreatedWebhook, ServiceError> {
+        let types = event_types("event_types", types)?;
+        let url = address::check_endpoint_url(url, self.config.webhooks.send.allow_private)
+            .await
+            .map_err(|e| InvalidInput::new("url", e.to_string()))?;
+        let id = WebhookId::generate();
+        let secret = sign::new_secret();
+        let encrypted = self
+            .keys
+            .encrypt(secret.expose_secret().as_bytes(), &secret_aad(id.as_str()))?;
+        let mut conn = self.pool.get().await?;
+        let created_at = rows::insert(
+            &mut conn,
+            id.as_str(),
+            url.as_str(),
+            &types,
+            &encrypted,
+            self.keys.current_id(),
+            MAX_ENDPOINTS,
+        )
+        .await?
+        .ok_or(ServiceError::TooManyWebhooks)?;
+        tracing::info!(webhook = %id, "webhook endpoint registered");
+        Ok(CreatedWebhook {
+            webhook: Webhook {
+                id: id.as_str().to_string(),
+                url: url.to_string(),
+                event_types: types,
+                status: "enabled",
+                created_at,
+                failing_since: None,
+                disabled_at: None,
+                disabled_reason: None,
+                previous_secret_expires_at: None,
+            },
+            secret,
+        })
+    }
+
+    /// Every endpoint.
+    pub async fn webhooks(&self) -> Result<Vec<Webhook>, ServiceError> {
+        let mut conn = self.pool.get().await?;
+        Ok(rows::list(&mut conn).await?)
+    }
+
+    /// One endpoint.
+    pub async fn webhook(&self, id: &WebhookId) -> Result<Webhook, ServiceError> {
+        let mut conn = self.pool.get().await?;
+        rows::get(&mut conn, id.as_str())
+            .await?
+            .ok_or(ServiceError::WebhookNotFound)
+    }
+
+    /// Deletes an endpoint and its deliveries.
+    pub async fn delete_webhook(&self, id: &WebhookId) -> Result<(), ServiceError> {
+        let mut conn = self.pool.get().await?;
+        if !rows::delete(&mut conn, id.as_str()).await? {
+            return Err(ServiceError::WebhookNotFound);
+        }
+        tracing::info!(webhook = %id, "webhook endpoint deleted");
+        Ok(())
+    }
+
+    /// A new secret; the old one signs beside it for [`SECRET_OVERLAP`]
+    /// (a secret rotated out before replaces the older one).
+    pub async fn rotate_webhook_secret(
+        &self,
+        id: &WebhookId,
+    ) -> Result<RotatedSecret, ServiceError> {
+        let secret = sign::new_secret();
+        let encrypted = self
+            .keys
+            .encrypt(secret.expose_secret().as_bytes(), &secret_aad(id.as_str()))?;
+        let mut conn = self.pool.get().await?;
+        let until = rows::rotate(
+            &mut conn,
+            id.as_str(),
+            &encrypted,
+            self.keys.current_id(),
+            SECRET_OVERLAP.as_secs_f64(),
+        )
+        .await?
+        .ok_or(ServiceError::WebhookNotFound)?;
+        tracing::info!(webhook = %id, "webhook secret rotated");
+        Ok(RotatedSecret {
+            secret,
+            previous_secret_expires_at: until,
+        })
+    }
+
+    /// Enables a disabled endpoint: its pending deliveries go out again.
+    pub async fn enable_webhook(&self, id: &WebhookId) -> Result<Webhook, ServiceError> {
+        let mut conn = self.pool.get().await?;
+        if !rows::enable(&mut conn, id.as_str()).await? {
+            return Err(ServiceError::WebhookNotFound);
+        }
+        drop(conn);
+        self.wake_dispatcher();
+        self.webhook(id).await
+    }
+
+    /// Sends a `webhook.test` event to the endpoint now, signed like any
+    /// delivery, and says what came back. Nothing is stored.
+    pub async fn test_webhook(&self, id: &WebhookId) -> Result<TestDelivery, ServiceError> {
+        let (webhook, secrets) = {
+            let mut conn = self.pool.get().await?;
+            let webhook = rows::get(&mut conn, id.as_str())
+                .await?
+                .ok_or(ServiceError::WebhookNotFound)?;
+            let secrets = rows::secrets(&mut conn, id.as_str())
+                .await?
+                .ok_or(ServiceError::WebhookNotFound)?;
+            (webhook, secrets)
+        };
+        let keys = self.signing_keys(id.as_str(), &secrets)?;
+        let url = url::Url::parse(&webhook.url)
+            .map_err(|e| ServiceError::Internal(format!("a stored webhook URL is invalid: {e}")))?;
+        let message_id = format!("test_{:016x}", rand::random::<u64>());
+        let body = serde_json::json!({
+            "id": message_id,
+            "type": "webhook.test",
+            "created_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "data": {"webhook_id": webhook.id},
+        });
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| ServiceError::Internal(format!("a test event did not render: {e}")))?;
+        let refs: Vec<&SigningKey> = keys.iter().collect();
+        let attempt = self
+            .webhook_sender()
+            .await?
+            .send(&url, &message_id, body, &refs)
+            .await;
+        Ok(TestDelivery {
+            delivered: attempt.delivered(),
+            status: attempt.status,
+            error: attempt.error,
+            duration_ms: u64::try_from(attempt.elapsed.as_millis()).unwrap_or(u64::MAX),
+            webhook_id: message_id,
+        })
+    }
+
+    /// The keys an endpoint's deliveries are signed with: its secret, then
+    /// the one before the last rotation while that still signs.
+    pub(super) fn signing_keys(
+        &self,
+        id: &str,
+        secrets: &rows::StoredSecrets,
+    ) -> Result<Vec<SigningKey>, ServiceError> {
+        let aad = secret_aad(id);
+        let mut keys = Vec::with_capacity(2);
+        for (ciphertext, key_id) in std::iter::once(&secrets.current).chain(&secrets.previous) {
+            let plain = self.keys.decrypt(key_id, ciphertext, &aad)?;
+            let text = String::from_utf8(plain.to_vec())
+                .map(SecretString::from)
+                .map_err(|_| ServiceError::Internal("a webhook secret is not text".into()))?;
+            keys.push(
+                SigningKey::from_secret(&text)
+                    .ok_or_else(|| ServiceError::Internal("a webhook secret is not whsec_".into()))?,
+            );
+        }
+        Ok(keys)
+    }
+
+    /// Deliveries to an endpoint after the delivery `after`, of `status`
+    /// when given, oldest first (404 for an unknown endpoint).
+    pub async fn webhook_deliveries(
+        &self,
+        id: &WebhookId,
+        status: Option<DeliveryStatus>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<Delivery>, ServiceError> {
+        let mut conn = self.pool.get().await?;
+        if rows::get(&mut conn, id.as_str()).await?.is_none() {
+            return Err(ServiceError::WebhookNotFound);
+        }
+        Ok(rows::deliveries(&mut conn, id.as_str(), after, limit, status).await?)
+    }
+
+    /// Queues an event again for every enabled endpoint subscribed to its
+    /// type; how many deliveries were queued (one still pending is left to
+    /// run and not counted).
+    pub async fn redeliver_event(&self, event_id: i64) -> Result<i64, ServiceError> {
+        let mut conn = self.pool.get().await?;
+        let queued = rows::redeliver(&mut conn, event_id)
+            .await?
+            .ok_or(ServiceError::EventNotFound(event_id))?;
+        drop(conn);
+        self.wake_dispatcher();
+        Ok(queued)
+    }
+
+    /// Wakes this instance's dispatcher (the others hear the database's
+    /// notification).
+    pub fn wake_dispatcher(&self) {
+        self.webhook_wake.notify_one();
+    }
+
+    /// What wakes this instance's dispatcher: the change feed notifies it
+    /// when the database queued deliveries.
+    pub fn webhook_wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.webhook_wake.clone()
+    }
+}
