@@ -206,10 +206,7 @@ impl ServiceSettings {
 /// The `INTEGRATIONS_WEBHOOK_*` variables; `secs` parses whole seconds.
 fn webhook_settings(
     env: &dyn Fn(&str) -> Option<String>,
-    secs: &dyn Fn(
-        &'static str,
-        std::time::Duration,
-    ) -> Result<std::time::Duration, SettingError>,
+    secs: &dyn Fn(&'static str, std::time::Duration) -> Result<std::time::Duration, SettingError>,
 ) -> Result<crate::webhooks::WebhookConfig, SettingError> {
     let mut cfg = crate::webhooks::WebhookConfig::default();
     let set = |var: &'static str| env(var).filter(|v| !v.trim().is_empty());

@@ -103,37 +103,51 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
         }
         .await;
         match result {
-            Ok((report, current)) if report.unreadable == 0 => {
+            Ok((report, current))
+                if report.unreadable == 0 && report.webhook_secrets_unreadable == 0 =>
+            {
                 println!(
-                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es) and {} connect flow(s) in progress{}; older keys can now be removed",
+                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es), {} connect flow(s) in progress{} and {} webhook secret(s); older keys can now be removed",
                     report.reencrypted,
                     report.batches,
                     report.flows_reencrypted,
                     dropped(report.flows_dropped),
+                    report.webhook_secrets_reencrypted,
                 );
                 ExitCode::SUCCESS
             }
             Ok((report, current)) => {
                 println!(
-                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es) and {} connect flow(s) in progress{}",
+                    "re-encrypted {} integration(s) with key '{current}' in {} batch(es), {} connect flow(s) in progress{} and {} webhook secret(s)",
                     report.reencrypted,
                     report.batches,
                     report.flows_reencrypted,
                     dropped(report.flows_dropped),
+                    report.webhook_secrets_reencrypted,
                 );
-                let ids: Vec<String> = report.unreadable_ids.iter().map(i64::to_string).collect();
-                let more = if report.unreadable > ids.len() as u64 {
-                    ", ..."
-                } else {
-                    ""
-                };
-                eprintln!(
-                    "error: {} integration(s) could not be decrypted and were left as they are (ids {}{more}): {}\n\
-                     hint: keep their key in INTEGRATIONS_ENCRYPTION_KEYS; reconnect or delete those integrations, then run rotate-keys again",
-                    report.unreadable,
-                    ids.join(", "),
-                    report.first_failure.as_deref().unwrap_or("unknown failure"),
-                );
+                if report.webhook_secrets_unreadable > 0 {
+                    eprintln!(
+                        "error: {} webhook secret(s) could not be decrypted and were left as they are; their deliveries wait\n\
+                         hint: keep their key in INTEGRATIONS_ENCRYPTION_KEYS, or POST /v1/webhooks/{{id}}/rotate-secret for each and give the receivers the new secret",
+                        report.webhook_secrets_unreadable
+                    );
+                }
+                if report.unreadable > 0 {
+                    let ids: Vec<String> =
+                        report.unreadable_ids.iter().map(i64::to_string).collect();
+                    let more = if report.unreadable > ids.len() as u64 {
+                        ", ..."
+                    } else {
+                        ""
+                    };
+                    eprintln!(
+                        "error: {} integration(s) could not be decrypted and were left as they are (ids {}{more}): {}\n\
+                         hint: keep their key in INTEGRATIONS_ENCRYPTION_KEYS; reconnect or delete those integrations, then run rotate-keys again",
+                        report.unreadable,
+                        ids.join(", "),
+                        report.first_failure.as_deref().unwrap_or("unknown failure"),
+                    );
+                }
                 ExitCode::FAILURE
             }
             Err(e) => super::report_failure(&e),

@@ -216,7 +216,13 @@ mod tests {
         let id = WebhookId::generate();
         assert_eq!(WebhookId::parse("id", id.as_str()), Ok(id.clone()));
         assert_ne!(WebhookId::generate(), id);
-        for bad in ["", "wh_", "wh_XYZ", "xx_000000000000000000000000", "wh_0000000000000000000000000"] {
+        for bad in [
+            "",
+            "wh_",
+            "wh_XYZ",
+            "xx_000000000000000000000000",
+            "wh_0000000000000000000000000",
+        ] {
             let err = WebhookId::parse("id", bad).unwrap_err();
             assert!(err.reason.contains("24 lowercase hex"), "{err}");
         }
@@ -227,7 +233,11 @@ mod tests {
         assert_eq!(event_types("event_types", None).unwrap(), EventType::ALL);
         let some = event_types(
             "event_types",
-            Some(&["integration.revoked".into(), "integration.error".into(), "integration.revoked".into()]),
+            Some(&[
+                "integration.revoked".into(),
+                "integration.error".into(),
+                "integration.revoked".into(),
+            ]),
         )
         .unwrap();
         assert_eq!(some, [EventType::Error, EventType::Revoked]);

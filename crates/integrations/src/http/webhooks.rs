@@ -39,7 +39,10 @@ pub struct NewWebhook {
     /// Where to POST events: an absolute https URL of a public host
     /// (plain http and internal addresses only with
     /// INTEGRATIONS_WEBHOOK_ALLOW_PRIVATE=true).
-    #[schema(example = "https://app.example.com/hooks/integrations", max_length = 2048)]
+    #[schema(
+        example = "https://app.example.com/hooks/integrations",
+        max_length = 2048
+    )]
     url: String,
     /// The event types to send (all of them when left out).
     #[schema(value_type = Option<Vec<EventType>>)]

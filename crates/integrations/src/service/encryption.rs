@@ -7,7 +7,7 @@
 //! restarted with the new keys; the next run re-encrypts those).
 
 use super::{IntegrationsService, ServiceError};
-use crate::store::{integrations as rows, oauth_pending, oauth_states};
+use crate::store::{integrations as rows, oauth_pending, oauth_states, webhooks as webhook_rows};
 
 /// What a rotation did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -30,6 +30,11 @@ pub struct RotationReport {
     /// Connect flows that could not be decrypted, dropped: each would fail
     /// anyway, and the user starts the connection again.
     pub flows_dropped: u64,
+    /// Webhook signing secrets re-encrypted.
+    pub webhook_secrets_reencrypted: u64,
+    /// Webhook endpoints whose secret could not be decrypted, left as they
+    /// are (their deliveries wait; rotate the endpoint's secret).
+    pub webhook_secrets_unreadable: u64,
 }
 
 /// How many unreadable rows a report names.
@@ -48,6 +53,7 @@ impl IntegrationsService {
             let page = rows::to_reencrypt(&mut conn, &current, after, batch.max(1)).await?;
             let Some(last) = page.last() else {
                 self.rotate_flows(&current, &mut report).await?;
+                self.rotate_webhook_secrets(&current, &mut report).await?;
                 return Ok(report);
             };
             after = last.id;
@@ -118,6 +124,55 @@ impl IntegrationsService {
                 None => {
                     oauth_pending::delete(&mut conn, &p.flow_hash).await?;
                     report.flows_dropped += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-encrypts the webhook signing secrets (at most
+    /// [`crate::webhooks::MAX_ENDPOINTS`] endpoints) not under the current
+    /// key and format. One rotated at the same moment keeps its new
+    /// secret.
+    async fn rotate_webhook_secrets(
+        &self,
+        current: &str,
+        report: &mut RotationReport,
+    ) -> Result<(), ServiceError> {
+        let mut conn = self.pool.get().await?;
+        let stale = |(value, key): &(Vec<u8>, String)| {
+            key != current || !crate::crypto::Keyring::is_current_format(value)
+        };
+        for e in webhook_rows::all_secrets(&mut conn).await? {
+            let s = &e.secrets;
+            if !stale(&s.current) && !s.previous.as_ref().is_some_and(stale) {
+                continue;
+            }
+            let aad = super::webhooks::secret_aad(&e.id);
+            let reseal = |(value, key): &(Vec<u8>, String)| {
+                let plain = self.keys.decrypt(key, value, &aad)?;
+                Ok::<_, crate::crypto::CryptoError>((
+                    self.keys.encrypt(&plain, &aad)?,
+                    current.to_string(),
+                ))
+            };
+            let resealed = reseal(&s.current).and_then(|new| {
+                // A previous secret that cannot be read only stops signing.
+                let previous = s.previous.as_ref().and_then(|p| reseal(p).ok());
+                Ok(webhook_rows::StoredSecrets {
+                    current: new,
+                    previous,
+                })
+            });
+            match resealed {
+                Ok(new) => {
+                    if webhook_rows::store_secrets(&mut conn, &e.id, &s.current.0, &new).await? {
+                        report.webhook_secrets_reencrypted += 1;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(webhook = %e.id, error = %err, "rotate-keys: a webhook secret cannot be decrypted; left as it is (rotate the endpoint's secret)");
+                    report.webhook_secrets_unreadable += 1;
                 }
             }
         }

@@ -184,7 +184,10 @@ pub enum ServiceError {
     #[error("no event {0}: it never existed or was purged after INTEGRATIONS_EVENT_RETENTION")]
     EventNotFound(i64),
     /// The most webhook endpoints are registered.
-    #[error("{} webhook endpoints are registered, the most accepted; delete one first", crate::webhooks::MAX_ENDPOINTS)]
+    #[error(
+        "{} webhook endpoints are registered, the most accepted; delete one first",
+        crate::webhooks::MAX_ENDPOINTS
+    )]
     TooManyWebhooks,
     /// A failure of our own (a bug): a status that did not render, a
     /// status loader gone before answering.

@@ -50,7 +50,7 @@ pub struct TestDelivery {
 }
 
 /// The AAD binding an endpoint's secret to its row.
-fn secret_aad(id: &str) -> String {
+pub(super) fn secret_aad(id: &str) -> String {
     format!("webhook:{id}:secret")
 }
 
@@ -228,8 +228,9 @@ impl IntegrationsService {
                 .map(SecretString::from)
                 .map_err(|_| ServiceError::Internal("a webhook secret is not text".into()))?;
             keys.push(
-                SigningKey::from_secret(&text)
-                    .ok_or_else(|| ServiceError::Internal("a webhook secret is not whsec_".into()))?,
+                SigningKey::from_secret(&text).ok_or_else(|| {
+                    ServiceError::Internal("a webhook secret is not whsec_".into())
+                })?,
             );
         }
         Ok(keys)

@@ -84,7 +84,11 @@ const GET: &str = concat!(
 
 /// One endpoint.
 pub async fn get(conn: &mut Conn, id: &str) -> Result<Option<Webhook>, Error> {
-    Ok(conn.query_opt(GET, &[&id]).await?.as_ref().map(webhook_from_row))
+    Ok(conn
+        .query_opt(GET, &[&id])
+        .await?
+        .as_ref()
+        .map(webhook_from_row))
 }
 
 fn webhook_from_row(row: &Row) -> Webhook {
@@ -148,7 +152,10 @@ const SECRETS: &str = "SELECT secret, secret_key_id, \
 
 /// One endpoint's secrets (for a test delivery).
 pub async fn secrets(conn: &mut Conn, id: &str) -> Result<Option<StoredSecrets>, Error> {
-    Ok(conn.query_opt(SECRETS, &[&id]).await?.map(|r| secrets_from(&r, 0)))
+    Ok(conn
+        .query_opt(SECRETS, &[&id])
+        .await?
+        .map(|r| secrets_from(&r, 0)))
 }
 
 fn secrets_from(row: &Row, at: usize) -> StoredSecrets {
@@ -203,15 +210,18 @@ pub async fn all_secrets(conn: &mut Conn) -> Result<Vec<EndpointCiphertexts>, Er
         .collect())
 }
 
-/// Writes re-encrypted secrets (the previous one only when given).
+/// Writes re-encrypted secrets (the previous one only when given) unless
+/// the secret changed since `read` was read (a rotation meanwhile wins);
+/// whether they were written.
 pub async fn store_secrets(
     conn: &mut Conn,
     id: &str,
+    read: &[u8],
     secrets: &StoredSecrets,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     const STORE: &str = "UPDATE webhook_endpoints SET secret = $2, secret_key_id = $3, \
          previous_secret = COALESCE($4, previous_secret), \
-         previous_key_id = COALESCE($5, previous_key_id) WHERE id = $1";
+         previous_key_id = COALESCE($5, previous_key_id) WHERE id = $1 AND secret = $6";
     let (previous, previous_key) = match &secrets.previous {
         Some((s, k)) => (Some(s.as_slice()), Some(k.as_str())),
         None => (None, None),
@@ -224,10 +234,11 @@ pub async fn store_secrets(
             &secrets.current.1,
             &previous,
             &previous_key,
+            &read,
         ],
     )
-    .await?;
-    Ok(())
+    .await
+    .map(|n| n == 1)
 }
 
 /// The claim of an endpoint's due deliveries: each takes an attempt and is
@@ -419,7 +430,8 @@ pub async fn deliveries(
         .collect())
 }
 
-const REDELIVER: &str = "WITH ev AS (SELECT id, type, integration_id, txid FROM events WHERE id = $1), \
+const REDELIVER: &str =
+    "WITH ev AS (SELECT id, type, integration_id, txid FROM events WHERE id = $1), \
      queued AS ( \
        INSERT INTO webhook_deliveries (endpoint_id, event_id, integration_id, txid) \
        SELECT w.id, ev.id, ev.integration_id, ev.txid FROM ev \

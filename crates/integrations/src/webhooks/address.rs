@@ -134,10 +134,7 @@ pub async fn check_endpoint_url(text: &str, allow_private: bool) -> Result<Url, 
 
 /// Refuses when any of `addrs` is internal (one internal address is
 /// enough for a connection to land there).
-fn refuse_internal(
-    url: &Url,
-    addrs: impl IntoIterator<Item = IpAddr>,
-) -> Result<(), AddressError> {
+fn refuse_internal(url: &Url, addrs: impl IntoIterator<Item = IpAddr>) -> Result<(), AddressError> {
     if addrs.into_iter().any(is_internal) {
         return Err(AddressError::Internal(
             url.host_str().unwrap_or_default().to_string(),
@@ -165,9 +162,8 @@ impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let public: Vec<SocketAddr> = found
                 .iter()
                 .copied()
@@ -254,7 +250,9 @@ mod tests {
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
         assert!(check_endpoint_url(&long, true).await.is_err());
         // Public literal addresses need no resolution.
-        check_endpoint_url("https://8.8.8.8/hook", false).await.unwrap();
+        check_endpoint_url("https://8.8.8.8/hook", false)
+            .await
+            .unwrap();
         // The flag allows internal hosts and plain http.
         for url in ["http://127.0.0.1:9/hook", "https://localhost/hook"] {
             check_endpoint_url(url, true).await.unwrap();

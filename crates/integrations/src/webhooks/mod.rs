@@ -109,7 +109,10 @@ mod tests {
         let cfg = WebhookConfig::default();
         assert_eq!(cfg.schedule.len(), 7);
         let total: Duration = cfg.schedule.iter().sum();
-        assert_eq!(total.as_secs(), 5 + 300 + 1800 + 7200 + 18000 + 36000 + 50400);
+        assert_eq!(
+            total.as_secs(),
+            5 + 300 + 1800 + 7200 + 18000 + 36000 + 50400
+        );
         let first = cfg.retry_after(1).unwrap();
         assert!(first >= Duration::from_secs(5) && first <= Duration::from_millis(5500));
         assert!(cfg.retry_after(7).is_some());

@@ -145,10 +145,7 @@ impl Sender {
     /// address the host resolved to.
     fn describe(&self, e: &reqwest::Error) -> String {
         if e.is_timeout() {
-            return format!(
-                "no answer within {} s",
-                self.config.timeout.as_secs_f64()
-            );
+            return format!("no answer within {} s", self.config.timeout.as_secs_f64());
         }
         // The guard's refusal, when that is what failed.
         let mut source = std::error::Error::source(e);

@@ -18,3 +18,4 @@ mod pool_timeout;
 mod readiness;
 mod request_id;
 mod shutdown;
+mod webhooks;
