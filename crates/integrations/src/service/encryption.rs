@@ -156,13 +156,11 @@ impl IntegrationsService {
                     current.to_string(),
                 ))
             };
-            let resealed = reseal(&s.current).and_then(|new| {
-                // A previous secret that cannot be read only stops signing.
-                let previous = s.previous.as_ref().and_then(|p| reseal(p).ok());
-                Ok(webhook_rows::StoredSecrets {
-                    current: new,
-                    previous,
-                })
+            let resealed = reseal(&s.current).map(|new| webhook_rows::StoredSecrets {
+                current: new,
+                // A previous secret that cannot be read only stops signing
+                // (left as it is; it expires within a day).
+                previous: s.previous.as_ref().and_then(|p| reseal(p).ok()),
             });
             match resealed {
                 Ok(new) => {

@@ -221,17 +221,23 @@ impl IntegrationsService {
         secrets: &rows::StoredSecrets,
     ) -> Result<Vec<SigningKey>, ServiceError> {
         let aad = secret_aad(id);
-        let mut keys = Vec::with_capacity(2);
-        for (ciphertext, key_id) in std::iter::once(&secrets.current).chain(&secrets.previous) {
+        let key = |(ciphertext, key_id): &(Vec<u8>, String)| {
             let plain = self.keys.decrypt(key_id, ciphertext, &aad)?;
             let text = String::from_utf8(plain.to_vec())
                 .map(SecretString::from)
                 .map_err(|_| ServiceError::Internal("a webhook secret is not text".into()))?;
-            keys.push(
-                SigningKey::from_secret(&text).ok_or_else(|| {
-                    ServiceError::Internal("a webhook secret is not whsec_".into())
-                })?,
-            );
+            SigningKey::from_secret(&text)
+                .ok_or_else(|| ServiceError::Internal("a webhook secret is not whsec_".into()))
+        };
+        let mut keys = vec![key(&secrets.current)?];
+        // The secret before a rotation only adds a signature: one that
+        // cannot be read (its key removed) is left out.
+        match secrets.previous.as_ref().map(key) {
+            Some(Ok(previous)) => keys.push(previous),
+            Some(Err(e)) => {
+                tracing::warn!(webhook = %id, error = %e, "the webhook's previous secret cannot be decrypted; signing with the current one only")
+            }
+            None => {}
         }
         Ok(keys)
     }

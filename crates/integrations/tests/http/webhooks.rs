@@ -519,12 +519,12 @@ async fn two_instances_deliver_1000_events_each_once() {
     // 1,000 events in 10 transactions, 100 integrations of 10 events each
     // (written straight into the outbox: the fan-out trigger is on it).
     let db = app.db.as_ref().unwrap().connect().await;
-    for round in 0..10 {
+    for round in 0..10i32 {
         db.execute(
             "INSERT INTO events (type, integration_id, user_id, provider, account_id, status, refresh_failures) \
              SELECT 'integration.refresh_failed', g, 'u', 'good', 'a' || g, 'connected', $1 \
              FROM generate_series(1, 100) g",
-            &[&(round as i32)],
+            &[&round],
         )
         .await
         .unwrap();
