@@ -36,16 +36,13 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
-    /// Where to POST events: an absolute https URL of a public host
-    /// (plain http and internal addresses only with
-    /// INTEGRATIONS_WEBHOOK_ALLOW_PRIVATE=true).
-    #[schema(
-        example = "https://app.example.com/hooks/integrations",
-        max_length = 2048
-    )]
+    /// Where to POST events: an absolute https URL of a public host, at
+    /// most 2048 bytes, without user:pass@ or #fragment (plain http and
+    /// internal addresses only with INTEGRATIONS_WEBHOOK_ALLOW_PRIVATE=true).
+    #[schema(min_length = 1, example = "https://app.example.com/hooks/integrations")]
     url: String,
     /// The event types to send (all of them when left out).
-    #[schema(value_type = Option<Vec<EventType>>)]
+    #[schema(value_type = Option<Vec<EventType>>, min_items = 1)]
     event_types: Option<Vec<String>>,
 }
 

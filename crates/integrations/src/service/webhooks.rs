@@ -45,8 +45,8 @@ pub struct TestDelivery {
     pub error: Option<String>,
     /// How long it took, in milliseconds.
     pub duration_ms: u64,
-    /// The `webhook-id` it carried.
-    pub webhook_id: String,
+    /// The `webhook-id` header it carried (`test_...`).
+    pub message_id: String,
 }
 
 /// The AAD binding an endpoint's secret to its row.
@@ -194,7 +194,7 @@ impl IntegrationsService {
             "id": message_id,
             "type": "webhook.test",
             "created_at": Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "data": {"webhook_id": webhook.id},
+            "data": {"endpoint": webhook.id},
         });
         let body = serde_json::to_vec(&body)
             .map_err(|e| ServiceError::Internal(format!("a test event did not render: {e}")))?;
@@ -209,7 +209,7 @@ impl IntegrationsService {
             status: attempt.status,
             error: attempt.error,
             duration_ms: u64::try_from(attempt.elapsed.as_millis()).unwrap_or(u64::MAX),
-            webhook_id: message_id,
+            message_id,
         })
     }
 

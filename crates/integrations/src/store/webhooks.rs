@@ -260,7 +260,7 @@ pub const CLAIM: &str = concat!(
            SELECT 1 FROM webhook_deliveries p \
            WHERE p.endpoint_id = c.endpoint_id AND p.integration_id = c.integration_id \
              AND p.status = 'pending' AND (p.txid, p.event_id) < (c.txid, c.event_id)) \
-       ORDER BY c.next_attempt_at, c.txid, c.event_id \
+       ORDER BY c.next_attempt_at \
        LIMIT $2 \
        FOR UPDATE SKIP LOCKED) \
      RETURNING d.id, ",

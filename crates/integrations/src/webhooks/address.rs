@@ -17,7 +17,7 @@ pub const MAX_URL_LEN: usize = 2048;
 
 /// Whether an address is internal: loopback, private, link-local,
 /// unspecified, shared (carrier-grade NAT), multicast or broadcast, also
-/// as an IPv4-mapped or NAT64-free IPv6 address. Such addresses reach this
+/// as an IPv4-mapped or IPv4-compatible IPv6 address. Such addresses reach this
 /// host or its network, never an application's public endpoint.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
@@ -65,14 +65,12 @@ pub enum AddressError {
     /// The host is, or resolves to, an internal address.
     #[error("the host {0} is or resolves to a loopback, private or link-local address, which webhooks may not reach (set {ALLOW_PRIVATE_ENV}=true to allow it, for tests and local development)")]
     Internal(String),
-    /// The host does not resolve.
-    #[error("the host {0} does not resolve")]
-    Unresolvable(String),
 }
 
 /// Checks an endpoint URL as given by a client: absolute http(s), at most
 /// [`MAX_URL_LEN`], no `user:pass@`, no fragment; https and public unless
-/// `allow_private`. The host's current addresses are resolved and checked.
+/// `allow_private`. The host's current addresses, when it resolves, are
+/// checked.
 pub async fn check_endpoint_url(text: &str, allow_private: bool) -> Result<Url, AddressError> {
     if text.len() > MAX_URL_LEN {
         return Err(AddressError::Malformed(format!(
@@ -117,16 +115,13 @@ pub async fn check_endpoint_url(text: &str, allow_private: bool) -> Result<Url, 
         Host::Ipv4(ip) => refuse_internal(&url, [IpAddr::V4(ip)])?,
         Host::Ipv6(ip) => refuse_internal(&url, [IpAddr::V6(ip)])?,
         Host::Domain(name) => {
+            // A name that does not resolve (yet) is accepted: the resolver
+            // checks its addresses at every connection, and `test` shows
+            // what deliveries get.
             let port = url.port_or_known_default().unwrap_or(443);
-            let addrs: Vec<IpAddr> = tokio::net::lookup_host((name, port))
-                .await
-                .map_err(|_| AddressError::Unresolvable(name.to_string()))?
-                .map(|a| a.ip())
-                .collect();
-            if addrs.is_empty() {
-                return Err(AddressError::Unresolvable(name.to_string()));
+            if let Ok(addrs) = tokio::net::lookup_host((name, port)).await {
+                refuse_internal(&url, addrs.map(|a| a.ip()))?;
             }
-            refuse_internal(&url, addrs)?;
         }
     }
     Ok(url)
@@ -241,7 +236,6 @@ mod tests {
             ("https://user:pw@example.com/", "user name or password"),
             ("https://example.com/#x", "fragment"),
             ("/relative", "not an absolute URL"),
-            ("https://no-such-host.invalid/", "does not resolve"),
         ];
         for (url, says) in refused {
             let err = check_endpoint_url(url, false).await.unwrap_err();
@@ -249,8 +243,12 @@ mod tests {
         }
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
         assert!(check_endpoint_url(&long, true).await.is_err());
-        // Public literal addresses need no resolution.
+        // Public literal addresses need no resolution; a name that does not
+        // resolve now is checked at each connection instead.
         check_endpoint_url("https://8.8.8.8/hook", false)
+            .await
+            .unwrap();
+        check_endpoint_url("https://no-such-host.invalid/", false)
             .await
             .unwrap();
         // The flag allows internal hosts and plain http.

@@ -295,7 +295,7 @@ async fn deliveries_verify_with_the_reference_library_and_forgeries_do_not() {
     let test = test.json();
     assert_eq!(test["delivered"], true, "{test}");
     assert_eq!(test["status"], 200);
-    let test_id = test["webhook_id"].as_str().unwrap().to_string();
+    let test_id = test["message_id"].as_str().unwrap().to_string();
     let accepted = receiver.wait_accepted(2, Duration::from_secs(10)).await;
     let tested = accepted
         .iter()
@@ -483,7 +483,7 @@ async fn a_receiver_failing_for_30_seconds_gets_every_event_in_order_once() {
 }
 
 #[tokio::test]
-async fn a_server_killed_with_deliveries_pending_delivers_them_after_a_restart() {
+async fn a_server_killed_with_deliveries_pending_or_in_flight_delivers_them_after_a_restart() {
     let app = TestApp::spawn_args(FAST, &[]).await;
     let receiver = Receiver::start().await;
     let (_, secret) = register(&app, &receiver.url("/hook"), None).await;
@@ -504,7 +504,47 @@ async fn a_server_killed_with_deliveries_pending_delivers_them_after_a_restart()
     let restarted = app.spawn_beside(&url, FAST, &[]).await;
     let accepted = receiver.wait_accepted(12, Duration::from_secs(60)).await;
     assert_once_and_in_order(&accepted, 12);
-    drop(restarted);
+
+    // Killed while attempts are in flight (the receiver takes 1.5 s to
+    // answer them, then refuses them, the sender gone): those are sent
+    // again once their claim runs out.
+    receiver
+        .config(json!({ "delay_ms": 1500, "fail_until": now() + 3600.0 }))
+        .await;
+    let db = app.db.as_ref().unwrap().connect().await;
+    db.execute(
+        "INSERT INTO events (type, integration_id, user_id, provider, account_id, status, refresh_failures) \
+         SELECT 'integration.refresh_failed', 1000 + g, 'u', 'good', 'late' || g, 'connected', 1 \
+         FROM generate_series(1, 8) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let in_flight = |r: &Value| r["status"].is_null();
+    eventually(Duration::from_secs(30), || async {
+        receiver
+            .received()
+            .await
+            .iter()
+            .any(in_flight)
+            .then_some(())
+    })
+    .await
+    .expect("attempts in flight");
+    kill(restarted.server.pid(), Signal::SIGKILL).unwrap();
+    // Their answers went nowhere; then the receiver accepts again.
+    eventually(Duration::from_secs(30), || async {
+        (!receiver.received().await.iter().any(in_flight)).then_some(())
+    })
+    .await
+    .expect("the attempts in flight were answered");
+    receiver
+        .config(json!({ "delay_ms": 0, "fail_until": null }))
+        .await;
+    let third = app.spawn_beside(&url, FAST, &[]).await;
+    let accepted = receiver.wait_accepted(20, Duration::from_secs(60)).await;
+    assert_once_and_in_order(&accepted, 20);
+    drop(third);
 }
 
 #[tokio::test]

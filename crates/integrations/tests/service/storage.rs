@@ -235,6 +235,57 @@ async fn event_queries_use_their_indexes() {
     }
 }
 
+/// The webhook claim reads an endpoint's due deliveries in order from its
+/// partial index (no sort of the backlog) and checks each one's order by
+/// the other, under custom and generic plans, with a large history of
+/// delivered ones beside the pending.
+#[tokio::test]
+async fn the_webhook_claim_uses_its_indexes() {
+    let t = TestService::start().await;
+    let client = t.db.connect().await;
+    client
+        .batch_execute(
+            "INSERT INTO webhook_endpoints (id, url, event_types, secret, secret_key_id) \
+             VALUES ('wh_000000000000000000000001', 'https://example.com/', \
+                     ARRAY['integration.connected'], '\\x00', 'k1'); \
+             INSERT INTO events (type, integration_id, user_id, provider, account_id, status, refresh_failures) \
+             SELECT 'integration.connected', i % 5000, 'user' || i, 'good', 'acct' || i, 'connected', 0 \
+             FROM generate_series(1, 20000) i; \
+             UPDATE webhook_deliveries SET status = 'succeeded' WHERE event_id % 10 <> 0; \
+             ANALYZE webhook_deliveries; ANALYZE events",
+        )
+        .await
+        .unwrap();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let stmt = client
+            .prepare(&format!("EXPLAIN {}", integrations::store::webhooks::CLAIM))
+            .await
+            .unwrap();
+        let plan: Vec<String> = client
+            .query(
+                &stmt,
+                &[&"wh_000000000000000000000001", &16i64, &15.0f64, &"bench"],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("webhook_deliveries_due")
+                && plan.contains("webhook_deliveries_order")
+                && !plan.contains("Seq Scan")
+                && !plan.contains("Sort"),
+            "{mode} CLAIM: {plan}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn rotate_keys_reencrypts_every_row_and_is_resumable() {
     let t = TestService::start().await;
@@ -252,8 +303,22 @@ async fn rotate_keys_reencrypts_every_row_and_is_resumable() {
         TokenClient::new(&TokenClientConfig::default()).unwrap(),
         ServiceConfig::default(),
     );
+    // A webhook endpoint's signing secret, under the old key.
+    let webhook = t
+        .service
+        .create_webhook("https://no-such-host.invalid/hook", None)
+        .await
+        .unwrap()
+        .webhook;
     let report = rotated.rotate_keys(10).await.unwrap();
     assert_eq!((report.reencrypted, report.batches), (25, 3));
+    assert_eq!(
+        (
+            report.webhook_secrets_reencrypted,
+            report.webhook_secrets_unreadable
+        ),
+        (1, 0)
+    );
     assert_eq!(
         rotated.rotate_keys(10).await.unwrap().reencrypted,
         0,
@@ -288,6 +353,12 @@ async fn rotate_keys_reencrypts_every_row_and_is_resumable() {
         .await
         .unwrap();
     assert_eq!(s.status, Status::Connected);
+    // And the webhook secret: a test delivery is signed (then its host does
+    // not resolve); under the old key alone it could not be.
+    let id = integrations::domain::WebhookId::parse("id", &webhook.id).unwrap();
+    let sent = only_new.test_webhook(&id).await;
+    assert!(sent.is_ok(), "{sent:?}");
+    assert!(!sent.unwrap().delivered);
 }
 
 #[tokio::test]
