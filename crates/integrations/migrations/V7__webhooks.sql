@@ -60,8 +60,10 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (endpoint_id, next_att
     WHERE status = 'pending';
 -- The claim's order check: an integration's earlier pending delivery to the
 -- same endpoint holds the later ones back.
+-- Led by the integration, which no other index is, so the check is planned
+-- on it even while the table's statistics are stale (a queue's often are).
 CREATE INDEX webhook_deliveries_order
-    ON webhook_deliveries (endpoint_id, integration_id, txid, event_id)
+    ON webhook_deliveries (integration_id, endpoint_id, txid, event_id)
     WHERE status = 'pending';
 -- GET /v1/webhooks/{id}/deliveries?status=...
 CREATE INDEX webhook_deliveries_listing ON webhook_deliveries (endpoint_id, status, id);

@@ -50,6 +50,7 @@ impl IntegrationsService {
             "webhook dispatcher started"
         );
         let wake = self.webhook_wake();
+        let claim_batch = (cfg.concurrency / 2).max(1);
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut loaded: Option<Instant> = None;
         let mut backlog_at: Option<Instant> = None;
@@ -70,7 +71,10 @@ impl IntegrationsService {
             for endpoint in &endpoints {
                 let busy = in_flight.get(&endpoint.id).copied().unwrap_or(0);
                 let free = cfg.concurrency.saturating_sub(busy);
-                if free == 0 {
+                // Claims are taken in batches (half the slots, or whatever is
+                // due when none is busy): one claim statement per attempt
+                // would cap the rate at the statement's round trip.
+                if free == 0 || (busy > 0 && free < claim_batch) {
                     continue;
                 }
                 let claimed = self.claim(endpoint, free).await;

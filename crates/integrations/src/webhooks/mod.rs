@@ -34,7 +34,7 @@ pub struct WebhookConfig {
     /// `failed`. Each pause gets up to 10 % jitter.
     pub schedule: Vec<Duration>,
     /// Attempts in flight per endpoint per instance
-    /// (`INTEGRATIONS_WEBHOOK_CONCURRENCY`, 16): one slow endpoint fills
+    /// (`INTEGRATIONS_WEBHOOK_CONCURRENCY`, 64): one slow endpoint fills
     /// its own slots, never the others'.
     pub concurrency: usize,
     /// An endpoint whose every attempt failed for this long is disabled
@@ -50,7 +50,7 @@ impl Default for WebhookConfig {
         WebhookConfig {
             send: SendConfig::default(),
             schedule: parse_schedule(DEFAULT_SCHEDULE).unwrap_or_default(),
-            concurrency: 16,
+            concurrency: 64,
             disable_after: Duration::from_secs(5 * 24 * 3600),
             poll: Duration::from_secs(1),
         }

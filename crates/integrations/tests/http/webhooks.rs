@@ -748,6 +748,14 @@ async fn an_endpoint_failing_every_attempt_for_long_enough_is_disabled_and_can_b
         .iter()
         .any(|l| l.contains("webhook endpoint disabled")));
     assert!(shown["disabled_at"].is_string(), "{shown}");
+    // The backlog shows in the gauges (refreshed every 5 s).
+    let backlog = eventually(Duration::from_secs(20), || async {
+        let pending = metric(&app, "integrations_webhook_pending ").await?;
+        let oldest = metric(&app, "integrations_webhook_oldest_pending_seconds ").await?;
+        (pending >= 1.0 && oldest > 0.0).then_some((pending, oldest))
+    })
+    .await;
+    assert!(backlog.is_some(), "no backlog reported");
     // Enabled again, its pending delivery goes out.
     receiver.config(json!({ "fail_until": null })).await;
     let reply = app

@@ -237,22 +237,28 @@ async fn event_queries_use_their_indexes() {
 
 /// The webhook claim reads an endpoint's due deliveries in order from its
 /// partial index (no sort of the backlog) and checks each one's order by
-/// the other, under custom and generic plans, with a large history of
-/// delivered ones beside the pending.
+/// the other (one integration's earlier deliveries looked up, not
+/// filtered out of the endpoint's), under custom and generic plans, with
+/// a large history of delivered ones beside the pending and statistics of
+/// an empty queue.
 #[tokio::test]
 async fn the_webhook_claim_uses_its_indexes() {
     let t = TestService::start().await;
     let client = t.db.connect().await;
     client
         .batch_execute(
-            "INSERT INTO webhook_endpoints (id, url, event_types, secret, secret_key_id) \
+            // Statistics taken while the queue was empty, then a backlog:
+            // a queue's statistics are often that stale (the plan must not
+            // depend on them).
+            "ANALYZE webhook_deliveries; \
+             INSERT INTO webhook_endpoints (id, url, event_types, secret, secret_key_id) \
              VALUES ('wh_000000000000000000000001', 'https://example.com/', \
                      ARRAY['integration.connected'], '\\x00', 'k1'); \
              INSERT INTO events (type, integration_id, user_id, provider, account_id, status, refresh_failures) \
              SELECT 'integration.connected', i % 5000, 'user' || i, 'good', 'acct' || i, 'connected', 0 \
              FROM generate_series(1, 20000) i; \
-             UPDATE webhook_deliveries SET status = 'succeeded' WHERE event_id % 10 <> 0; \
-             ANALYZE webhook_deliveries; ANALYZE events",
+             UPDATE webhook_deliveries SET status = 'succeeded' WHERE event_id % 4 = 0; \
+             ANALYZE events",
         )
         .await
         .unwrap();
@@ -280,7 +286,8 @@ async fn the_webhook_claim_uses_its_indexes() {
             plan.contains("webhook_deliveries_due")
                 && plan.contains("webhook_deliveries_order")
                 && !plan.contains("Seq Scan")
-                && !plan.contains("Sort"),
+                && !plan.contains("Sort")
+                && !plan.contains("Join Filter"),
             "{mode} CLAIM: {plan}"
         );
     }
