@@ -213,7 +213,10 @@ async fn delivering<F: std::future::Future<Output = ()>>(
 ) -> (Histogram<u64>, f64, usize) {
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
-    let feed_keys = Arc::new(ApiKeys::new(service.pool().clone(), Duration::from_secs(30)));
+    let feed_keys = Arc::new(ApiKeys::new(
+        service.pool().clone(),
+        Duration::from_secs(30),
+    ));
     ChangeFeed::new(pool_cfg.clone(), service.clone(), feed_keys)
         .start(&tasks, stop.clone())
         .await;

@@ -64,6 +64,8 @@ impl IntegrationsService {
                     Ok(list) => {
                         endpoints = list;
                         loaded = Some(Instant::now());
+                        // Forget deleted endpoints once their attempts are done.
+                        in_flight.retain(|id, n| *n > 0 || endpoints.iter().any(|e| e.id == *id));
                     }
                     Err(e) => self.dispatch_failed(&mut failing, &e),
                 }
