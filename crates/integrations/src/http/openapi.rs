@@ -129,6 +129,8 @@ fn limit_path_parameters(op: &mut Operation) {
             "provider" => (ProviderName::MAX_LEN, ProviderName::PATTERN, "github"),
             "account_id" => (AccountId::MAX_LEN, AccountId::PATTERN, "12345"),
             "webhook_id" => (27, WebhookId::PATTERN, "wh_0123456789abcdef01234567"),
+            // Whole numbers that fit an i64 (18 digits at most).
+            "event_id" => (18, "^[1-9][0-9]{0,17}$", "42"),
             _ => continue,
         };
         param.schema = Some(RefOr::T(id_schema(max, pattern, example).into()));

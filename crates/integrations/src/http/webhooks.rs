@@ -356,7 +356,7 @@ pub struct Redelivered {
     post,
     path = "/v1/events/{event_id}/redeliver",
     operation_id = "redeliver_event",
-    params(("event_id" = i64, Path, minimum = 1, description = "The event's id (`webhook-id`)")),
+    params(("event_id" = String, Path, description = "The event's id (`webhook-id`): a whole number >= 1")),
     responses(
         (status = 202, description = "Queued", body = Redelivered),
         (status = 400, description = "`event_id` is not a whole number", body = ErrorBody),

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::common::{Mode, TestApp, CALLBACK_URL};
 
 /// The operations `/openapi.json` documents: method and path template.
-const DOCUMENTED: [(&str, &str); 14] = [
+const DOCUMENTED: [(&str, &str); 23] = [
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -31,6 +31,15 @@ const DOCUMENTED: [(&str, &str); 14] = [
     ("GET", "/v1/oauth/callback"),
     ("GET", "/v1/admin/pool"),
     ("GET", "/v1/events"),
+    ("POST", "/v1/events/{event_id}/redeliver"),
+    ("POST", "/v1/webhooks"),
+    ("GET", "/v1/webhooks"),
+    ("GET", "/v1/webhooks/{webhook_id}"),
+    ("DELETE", "/v1/webhooks/{webhook_id}"),
+    ("POST", "/v1/webhooks/{webhook_id}/rotate-secret"),
+    ("POST", "/v1/webhooks/{webhook_id}/enable"),
+    ("POST", "/v1/webhooks/{webhook_id}/test"),
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"),
 ];
 
 fn accounts(list: &Value) -> BTreeSet<String> {
@@ -566,7 +575,9 @@ async fn openapi_documents_exactly_the_routes_the_server_answers() {
         let path = template
             .replace("{user_id}", "user-1")
             .replace("{provider}", "good")
-            .replace("{account_id}", "acct-1");
+            .replace("{account_id}", "acct-1")
+            .replace("{webhook_id}", "wh_0123456789abcdef01234567")
+            .replace("{event_id}", "42");
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let body = matches!(method, Method::PUT | Method::POST).then(|| json!({}));
         let reply = app.send(method.clone(), &path, None, body).await;
@@ -577,8 +588,8 @@ async fn openapi_documents_exactly_the_routes_the_server_answers() {
             reply.text
         );
     }
-    // The 15th route: the document itself.
-    assert_eq!(documented.len() + 1, 15);
+    // The 24th route: the document itself.
+    assert_eq!(documented.len() + 1, 24);
 
     // What is not documented is not routed.
     for (method, path, status) in [

@@ -81,15 +81,16 @@ async fn pool_timeout_is_503_p2024_with_retry_after() {
 /// The server refusing new connections (53300, too many clients) is not the
 /// caller's failure to see as a 500: the pool waits for a returned
 /// connection, then P2024 names the refusals, answered 503 with
-/// Retry-After. A small private server: 4 slots for roles other than
-/// superusers (the service's pool, its change listener and, at start-up,
-/// the test's own key creation beside the event purge).
+/// Retry-After. A small private server: 5 slots for roles other than
+/// superusers once the admin session has one (the service's pool of 3,
+/// its change listener and, at start-up, the test's own key creation while
+/// the event purge and the webhook dispatcher run).
 #[tokio::test]
 async fn a_server_refusing_connections_is_503_p2024_naming_it_with_retry_after() {
     use pg_cluster::{ClusterOptions, LocalCluster};
     let cluster = LocalCluster::start_temporary(
         ClusterOptions::default()
-            .setting("max_connections", "8")
+            .setting("max_connections", "9")
             .setting("superuser_reserved_connections", "3"),
     )
     .await
@@ -148,7 +149,7 @@ async fn a_server_refusing_connections_is_503_p2024_naming_it_with_retry_after()
             break;
         }
     }
-    // The admin session takes one of the 5 slots too. The service's change
+    // The admin session takes one of the 6 slots too. The service's change
     // listener, terminated with its pool's connections, reconnects at once
     // and may win a slot back: the pool itself holds none.
     let service: Vec<String> = admin
@@ -167,7 +168,7 @@ async fn a_server_refusing_connections_is_503_p2024_naming_it_with_retry_after()
     );
     assert_eq!(
         fillers.len() + service.len(),
-        4,
+        5,
         "the fillers (and the listener) hold every slot left"
     );
 
