@@ -55,7 +55,10 @@ impl IntegrationsService {
         let mut loaded: Option<Instant> = None;
         let mut backlog_at: Option<Instant> = None;
         let mut in_flight: HashMap<String, usize> = HashMap::new();
-        let mut attempts: JoinSet<String> = JoinSet::new();
+        let mut attempts: JoinSet<()> = JoinSet::new();
+        // Which endpoint each attempt is for, so its slot is freed however
+        // the task ends.
+        let mut slots: HashMap<tokio::task::Id, String> = HashMap::new();
         // Logged once per outage, not per loop.
         let mut failing = false;
         loop {
@@ -85,7 +88,9 @@ impl IntegrationsService {
                         failing = false;
                         for delivery in claimed {
                             *in_flight.entry(endpoint.id.clone()).or_default() += 1;
-                            attempts.spawn(self.clone().attempt(endpoint.clone(), delivery));
+                            let task =
+                                attempts.spawn(self.clone().attempt(endpoint.clone(), delivery));
+                            slots.insert(task.id(), endpoint.id.clone());
                         }
                     }
                     Err(e) => {
@@ -102,17 +107,19 @@ impl IntegrationsService {
                 () = cancel.cancelled() => break,
                 () = wake.notified() => {}
                 () = tokio::time::sleep(cfg.poll) => {}
-                Some(done) = attempts.join_next(), if !attempts.is_empty() => {
+                Some(done) = attempts.join_next_with_id(), if !attempts.is_empty() => {
                     let mut done = Some(done);
                     // Every attempt that has finished frees its slot before
                     // the next claim.
                     while let Some(finished) = done {
-                        if let Ok(id) = finished {
-                            if let Some(n) = in_flight.get_mut(&id) {
-                                *n = n.saturating_sub(1);
-                            }
+                        let task = match finished {
+                            Ok((task, ())) => task,
+                            Err(e) => e.id(),
+                        };
+                        if let Some(n) = slots.remove(&task).and_then(|id| in_flight.get_mut(&id)) {
+                            *n = n.saturating_sub(1);
                         }
-                        done = attempts.try_join_next();
+                        done = attempts.try_join_next_with_id();
                     }
                 }
             }
@@ -182,9 +189,8 @@ impl IntegrationsService {
         .await?)
     }
 
-    /// One attempt of one delivery, and its outcome recorded; the
-    /// endpoint's id when done (its slot is free again).
-    async fn attempt(self: Arc<Self>, endpoint: Arc<Endpoint>, claimed: Claimed) -> String {
+    /// One attempt of one delivery, and its outcome recorded.
+    async fn attempt(self: Arc<Self>, endpoint: Arc<Endpoint>, claimed: Claimed) {
         let cfg = &self.config.webhooks;
         let body = claimed
             .event
@@ -246,7 +252,6 @@ impl IntegrationsService {
             // once.
             tracing::warn!(webhook = %endpoint.id, delivery = claimed.id, error = %e, "recording a webhook attempt failed; it will be sent again");
         }
-        endpoint.id.clone()
     }
 
     async fn record_success(
