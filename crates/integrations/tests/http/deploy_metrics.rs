@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::process::Command;
 
 use serde_json::Value;
 
@@ -121,6 +122,72 @@ fn scraped(name: &str, scrape: &BTreeSet<String>) -> bool {
             name.strip_suffix(suffix)
                 .is_some_and(|base| scrape.contains(base))
         })
+}
+
+/// Runs `promtool` (Debian's prometheus package, installed by
+/// `scripts/install-deps --test`) and returns its output when it succeeds.
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool runs (scripts/install-deps --test installs it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+/// The rules without their `annotations:` blocks: the unit tests check
+/// when each alert fires and with which labels, not its wording (promtool
+/// compares annotations whole).
+fn without_annotations(yaml: &str) -> String {
+    let mut out = String::new();
+    let mut skipping_below: Option<usize> = None;
+    for line in yaml.lines() {
+        let indent = line.len() - line.trim_start().len();
+        if let Some(at) = skipping_below {
+            if line.trim().is_empty() || indent > at {
+                continue;
+            }
+            skipping_below = None;
+        }
+        if line.trim() == "annotations:" {
+            skipping_below = Some(indent);
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let rules = deploy_dir().join("prometheus/alerts.yml");
+    let checked = promtool(&["check", "rules", rules.to_str().unwrap()]);
+    assert!(checked.contains("SUCCESS"), "{checked}");
+
+    // alerts_test.yml next to a copy of the rules without annotations.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let text = std::fs::read_to_string(&rules).unwrap();
+    let stripped = without_annotations(&text);
+    assert!(!stripped.contains("description:") && stripped.contains("expr:"));
+    std::fs::write(dir.join("alerts.yml"), stripped).unwrap();
+    std::fs::copy(
+        deploy_dir().join("prometheus/alerts_test.yml"),
+        dir.join("alerts_test.yml"),
+    )
+    .unwrap();
+    let tested = promtool(&[
+        "test",
+        "rules",
+        dir.join("alerts_test.yml").to_str().unwrap(),
+    ]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
 }
 
 #[test]
