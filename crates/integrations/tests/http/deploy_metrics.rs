@@ -3,7 +3,9 @@
 //! first scrape of a freshly started server: nothing waits for a first
 //! request, refresh, delivery or failure to exist (so `rate()` and absence
 //! alerts work from the start, and a renamed metric breaks this test, not a
-//! pager at night).
+//! pager at night). And promtool (`scripts/install-deps --test`) accepts
+//! the rules, their unit tests (`alerts_test.yml`) pass, and every dashboard
+//! query parses.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -188,6 +190,39 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
         dir.join("alerts_test.yml").to_str().unwrap(),
     ]);
     assert!(tested.contains("SUCCESS"), "{tested}");
+}
+
+#[test]
+fn every_dashboard_query_is_valid_promql() {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy_dir().join("grafana/integrations.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    dashboard_expressions(&dashboard, &mut exprs);
+    // As recording rules, Grafana's variables replaced, for promtool to
+    // parse (the templating query, label_values(), is Grafana's own).
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    let mut count = 0;
+    for e in exprs.iter().filter(|e| !e.starts_with("label_values(")) {
+        let e = e
+            .replace("$__rate_interval", "5m")
+            .replace("$instance", ".*");
+        count += 1;
+        rules.push_str(&format!(
+            "      - record: dashboard:query_{count}\n        expr: {}\n",
+            serde_json::to_string(&e).unwrap()
+        ));
+    }
+    assert!(count > 20, "{rules}");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("dashboard.yml");
+    std::fs::write(&file, &rules).unwrap();
+    let checked = promtool(&["check", "rules", file.to_str().unwrap()]);
+    assert!(
+        checked.contains(&format!("SUCCESS: {count} rules found")),
+        "{checked}"
+    );
 }
 
 #[test]
