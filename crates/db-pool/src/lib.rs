@@ -12,7 +12,8 @@ pub mod testing;
 pub use config::{ConfigError, Defaults, Host, PoolConfig, Profile, Source, SslAccept, SslMode};
 pub use error::Error;
 pub use pool::{
-    describe_metrics, CloseReason, Conn, ListenEvent, Listener, Param, Pool, PoolStats, Transaction,
+    describe_metrics, init_metrics, CloseReason, Conn, ListenEvent, Listener, Param, Pool,
+    PoolStats, Transaction,
 };
 pub use tokio_postgres;
 pub use tokio_postgres::{types, Row};

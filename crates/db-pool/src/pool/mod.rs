@@ -17,7 +17,7 @@ use deadpool::managed::{PoolError, QueueMode};
 
 pub use conn::{Conn, Transaction};
 pub use listener::{ListenEvent, Listener};
-pub use observe::describe_metrics;
+pub use observe::{describe_metrics, init_metrics};
 pub use params::Param;
 pub use stats::{CloseReason, PoolStats};
 

@@ -225,95 +225,159 @@ impl Observer {
     }
 }
 
+/// The pool's gauges (besides `db_pool_oldest_wait_seconds`), with help.
+const GAUGES: [(&str, &str); 5] = [
+    (
+        "db_pool_connections_open",
+        "Connections the pool holds open (in use and idle).",
+    ),
+    ("db_pool_connections_in_use", "Connections checked out now."),
+    (
+        "db_pool_connections_idle",
+        "Open connections waiting in the pool.",
+    ),
+    ("db_pool_connections_max", "The pool's connection_limit."),
+    ("db_pool_waiting", "Callers waiting for a connection now."),
+];
+
+/// The pool's gauge in seconds.
+const OLDEST_WAIT: &str = "db_pool_oldest_wait_seconds";
+
+/// The pool's counters, with help (the two labelled ones last).
+const COUNTERS: [(&str, &str); 13] = [
+    ("db_pool_checkouts_total", "Successful checkouts."),
+    (
+        "db_pool_connect_attempts_total",
+        "Attempts to open a connection, successful or not.",
+    ),
+    (
+        "db_pool_checkout_timeouts_total",
+        "Checkouts that gave up after pool_timeout (P2024).",
+    ),
+    ("db_pool_connections_opened_total", "Connections opened."),
+    (
+        "db_pool_statement_cache_hits_total",
+        "Statements found prepared on their connection.",
+    ),
+    (
+        "db_pool_statement_cache_misses_total",
+        "Statements prepared because they were not cached.",
+    ),
+    (
+        "db_pool_statement_cache_evictions_total",
+        "Prepared statements evicted from a connection's cache.",
+    ),
+    (
+        "db_pool_leaks_detected_total",
+        "Checkouts held longer than leak_detection_threshold.",
+    ),
+    (
+        "db_pool_slow_queries_total",
+        "Statements slower than slow_query_threshold.",
+    ),
+    (
+        "db_pool_socket_timeouts_total",
+        "Statements cancelled at socket_timeout (P1008).",
+    ),
+    (
+        "db_pool_handoffs_total",
+        "Connections handed straight to a caller the server had refused one (53300).",
+    ),
+    (CLOSED, "Connections closed, by reason."),
+    (
+        CONNECT_FAILURES,
+        "Failed connection attempts, by error code.",
+    ),
+];
+
+/// Labelled `reason`: [`CLOSE_REASONS`].
+const CLOSED: &str = "db_pool_connections_closed_total";
+
+/// Every `reason` of [`CLOSED`] (as [`Observer::export`] writes them).
+const CLOSE_REASONS: [&str; 5] = [
+    "broken",
+    "max_lifetime",
+    "idle_lifetime",
+    "too_many_connections",
+    "shutdown",
+];
+
+/// Labelled `code`: the Prisma code of the failed attempt.
+const CONNECT_FAILURES: &str = "db_pool_connect_failures_total";
+
+/// The codes a connection attempt fails with (see `Error::code`):
+/// unreachable, authentication, no such database, TLS, too many
+/// connections.
+const CONNECT_FAILURE_CODES: [&str; 5] = ["P1001", "P1000", "P1003", "P1011", "P2037"];
+
+/// The pool's histograms, in seconds, with help.
+const HISTOGRAMS: [(&str, &str); 4] = [
+    (
+        "db_pool_checkout_wait_seconds",
+        "Time from asking for a connection to getting it.",
+    ),
+    (
+        "db_pool_connection_hold_seconds",
+        "Time a connection stays checked out.",
+    ),
+    (
+        "db_pool_connect_seconds",
+        "Time to open a connection (TCP, TLS, authentication).",
+    ),
+    ("db_pool_query_seconds", "Statement duration."),
+];
+
 /// Describes every series the pool exports (Prometheus `# HELP` lines).
 /// Call once after installing the metrics recorder.
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    for (name, help) in [
-        (
-            "db_pool_connections_open",
-            "Connections the pool holds open (in use and idle).",
-        ),
-        ("db_pool_connections_in_use", "Connections checked out now."),
-        (
-            "db_pool_connections_idle",
-            "Open connections waiting in the pool.",
-        ),
-        ("db_pool_connections_max", "The pool's connection_limit."),
-        ("db_pool_waiting", "Callers waiting for a connection now."),
-    ] {
+    for (name, help) in GAUGES {
         describe_gauge!(name, help);
     }
     describe_gauge!(
-        "db_pool_oldest_wait_seconds",
+        OLDEST_WAIT,
         Unit::Seconds,
         "How long the longest-waiting caller has waited."
     );
-    for (name, help) in [
-        ("db_pool_checkouts_total", "Successful checkouts."),
-        (
-            "db_pool_connect_attempts_total",
-            "Attempts to open a connection, successful or not.",
-        ),
-        (
-            "db_pool_checkout_timeouts_total",
-            "Checkouts that gave up after pool_timeout (P2024).",
-        ),
-        ("db_pool_connections_opened_total", "Connections opened."),
-        (
-            "db_pool_statement_cache_hits_total",
-            "Statements found prepared on their connection.",
-        ),
-        (
-            "db_pool_statement_cache_misses_total",
-            "Statements prepared because they were not cached.",
-        ),
-        (
-            "db_pool_statement_cache_evictions_total",
-            "Prepared statements evicted from a connection's cache.",
-        ),
-        (
-            "db_pool_leaks_detected_total",
-            "Checkouts held longer than leak_detection_threshold.",
-        ),
-        (
-            "db_pool_slow_queries_total",
-            "Statements slower than slow_query_threshold.",
-        ),
-        (
-            "db_pool_socket_timeouts_total",
-            "Statements cancelled at socket_timeout (P1008).",
-        ),
-        (
-            "db_pool_handoffs_total",
-            "Connections handed straight to a caller the server had refused one (53300).",
-        ),
-        (
-            "db_pool_connections_closed_total",
-            "Connections closed, by reason.",
-        ),
-        (
-            "db_pool_connect_failures_total",
-            "Failed connection attempts, by error code.",
-        ),
-    ] {
+    for (name, help) in COUNTERS {
         describe_counter!(name, help);
     }
-    for (name, help) in [
-        (
-            "db_pool_checkout_wait_seconds",
-            "Time from asking for a connection to getting it.",
-        ),
-        (
-            "db_pool_connection_hold_seconds",
-            "Time a connection stays checked out.",
-        ),
-        (
-            "db_pool_connect_seconds",
-            "Time to open a connection (TCP, TLS, authentication).",
-        ),
-        ("db_pool_query_seconds", "Statement duration."),
-    ] {
+    for (name, help) in HISTOGRAMS {
         describe_histogram!(name, Unit::Seconds, help);
+    }
+}
+
+/// Creates every series of the pool named `pool` (its application_name, the
+/// `pool` label) at zero: each gauge, counter and histogram, the closed
+/// counter for every reason and the connect-failure counter for every code
+/// an attempt can fail with. So they are all in the first scrape, for
+/// `rate()` and absence alerts. Registering leaves a value already
+/// recorded alone. Call once after installing the metrics recorder.
+pub fn init_metrics(pool: &str) {
+    let label = || ("pool", pool.to_string());
+    for (name, _) in GAUGES {
+        metrics::gauge!(name, &[label()]).increment(0.0);
+    }
+    metrics::gauge!(OLDEST_WAIT, &[label()]).increment(0.0);
+    for (name, _) in COUNTERS {
+        match name {
+            CLOSED => {
+                for reason in CLOSE_REASONS {
+                    metrics::counter!(name, &[label(), ("reason", reason.to_string())])
+                        .increment(0);
+                }
+            }
+            CONNECT_FAILURES => {
+                for code in CONNECT_FAILURE_CODES {
+                    metrics::counter!(name, &[label(), ("code", code.to_string())]).increment(0);
+                }
+            }
+            _ => {
+                metrics::counter!(name, &[label()]).increment(0);
+            }
+        }
+    }
+    for (name, _) in HISTOGRAMS {
+        let _ = metrics::histogram!(name, &[label()]);
     }
 }

@@ -229,6 +229,9 @@ async fn build(
     }
     let providers = settings.providers(&process_env)?;
     tracing::info!(providers = %providers.names().join(", "), source = providers.source(), "provider registry");
+    // Every series at zero before anything records one (the change
+    // listener and the dispatcher start below).
+    telemetry::init_metrics(&pool_cfg.application_name, &providers.names());
     let service = Arc::new(IntegrationsService::new(
         pool.clone(),
         keys,

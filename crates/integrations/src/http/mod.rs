@@ -385,6 +385,14 @@ fn handles(
     (histogram, counter)
 }
 
+/// Creates the request counter and duration histogram of (`method`,
+/// `route` template, `status`) at zero, before any such request (see
+/// `telemetry::init_metrics`).
+pub(crate) fn init_request_metrics(method: &'static str, route: &str, status: u16) {
+    let (_histogram, counter) = handles(route, method, status);
+    counter.increment(0);
+}
+
 /// Counts and times requests per route template (`/v1/users/{user_id}/...`,
 /// never the concrete path) and method label, so label sets stay bounded.
 async fn record_metrics(req: Request, next: Next) -> Response {

@@ -8,6 +8,7 @@ mod common;
 mod auth;
 mod connections;
 mod deadline;
+mod deploy_metrics;
 mod embedded;
 mod endpoints;
 mod errors;
