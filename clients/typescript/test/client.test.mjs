@@ -1,5 +1,5 @@
 // The client against a real `integrations serve` (see server.mjs), one server
-// for the whole file. Run: node --test test/ (after npm run build).
+// for the whole file. Run: node --test test/*.test.mjs (after npm run build).
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
@@ -86,6 +86,14 @@ describe("integrations", () => {
   test("a bad key is 401", async () => {
     const bad = new IntegrationsClient({ baseUrl: server.baseUrl, apiKey: "not-a-key" });
     await rejectsWith(bad.getStatus(USER), { status: 401, code: "unauthorized" });
+  });
+
+  test("a key without the scope is 403, before anything is looked up", async () => {
+    const reader = new IntegrationsClient({ baseUrl: server.baseUrl, apiKey: await server.createKey("reader", "read") });
+    assert.deepEqual((await reader.getStatus("nobody-yet")).integrations, []);
+    await rejectsWith(reader.storeTokens("u1", "github", "a1", token(1)), { status: 403, code: "forbidden" });
+    await rejectsWith(reader.getAccessToken("github", "no-such-account"), { status: 403, code: "forbidden" });
+    await rejectsWith(reader.listWebhooks(), { status: 403, code: "forbidden" });
   });
 
   test("storeTokens, getStatus, getAccessToken, refresh, batchRefresh, disconnect", async () => {
