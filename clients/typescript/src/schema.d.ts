@@ -1341,8 +1341,8 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
-                /** @description The event's id (`webhook-id`) */
-                event_id: number;
+                /** @description The event's id (`webhook-id`): a whole number >= 1 */
+                event_id: string;
             };
             cookie?: never;
         };
