@@ -246,3 +246,58 @@ fn rotate_keys_without_a_key_says_how_to_make_one() {
         "{err}"
     );
 }
+
+/// Progress is drawn on a terminal only: `rotate-keys` under a
+/// pseudo-terminal (util-linux `script`) shows rows done of the total; the
+/// same command in a pipe prints no bar, no carriage return, no escape.
+#[tokio::test]
+async fn rotate_keys_shows_progress_on_a_terminal_only() {
+    let db = TestDatabase::create().await;
+    let old = Keyring::generate_spec("old");
+    seed_encrypted(&db, &old, 40).await;
+    let keys = format!("{},{old}", Keyring::generate_spec("new"));
+    let envs = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("INTEGRATIONS_ENCRYPTION_KEYS", keys.as_str()),
+    ];
+    // In a pipe (stdout and stderr captured): the result line only.
+    let piped = run(&["rotate-keys", "--batch", "10"], &envs);
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    let err = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !err.contains('\r') && !err.contains('\u{1b}') && !err.contains("rows"),
+        "progress in a pipe: {err:?}"
+    );
+    // The rows are under the new key now: put them back under the old one.
+    seed_encrypted(&db, &old, 40).await;
+    let bin = env!("CARGO_BIN_EXE_integrations");
+    let dir = tempfile::tempdir().unwrap();
+    let terminal = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!("{bin} rotate-keys --batch 10"),
+            "/dev/null",
+        ])
+        .current_dir(dir.path())
+        .env_remove("DIRECT_URL")
+        .env_remove("DATABASE_PROFILE")
+        .env("DATABASE_URL", &db.url)
+        .env("INTEGRATIONS_ENCRYPTION_KEYS", &keys)
+        .env("TERM", "xterm")
+        .output()
+        .expect("util-linux script runs");
+    let screen = String::from_utf8_lossy(&terminal.stdout);
+    assert!(terminal.status.success(), "{screen}");
+    assert!(
+        screen.contains("/40 rows"),
+        "no progress on a terminal: {screen:?}"
+    );
+    assert!(
+        screen.contains("re-encrypted 40 integration(s)"),
+        "{screen}"
+    );
+}

@@ -188,7 +188,13 @@ pub fn run(args: BenchArgs) -> ExitCode {
             if !args.sweep.is_empty() {
                 return sweep(cfg, args).await;
             }
-            match bench(cfg, &args).await {
+            let spinner = super::progress::Progress::spinner(format!(
+                "{} callers for {}s",
+                args.concurrency, args.duration
+            ));
+            let result = bench(cfg, &args).await;
+            spinner.finish();
+            match result {
                 Ok(report) => {
                     print_report(&report, &args);
                     ExitCode::SUCCESS
@@ -208,11 +214,19 @@ pub fn run(args: BenchArgs) -> ExitCode {
 /// `--sweep`: one run per pool size, a table, and optionally a chart.
 async fn sweep(cfg: PoolConfig, args: BenchArgs) -> ExitCode {
     let mut reports = Vec::new();
-    for &size in &args.sweep {
+    let steps = args.sweep.len();
+    for (step, &size) in args.sweep.iter().enumerate() {
         let mut cfg = cfg.clone();
         cfg.connection_limit = size as usize;
-        eprintln!("connection_limit={size}: running {}s...", args.duration);
-        match bench(cfg, &args).await {
+        // The current step on a terminal; nothing in a pipe.
+        let spinner = super::progress::Progress::spinner(format!(
+            "connection_limit={size} ({} of {steps}): {}s",
+            step + 1,
+            args.duration
+        ));
+        let result = bench(cfg, &args).await;
+        spinner.finish();
+        match result {
             Ok(r) => reports.push(r),
             Err(Failed {
                 message,

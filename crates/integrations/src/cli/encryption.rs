@@ -97,7 +97,14 @@ pub fn rotate(args: RotateKeysArgs) -> ExitCode {
                 TokenClient::new(&TokenClientConfig::default())?,
                 settings.service.clone(),
             );
-            let report = service.rotate_keys(args.batch).await?;
+            let bar = super::progress::Progress::bar(0, "rows");
+            let report = service
+                .rotate_keys_reporting(args.batch, |report, total| {
+                    bar.set_length(total);
+                    bar.set(report.reencrypted + report.unreadable);
+                })
+                .await?;
+            bar.finish();
             pool.close(std::time::Duration::from_secs(5)).await;
             Ok::<_, anyhow::Error>((report, current))
         }

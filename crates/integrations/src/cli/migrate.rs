@@ -31,7 +31,10 @@ pub fn run(args: MigrateArgs) -> ExitCode {
         Err(code) => return code,
     };
     super::block_on(target.run(|cfg, _| async move {
-        match migrations::run_on(&cfg).await {
+        let spinner = super::progress::Progress::spinner("applying migrations");
+        let applied = migrations::run_on(&cfg).await;
+        spinner.finish();
+        match applied {
             Ok(applied) if applied.applied.is_empty() => {
                 println!("schema up to date");
                 ExitCode::SUCCESS

@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod embedded;
 pub mod encryption;
 pub mod migrate;
+pub mod progress;
 pub mod serve;
 
 /// Exit status for invalid input (a bad DATABASE_URL, a bad flag).

@@ -45,9 +45,25 @@ impl IntegrationsService {
     /// the current format (values written before XChaCha20-Poly1305). A row that
     /// cannot be decrypted is left as it is and reported; the others go on.
     pub async fn rotate_keys(&self, batch: i64) -> Result<RotationReport, ServiceError> {
+        self.rotate_keys_reporting(batch, |_, _| {}).await
+    }
+
+    /// [`IntegrationsService::rotate_keys`], calling `progress` with the
+    /// report so far and the rows it found to rewrite at the start, after
+    /// each batch.
+    pub async fn rotate_keys_reporting(
+        &self,
+        batch: i64,
+        mut progress: impl FnMut(&RotationReport, u64),
+    ) -> Result<RotationReport, ServiceError> {
         let current = self.keys.current_id().to_string();
         let mut report = RotationReport::default();
         let mut after = 0i64;
+        let total = {
+            let mut conn = self.pool.get().await?;
+            u64::try_from(rows::count_to_reencrypt(&mut conn, &current).await?).unwrap_or(0)
+        };
+        progress(&report, total);
         loop {
             let mut conn = self.pool.get().await?;
             let page = rows::to_reencrypt(&mut conn, &current, after, batch.max(1)).await?;
@@ -82,6 +98,7 @@ impl IntegrationsService {
             tx.commit().await?;
             report.reencrypted += done;
             report.batches += 1;
+            progress(&report, total);
             tracing::info!(reencrypted = report.reencrypted, "rotate-keys progress");
         }
     }

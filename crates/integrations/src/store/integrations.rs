@@ -658,15 +658,41 @@ pub struct Encrypted {
     pub key_id: String,
 }
 
+// What `rotate-keys` rewrites, defined once: rows not under the current
+// key ($1) or not in the current format (their ciphertexts not starting with
+// the marker, $4).
+macro_rules! stale_encryption {
+    () => {
+        "key_id <> $1 OR substring(access_token FROM 1 FOR 4) <> $4 \
+         OR substring(refresh_token FROM 1 FOR 4) <> $4"
+    };
+}
+
 /// rotate-keys: the next rows to rewrite. $4: the current format's marker
 /// ([`crate::crypto::FORMAT_MARKER`]). Public so the index test EXPLAINs
 /// the statement the product runs.
-pub const TO_REENCRYPT: &str =
+pub const TO_REENCRYPT: &str = concat!(
     "SELECT id, provider, account_id, access_token, refresh_token, key_id \
-                            FROM integrations \
-                            WHERE (key_id <> $1 OR substring(access_token FROM 1 FOR 4) <> $4 \
-                                   OR substring(refresh_token FROM 1 FOR 4) <> $4) \
-                              AND id > $2 ORDER BY id LIMIT $3";
+     FROM integrations WHERE (",
+    stale_encryption!(),
+    ") AND id > $2 ORDER BY id LIMIT $3"
+);
+
+/// How many rows `rotate-keys` must rewrite (the condition of
+/// [`TO_REENCRYPT`]).
+pub async fn count_to_reencrypt(conn: &mut Conn, current_key: &str) -> Result<i64, Error> {
+    // The rows TO_REENCRYPT pages through, from the start, all of them.
+    const COUNT: &str = concat!(
+        "SELECT count(*) FROM (SELECT 1 FROM integrations WHERE (",
+        stale_encryption!(),
+        ") AND id > $2 LIMIT $3) stale"
+    );
+    let marker: &[u8] = crate::crypto::FORMAT_MARKER;
+    Ok(conn
+        .query_one(COUNT, &[&current_key, &0i64, &i64::MAX, &marker])
+        .await?
+        .get(0))
+}
 
 /// The next `limit` rows (by id, after `after`) that `rotate-keys` must
 /// rewrite: not under `current_key`, or not in the current encryption
