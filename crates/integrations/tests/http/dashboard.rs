@@ -7,6 +7,7 @@
 //! `DASHBOARD_SCREENSHOT=1` writes `docs/dashboard.png` (the exhausted
 //! pool); `scripts/dashboard-screenshot` runs this with it set.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -18,7 +19,9 @@ use crate::common::{eventually, TestApp};
 /// machine may be busy).
 const WAIT: Duration = Duration::from_secs(30);
 
-/// `chromedriver` on a free port, killed on drop.
+/// `chromedriver` on a free port, in a process group of its own with the
+/// browsers it starts: the whole group is killed on drop, so a failing test
+/// leaves no Chromium behind.
 struct Driver {
     child: Child,
     url: String,
@@ -27,7 +30,12 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.child.wait();
     }
 }
@@ -52,6 +60,7 @@ impl Driver {
             .port();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
