@@ -11,6 +11,7 @@
 mod admin;
 mod auth;
 mod connect;
+mod dashboard;
 mod error;
 mod events;
 mod extract;
@@ -168,6 +169,7 @@ pub fn app_with_deadline(state: AppState, request_timeout: Duration) -> Router {
                 async move { Json(doc.as_ref().clone()) }
             }),
         )
+        .merge(dashboard::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -7,6 +7,7 @@ mod common;
 
 mod auth;
 mod connections;
+mod dashboard;
 mod deadline;
 mod deploy_metrics;
 mod embedded;
