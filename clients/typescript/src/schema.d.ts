@@ -756,12 +756,40 @@ export interface components {
              */
             url: string;
         };
-        /** @description Pool statistics, the status cache, and `pg_stat_activity` for the database. */
+        /** @description What the dashboard shows beside the pool: at most 5 s old. */
+        Overview: {
+            /** @description Webhook endpoints failing now or disabled. */
+            failing_webhooks: components["schemas"]["Webhook"][];
+            /** @description Integrations per provider and status. */
+            integrations: components["schemas"]["StatusCount"][];
+            /** @description The latest events, newest first. */
+            latest_events: components["schemas"]["Event"][];
+            /**
+             * Format: date-time
+             * @description When the next refreshable access token expires (the background
+             *     refresher renews it before then); null when none.
+             */
+            next_expiry?: string | null;
+            /**
+             * Format: date-time
+             * @description When it was read.
+             */
+            read_at: string;
+        };
+        /**
+         * @description Pool statistics, the status cache, `pg_stat_activity` for the database,
+         *     and an overview of integrations, events and webhooks.
+         */
         PoolReport: {
             /** @description The activity view (`integrations activity`). */
             activity: Record<string, unknown>;
             /** @description The status cache. */
             cache: Record<string, unknown>;
+            /**
+             * @description Integrations by provider and status, the next expiry, the latest
+             *     events and failing webhook endpoints (at most 5 s old).
+             */
+            overview: components["schemas"]["Overview"];
             /** @description `Pool::stats()`: gauges and counters. */
             pool: Record<string, unknown>;
         };
@@ -794,6 +822,18 @@ export interface components {
             previous_secret_expires_at: string;
             /** @description The new signing secret (`whsec_<base64>`), shown only here. */
             secret: string;
+        };
+        /** @description Integrations of one provider in one status. */
+        StatusCount: {
+            /**
+             * Format: int64
+             * @description How many.
+             */
+            count: number;
+            /** @description Provider. */
+            provider: string;
+            /** @description `connected`, `expired`, `error` or `revoked`. */
+            status: string;
         };
         /** @description What a test delivery got. */
         TestDelivery: {

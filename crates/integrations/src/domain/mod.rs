@@ -13,5 +13,6 @@ pub use event::{
 };
 pub use ids::{AccountId, InvalidInput, ProviderName, UserId};
 pub use integration::{IntegrationStatus, Status};
+pub(crate) use view::{rfc3339, rfc3339_opt};
 pub use view::{IntegrationList, IntegrationView, Metadata, Scopes};
 pub use webhook::{event_types, Delivery, DeliveryStatus, Webhook, WebhookId};

@@ -17,7 +17,8 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(pool))
 }
 
-/// Pool statistics, the status cache, and `pg_stat_activity` for the database.
+/// Pool statistics, the status cache, `pg_stat_activity` for the database,
+/// and an overview of integrations, events and webhooks.
 #[derive(Serialize, ToSchema)]
 pub struct PoolReport {
     /// `Pool::stats()`: gauges and counters.
@@ -29,6 +30,9 @@ pub struct PoolReport {
     /// The activity view (`integrations activity`).
     #[schema(value_type = Object)]
     activity: db_pool::diagnostics::Activity,
+    /// Integrations by provider and status, the next expiry, the latest
+    /// events and failing webhook endpoints (at most 5 s old).
+    overview: crate::service::Overview,
 }
 
 /// The pool's statistics and the database's activity (needs `admin`).
@@ -50,9 +54,11 @@ async fn pool(
 ) -> Result<Json<PoolReport>, ApiError> {
     let stats = state.service.pool().stats();
     let activity = state.service.database_activity().await?;
+    let overview = state.service.overview().await?.as_ref().clone();
     Ok(Json(PoolReport {
         pool: stats,
         cache: state.service.cache_stats(),
         activity,
+        overview,
     }))
 }

@@ -28,6 +28,7 @@ use db_pool::Pool;
 use secrecy::zeroize::Zeroizing;
 use secrecy::SecretString;
 
+pub use admin::{Overview, StatusCount};
 pub use batch::{RefreshRequest, DEFAULT_BATCH_CONCURRENCY};
 pub use connect::{AuthorizedConnect, Disconnected, FinishedConnect, Revocation, StartedConnect};
 pub use encryption::RotationReport;
@@ -289,6 +290,8 @@ pub struct IntegrationsService {
     webhook_sender: tokio::sync::OnceCell<crate::webhooks::Sender>,
     /// Wakes the webhook dispatcher.
     webhook_wake: Arc<tokio::sync::Notify>,
+    /// The dashboard's overview, reused for a few seconds.
+    overview: admin::OverviewCache,
 }
 
 impl std::fmt::Debug for IntegrationsService {
@@ -323,6 +326,7 @@ impl IntegrationsService {
             config,
             webhook_sender: tokio::sync::OnceCell::new(),
             webhook_wake: Arc::new(tokio::sync::Notify::new()),
+            overview: admin::OverviewCache::default(),
         }
     }
 

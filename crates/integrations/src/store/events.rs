@@ -173,3 +173,20 @@ pub const PURGE: &str = "DELETE FROM events WHERE id IN ( \
 pub async fn purge(conn: &mut Conn, older_than_secs: f64, batch: i64) -> Result<u64, Error> {
     conn.execute(PURGE, &[&older_than_secs, &batch]).await
 }
+
+/// The latest `limit` events written, newest first (for the dashboard; a
+/// poller pages with the cursor instead).
+pub async fn latest(conn: &mut Conn, limit: i64) -> Result<Vec<Event>, Error> {
+    const LATEST: &str = concat!(
+        "SELECT NULL::text, ",
+        event_columns!(),
+        " FROM events e ORDER BY e.id DESC LIMIT $1"
+    );
+    Ok(conn
+        .query(LATEST, &[&limit])
+        .await?
+        .iter()
+        .filter_map(event_from_row)
+        .filter_map(|(_, event)| event)
+        .collect())
+}

@@ -728,3 +728,23 @@ pub async fn to_reencrypt(
 pub const REENCRYPT: &str =
     "UPDATE integrations SET access_token = $3, refresh_token = $4, key_id = $5 \
                              WHERE id = $1 AND key_id = $2 AND access_token = $6";
+
+/// Integrations per provider and status: (provider, status, count), for the
+/// dashboard (a scan of the table: the caller caches it).
+pub async fn counts_by_status(conn: &mut Conn) -> Result<Vec<(String, String, i64)>, Error> {
+    const COUNTS: &str = "SELECT provider, status, count(*) FROM integrations \
+                          GROUP BY provider, status ORDER BY provider, status";
+    Ok(conn
+        .query(COUNTS, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// When the next refreshable token expires (the refresher's own index).
+pub async fn next_expiry(conn: &mut Conn) -> Result<Option<chrono::DateTime<chrono::Utc>>, Error> {
+    const NEXT: &str = "SELECT min(expires_at) FROM integrations \
+                        WHERE status = 'connected' AND refresh_token IS NOT NULL";
+    Ok(conn.query_one(NEXT, &[]).await?.get(0))
+}

@@ -91,6 +91,23 @@ pub async fn get(conn: &mut Conn, id: &str) -> Result<Option<Webhook>, Error> {
         .map(webhook_from_row))
 }
 
+const FAILING: &str = concat!(
+    "SELECT ",
+    webhook_columns!(),
+    " FROM webhook_endpoints WHERE failing_since IS NOT NULL OR disabled_at IS NOT NULL \
+     ORDER BY created_at, id"
+);
+
+/// The endpoints failing now or disabled.
+pub async fn failing(conn: &mut Conn) -> Result<Vec<Webhook>, Error> {
+    Ok(conn
+        .query(FAILING, &[])
+        .await?
+        .iter()
+        .map(webhook_from_row)
+        .collect())
+}
+
 fn webhook_from_row(row: &Row) -> Webhook {
     let types: Vec<String> = row.get(2);
     let disabled_at: Option<DateTime<Utc>> = row.get(5);

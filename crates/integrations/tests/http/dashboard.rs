@@ -95,7 +95,7 @@ impl Driver {
             "goog:chromeOptions": {
                 "binary": "/usr/bin/chromium",
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--window-size=1000,900"],
+                         "--disable-dev-shm-usage", "--window-size=1000,1700"],
             },
         }}});
         let v = self
@@ -241,8 +241,19 @@ async fn dashboard_shows_the_pool_turns_red_when_exhausted_and_needs_admin() {
         );
     }
 
+    // One integration, so the overview has a provider row and an event.
+    app.seed("user-a", "good", "acct-1", 3600).await;
     let report = app.get("/v1/admin/pool", Some(&app.keys.all)).await;
     assert_eq!(report.status, 200, "{}", report.text);
+    let overview = &report.json()["overview"];
+    assert_eq!(
+        overview["integrations"][0]["provider"], "good",
+        "{overview}"
+    );
+    assert_eq!(
+        overview["latest_events"][0]["type"],
+        "integration.connected"
+    );
     let max = report.json()["pool"]["max"].as_u64().unwrap();
     assert_eq!(max, 1);
 
@@ -270,6 +281,30 @@ async fn dashboard_shows_the_pool_turns_red_when_exhausted_and_needs_admin() {
         .wait_text("cache-entries", "the status cache", |t| {
             t.parse::<u64>().is_ok()
         })
+        .await;
+    // The overview: integrations by provider and status, the next expiry,
+    // the latest events; and from /metrics, the checkout wait and the
+    // change listener.
+    browser
+        .wait_text("integrations", "the integrations by status", |t| {
+            t.contains("good") && t.contains('1')
+        })
+        .await;
+    browser
+        .wait_text("events", "the latest events", |t| {
+            t.contains("integration.connected") && t.contains("acct-1")
+        })
+        .await;
+    browser
+        .wait_text("next-expiry", "the next expiry", |t| t.starts_with("20"))
+        .await;
+    browser
+        .wait_text("wait-p99", "the checkout wait", |t| {
+            t.parse::<f64>().is_ok()
+        })
+        .await;
+    browser
+        .wait_text("listener", "the change listener", |t| t == "connected")
         .await;
     let url = browser.js("return location.href").await;
     assert!(!url.as_str().unwrap().contains(&app.keys.all), "{url}");

@@ -12,6 +12,9 @@ const HINT_P2037 = "The server refused a new connection: check max_connections o
 
 let timer = null;
 let generation = 0;
+// The last minute of /metrics samples: [time, values].
+const SAMPLES = 30;
+let history = [];
 
 const $ = (id) => document.getElementById(id);
 
@@ -86,6 +89,7 @@ async function poll(gen) {
     if (gen !== generation) return;
     if (response.ok && body) {
       render(body);
+      await renderMetrics(gen);
     } else {
       renderError(response.status, body);
     }
@@ -161,7 +165,13 @@ function render(report) {
   setText("cache-hit-ratio", hits + misses === 0 ? "-" : (100 * hits / (hits + misses)).toFixed(1) + " %");
   setText("sampled-at", activity.sampled_at);
 
+  const failing = renderOverview(report.overview || {});
   const alerts = [];
+  if (failing.length > 0) {
+    alerts.push(alertBox("alert-webhooks",
+      failing.length + " webhook endpoint(s) failing or disabled",
+      "their receivers answer no 2xx: see GET /v1/webhooks/{id}/deliveries?status=failed; POST /v1/webhooks/{id}/enable once fixed"));
+  }
   if (waiting > 0) {
     alerts.push(alertBox("alert-pool-exhausted",
       "pool exhausted: " + waiting + " waiting for a connection (all " + pool.max + " in use)", HINT_P2024));
@@ -178,6 +188,104 @@ function render(report) {
       "they hold locks and snapshots: look for transactions left open across slow calls"));
   }
   showAlerts(alerts);
+}
+
+// Prometheus text: name{labels} value, for the series the page shows.
+function parseMetrics(text) {
+  const series = [];
+  for (const line of text.split("\n")) {
+    if (!line || line.startsWith("#")) continue;
+    const m = /^([a-zA-Z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)/.exec(line);
+    if (!m) continue;
+    const labels = {};
+    for (const l of (m[2] || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[l[1]] = l[2];
+    series.push({ name: m[1], labels, value: Number(m[3]) });
+  }
+  return series;
+}
+
+function sum(series, name, keep) {
+  return series
+    .filter((s) => s.name === name && (!keep || keep(s.labels)))
+    .reduce((total, s) => total + (Number.isFinite(s.value) ? s.value : 0), 0);
+}
+
+async function renderMetrics(gen) {
+  let text;
+  try {
+    const response = await fetch("/metrics", { cache: "no-store", credentials: "omit" });
+    if (!response.ok) return;
+    text = await response.text();
+  } catch (e) {
+    return;
+  }
+  if (gen !== generation) return;
+  const series = parseMetrics(text);
+  const quantile = (q) => {
+    const s = series.find((s) => s.name === "db_pool_checkout_wait_seconds" && s.labels.quantile === q);
+    return s && Number.isFinite(s.value) ? s.value * 1000 : 0;
+  };
+  const now = {
+    ok: sum(series, "integrations_refreshes_total", (l) => l.outcome === "ok"),
+    failed: sum(series, "integrations_refreshes_total", (l) => l.outcome !== "ok"),
+    p50: quantile("0.5"),
+    p99: quantile("0.99"),
+  };
+  history.push([Date.now(), now]);
+  history = history.slice(-SAMPLES);
+  const first = history[0][1];
+  setText("wait-p50", now.p50.toFixed(2));
+  setText("wait-p99", now.p99.toFixed(2), now.p99 > 1000);
+  const top = Math.max(1, ...history.map(([, v]) => v.p99));
+  $("wait-line").setAttribute("points", history
+    .map(([, v], i) => (i * 300 / (SAMPLES - 1)).toFixed(1) + "," + (58 - 56 * v.p99 / top).toFixed(1))
+    .join(" "));
+  setText("refresh-ok", now.ok - first.ok);
+  const failed = now.failed - first.failed;
+  setText("refresh-failed", failed, failed > 0);
+  const listener = series.find((s) => s.name === "integrations_change_listener_connected");
+  const down = listener !== undefined && listener.value === 0;
+  setText("listener", listener === undefined ? "-" : (down ? "down" : "connected"), down);
+  const pending = series.find((s) => s.name === "integrations_webhook_pending");
+  const oldest = series.find((s) => s.name === "integrations_webhook_oldest_pending_seconds");
+  setText("webhook-pending", pending ? pending.value : "-");
+  setText("webhook-oldest", oldest ? oldest.value.toFixed(0) : "-", oldest && oldest.value > 300);
+  if (down) {
+    $("alerts").appendChild(alertBox("alert-listener",
+      "change listener down: caches are bypassed",
+      "every read goes to the database until it reconnects; check DIRECT_URL and the server's connection limit"));
+  }
+}
+
+function cells(values, bad) {
+  const tr = document.createElement("tr");
+  values.forEach((v, i) => {
+    const td = document.createElement("td");
+    td.textContent = v === undefined || v === null ? "-" : String(v);
+    if (bad && bad(i, v)) td.classList.add("bad");
+    tr.appendChild(td);
+  });
+  return tr;
+}
+
+function renderOverview(overview) {
+  const byProvider = new Map();
+  for (const c of overview.integrations || []) {
+    const row = byProvider.get(c.provider) || { connected: 0, expired: 0, error: 0, revoked: 0 };
+    row[c.status] = c.count;
+    byProvider.set(c.provider, row);
+  }
+  document.querySelector("#integrations tbody").replaceChildren(...[...byProvider].map(([provider, r]) =>
+    cells([provider, r.connected, r.expired, r.error, r.revoked], (i, v) => i >= 3 && v > 0)));
+  setText("next-expiry", overview.next_expiry || "none");
+  document.querySelector("#events tbody").replaceChildren(...(overview.latest_events || []).map((e) =>
+    cells([e.created_at, e.type, e.data.user_id, e.data.provider, e.data.account_id, e.data.status],
+      (i) => i === 1 && (e.type === "integration.revoked" || e.type === "integration.error"))));
+  const failing = overview.failing_webhooks || [];
+  $("failing-section").hidden = failing.length === 0;
+  document.querySelector("#failing-webhooks tbody").replaceChildren(...failing.map((w) =>
+    cells([w.id, w.status, w.failing_since, w.disabled_reason || ""], () => true)));
+  return failing;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
