@@ -306,6 +306,11 @@ async fn dashboard_shows_the_pool_turns_red_when_exhausted_and_needs_admin() {
     browser
         .wait_text("listener", "the change listener", |t| t == "connected")
         .await;
+    browser
+        .wait_text("act-longest-transaction", "the longest transaction", |t| {
+            t == "none" || t.parse::<f64>().is_ok()
+        })
+        .await;
     let url = browser.js("return location.href").await;
     assert!(!url.as_str().unwrap().contains(&app.keys.all), "{url}");
     assert_eq!(

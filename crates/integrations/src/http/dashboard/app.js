@@ -146,6 +146,13 @@ function render(report) {
   setText("act-aborted", activity.idle_in_transaction_aborted, activity.idle_in_transaction_aborted > 0);
   const locks = (activity.lock_waits || []).length;
   setText("act-lock-waits", locks, locks > 0);
+  const longestTx = activity.longest_transaction;
+  const longestQuery = activity.longest_query;
+  setText("act-longest-transaction", longestTx ? longestTx.duration_secs.toFixed(1) : "none",
+    longestTx && longestTx.duration_secs > 60);
+  setText("act-longest-query", longestQuery ? longestQuery.duration_secs.toFixed(1) : "none",
+    longestQuery && longestQuery.duration_secs > 10);
+  setText("act-longest-query-text", longestQuery ? longestQuery.query : "-");
   const rows = (activity.applications || []).map((app) => {
     const tr = document.createElement("tr");
     for (const v of [app.application_name || app.name || "(none)", app.total, app.active, app.idle, app.idle_in_transaction]) {
