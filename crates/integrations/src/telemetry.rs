@@ -156,13 +156,6 @@ pub fn describe_metrics() {
     }
 }
 
-/// `integrations_refreshes_total`'s `outcome`s (`service/refresh.rs`).
-const REFRESH_OUTCOMES: [&str; 4] = ["ok", "revoked", "transient", "rejected"];
-
-/// `integrations_webhook_deliveries_total`'s `outcome`s
-/// (`service/delivery.rs`).
-const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "retry", "failed"];
-
 /// `integrations_invalidations_received_total`'s `kind`s (`changes.rs`).
 const INVALIDATION_KINDS: [&str; 3] = ["integration", "api_key", "unknown"];
 
@@ -217,14 +210,14 @@ pub fn init_metrics(pool: &str, providers: &[&str]) {
             "integrations_refreshes_total" => providers
                 .iter()
                 .flat_map(|p| {
-                    REFRESH_OUTCOMES
+                    crate::service::REFRESH_OUTCOMES
                         .iter()
                         .map(move |o| labels(&[("provider", p), ("outcome", o)]))
                 })
                 .collect(),
-            "integrations_webhook_deliveries_total" => DELIVERY_OUTCOMES
+            "integrations_webhook_deliveries_total" => crate::service::DeliveryOutcome::ALL
                 .iter()
-                .map(|o| labels(&[("outcome", o)]))
+                .map(|o| labels(&[("outcome", o.label())]))
                 .collect(),
             _ => vec![Vec::new()],
         };

@@ -31,10 +31,40 @@ struct Endpoint {
     keys: Vec<SigningKey>,
 }
 
-/// Counts outcomes without a label per endpoint (endpoints come and go;
-/// the label set stays fixed).
-fn count(outcome: &'static str) {
-    metrics::counter!("integrations_webhook_deliveries_total", "outcome" => outcome).increment(1);
+/// An attempt's outcome, as `integrations_webhook_deliveries_total`
+/// labels it (no label per endpoint: endpoints come and go, the label set
+/// stays fixed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// A 2xx.
+    Delivered,
+    /// Failed; another attempt is scheduled.
+    Retry,
+    /// Failed; the schedule is spent.
+    Failed,
+}
+
+impl DeliveryOutcome {
+    /// Every outcome (the series `serve` creates at zero).
+    pub const ALL: [DeliveryOutcome; 3] = [
+        DeliveryOutcome::Delivered,
+        DeliveryOutcome::Retry,
+        DeliveryOutcome::Failed,
+    ];
+
+    /// The `outcome` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Delivered => "delivered",
+            DeliveryOutcome::Retry => "retry",
+            DeliveryOutcome::Failed => "failed",
+        }
+    }
+
+    fn count(self) {
+        metrics::counter!("integrations_webhook_deliveries_total", "outcome" => self.label())
+            .increment(1);
+    }
 }
 
 impl IntegrationsService {
@@ -219,7 +249,7 @@ impl IntegrationsService {
         };
         let recorded = match &attempt.error {
             None => {
-                count("delivered");
+                DeliveryOutcome::Delivered.count();
                 if let Some(event) = &claimed.event {
                     let lag = chrono::Utc::now() - event.created_at;
                     metrics::histogram!("integrations_webhook_delivery_lag_seconds")
@@ -229,7 +259,11 @@ impl IntegrationsService {
             }
             Some(error) => {
                 let retry = cfg.retry_after(claimed.attempt);
-                count(if retry.is_some() { "retry" } else { "failed" });
+                if retry.is_some() {
+                    DeliveryOutcome::Retry.count();
+                } else {
+                    DeliveryOutcome::Failed.count();
+                }
                 let reason = format!(
                     "every attempt failed for {} s (the last: {error})",
                     cfg.disable_after.as_secs()

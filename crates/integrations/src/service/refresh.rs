@@ -22,6 +22,11 @@ use crate::store::integrations::{self as rows, Claimed, Failure, Refreshed, Toke
 /// refresh token must not be lost to a passing database error).
 const STORE_ATTEMPTS: u32 = 4;
 
+/// `integrations_refreshes_total`'s `outcome`s: the provider answered
+/// tokens, refused the grant (`invalid_grant`), failed in a way worth
+/// retrying, or refused otherwise. `serve` creates each at zero.
+pub const REFRESH_OUTCOMES: [&str; 4] = ["ok", "revoked", "transient", "rejected"];
+
 impl IntegrationsService {
     /// A valid access token, refreshed first when it expires within
     /// `refresh_margin` (5 minutes by default).
@@ -234,11 +239,12 @@ impl IntegrationsService {
         drop(permit);
         metrics::histogram!("integrations_refresh_seconds", "provider" => p.to_string())
             .record(started.elapsed());
+        let [ok, revoked, transient, rejected] = REFRESH_OUTCOMES;
         let outcome = match &result {
-            Ok(_) => "ok",
-            Err(OAuthError::InvalidGrant { .. }) => "revoked",
-            Err(e) if e.is_transient() => "transient",
-            Err(_) => "rejected",
+            Ok(_) => ok,
+            Err(OAuthError::InvalidGrant { .. }) => revoked,
+            Err(e) if e.is_transient() => transient,
+            Err(_) => rejected,
         };
         metrics::counter!("integrations_refreshes_total", "provider" => p.to_string(), "outcome" => outcome)
             .increment(1);
