@@ -145,7 +145,7 @@ export interface paths {
         get?: never;
         put?: never;
         /**
-         * Send an event again (needs `admin`) to every enabled endpoint
+         * Send an event again (needs `admin`) to every endpoint
          *     subscribed to its type, with a fresh retry schedule; e.g. after fixing
          *     a receiver whose deliveries failed. It may arrive after later events of
          *     its integration.
@@ -797,7 +797,7 @@ export interface components {
         Redelivered: {
             /**
              * Format: int64
-             * @description Deliveries queued again (one per enabled endpoint subscribed to the
+             * @description Deliveries queued again (one per endpoint subscribed to the
              *     event's type; one still pending is left to run and not counted).
              */
             queued: number;

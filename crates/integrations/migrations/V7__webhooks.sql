@@ -33,14 +33,23 @@ CREATE TABLE webhook_deliveries (
     -- Purged with its event (INTEGRATIONS_EVENT_RETENTION, 7 days: longer
     -- than the retries last).
     event_id         bigint      NOT NULL REFERENCES events (id) ON DELETE CASCADE,
-    -- The event's integration and position (txid, event_id), copied so one
-    -- integration's deliveries to one endpoint go out in order.
-    integration_id   bigint      NOT NULL,
+    -- The account the event is about (a 64-bit hash of 'provider:account_id';
+    -- provider names hold no ':'; two accounts sharing a hash are only
+    -- ordered together) and the event's position (txid, event_id), copied
+    -- so one account's deliveries to one endpoint go out in order, also
+    -- across a delete and a new connection of the same account (two rows).
+    -- A number, like the other index keys, so the order index is planned
+    -- for the order check even on a queue's stale statistics.
+    subject          bigint      NOT NULL,
     txid             xid8        NOT NULL,
     status           text        NOT NULL DEFAULT 'pending'
                                  CHECK (status IN ('pending', 'succeeded', 'failed')),
-    -- Attempts made (an attempt counts when it is claimed).
+    -- Attempts made (an attempt counts when it is claimed; never reset,
+    -- so a late result of an old claim cannot pass for a newer one's).
     attempts         integer     NOT NULL DEFAULT 0,
+    -- The attempts before the current schedule began (a redelivery starts
+    -- a fresh schedule from here).
+    schedule_from    integer     NOT NULL DEFAULT 0,
     -- When it is due; while an instance is sending it, the end of that
     -- instance's claim (a claim that outlives its instance, killed, is
     -- taken again after it).
@@ -60,26 +69,27 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (endpoint_id, next_att
     WHERE status = 'pending';
 -- The claim's order check: an integration's earlier pending delivery to the
 -- same endpoint holds the later ones back.
--- Led by the integration, which no other index is, so the check is planned
--- on it even while the table's statistics are stale (a queue's often are).
+-- Led by the account, which no other index is, so the check is planned on
+-- it even while the table's statistics are stale (a queue's often are).
 CREATE INDEX webhook_deliveries_order
-    ON webhook_deliveries (integration_id, endpoint_id, txid, event_id)
+    ON webhook_deliveries (subject, endpoint_id, txid, event_id)
     WHERE status = 'pending';
 -- GET /v1/webhooks/{id}/deliveries?status=...
 CREATE INDEX webhook_deliveries_listing ON webhook_deliveries (endpoint_id, status, id);
 -- Redelivery of an event, and the cascade from the event purge.
 CREATE INDEX webhook_deliveries_event ON webhook_deliveries (event_id);
 
--- One delivery per enabled endpoint subscribed to the event's type, in the
+-- One delivery per endpoint subscribed to the event's type (a disabled one
+-- too: its deliveries wait, and go out when it is enabled again), in the
 -- event's transaction; then a wake-up for the instances' dispatchers (one
 -- per transaction: PostgreSQL folds identical notifications).
 CREATE FUNCTION webhooks_fan_out() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO webhook_deliveries (endpoint_id, event_id, integration_id, txid)
-    SELECT w.id, NEW.id, NEW.integration_id, NEW.txid
+    INSERT INTO webhook_deliveries (endpoint_id, event_id, subject, txid)
+    SELECT w.id, NEW.id, hashtextextended(NEW.provider || ':' || NEW.account_id, 0), NEW.txid
     FROM webhook_endpoints w
-    WHERE w.disabled_at IS NULL AND NEW.type = ANY (w.event_types);
+    WHERE NEW.type = ANY (w.event_types);
     IF FOUND THEN
         PERFORM pg_notify('integrations_webhooks', '');
     END IF;

@@ -223,14 +223,39 @@ fn webhook_settings(
             }
         };
     }
-    cfg.send.timeout = secs("INTEGRATIONS_WEBHOOK_TIMEOUT", cfg.send.timeout)?;
-    cfg.disable_after = secs("INTEGRATIONS_WEBHOOK_DISABLE_AFTER", cfg.disable_after)?;
+    // Bounded so every sum and interval they enter stays in range.
+    let at_most =
+        |var: &'static str, value: std::time::Duration, max_secs: u64, accepted: &'static str| {
+            if value.as_secs() > max_secs {
+                Err(SettingError {
+                    var,
+                    value: value.as_secs().to_string(),
+                    accepted,
+                })
+            } else {
+                Ok(value)
+            }
+        };
+    cfg.send.timeout = at_most(
+        "INTEGRATIONS_WEBHOOK_TIMEOUT",
+        secs("INTEGRATIONS_WEBHOOK_TIMEOUT", cfg.send.timeout)?,
+        300,
+        "a whole number of seconds from 1 to 300",
+    )?;
+    cfg.disable_after = at_most(
+        "INTEGRATIONS_WEBHOOK_DISABLE_AFTER",
+        secs("INTEGRATIONS_WEBHOOK_DISABLE_AFTER", cfg.disable_after)?,
+        365 * 86_400,
+        "a whole number of seconds from 1 to 31536000 (a year)",
+    )?;
     if let Some(v) = set("INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE") {
-        cfg.schedule = crate::webhooks::parse_schedule(&v).ok_or(SettingError {
-            var: "INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE",
-            value: v.clone(),
-            accepted: "1 to 30 comma-separated pauses before each retry, each a whole number and a unit (ms, s, m, h, d), e.g. 5s,5m,30m,2h,5h,10h,14h",
-        })?;
+        cfg.schedule = crate::webhooks::parse_schedule(&v)
+            .filter(|pauses| pauses.iter().all(|p| p.as_secs() <= 7 * 86_400))
+            .ok_or(SettingError {
+                var: "INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE",
+                value: v.clone(),
+                accepted: "1 to 30 comma-separated pauses before each retry, each a whole number and a unit (ms, s, m, h, d) up to 7d, e.g. 5s,5m,30m,2h,5h,10h,14h",
+            })?;
     }
     if let Some(v) = set("INTEGRATIONS_WEBHOOK_CONCURRENCY") {
         cfg.concurrency = v
@@ -326,6 +351,11 @@ mod tests {
             ("INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE", "5"),
             ("INTEGRATIONS_WEBHOOK_CONCURRENCY", "0"),
             ("INTEGRATIONS_WEBHOOK_DISABLE_AFTER", "5d"),
+            ("INTEGRATIONS_WEBHOOK_TIMEOUT", "18446744073709551615"),
+            ("INTEGRATIONS_WEBHOOK_TIMEOUT", "301"),
+            ("INTEGRATIONS_WEBHOOK_DISABLE_AFTER", "31536001"),
+            ("INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE", "5s,8d"),
+            ("INTEGRATIONS_WEBHOOK_RETRY_SCHEDULE", "99999999999999999d"),
         ] {
             let err = settings(&[(var, value)]).unwrap_err();
             assert_eq!(err.var, var);

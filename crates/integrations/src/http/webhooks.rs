@@ -343,12 +343,12 @@ async fn deliveries(
 /// What a redelivery queued.
 #[derive(Serialize, ToSchema)]
 pub struct Redelivered {
-    /// Deliveries queued again (one per enabled endpoint subscribed to the
+    /// Deliveries queued again (one per endpoint subscribed to the
     /// event's type; one still pending is left to run and not counted).
     queued: i64,
 }
 
-/// Send an event again (needs `admin`) to every enabled endpoint
+/// Send an event again (needs `admin`) to every endpoint
 /// subscribed to its type, with a fresh retry schedule; e.g. after fixing
 /// a receiver whose deliveries failed. It may arrive after later events of
 /// its integration.

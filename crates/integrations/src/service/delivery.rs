@@ -258,7 +258,7 @@ impl IntegrationsService {
                 self.record_success(&claimed, attempt.status).await
             }
             Some(error) => {
-                let retry = cfg.retry_after(claimed.attempt);
+                let retry = cfg.retry_after(claimed.scheduled);
                 if retry.is_some() {
                     DeliveryOutcome::Retry.count();
                 } else {

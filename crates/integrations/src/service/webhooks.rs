@@ -49,6 +49,9 @@ pub struct TestDelivery {
     pub message_id: String,
 }
 
+/// Longest a test delivery waits for the endpoint.
+const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The AAD binding an endpoint's secret to its row.
 pub(super) fn secret_aad(id: &str) -> String {
     format!("webhook:{id}:secret")
@@ -125,10 +128,20 @@ impl IntegrationsService {
             .ok_or(ServiceError::WebhookNotFound)
     }
 
-    /// Deletes an endpoint and its deliveries.
+    /// Deletes an endpoint and its deliveries (again when it deadlocked
+    /// with a dispatcher recording an attempt: they lock the endpoint and
+    /// its deliveries in opposite orders, and the delete is the rare one).
     pub async fn delete_webhook(&self, id: &WebhookId) -> Result<(), ServiceError> {
         let mut conn = self.pool.get().await?;
-        if !rows::delete(&mut conn, id.as_str()).await? {
+        let mut tries = 0;
+        let deleted = loop {
+            tries += 1;
+            match rows::delete(&mut conn, id.as_str()).await {
+                Err(e) if e.sqlstate() == Some("40P01") && tries < 3 => continue,
+                other => break other?,
+            }
+        };
+        if !deleted {
             return Err(ServiceError::WebhookNotFound);
         }
         tracing::info!(webhook = %id, "webhook endpoint deleted");
@@ -199,10 +212,12 @@ impl IntegrationsService {
         let body = serde_json::to_vec(&body)
             .map_err(|e| ServiceError::Internal(format!("a test event did not render: {e}")))?;
         let refs: Vec<&SigningKey> = keys.iter().collect();
+        // Within the request's own deadline (10 s by default), so the answer
+        // says what the endpoint did.
         let attempt = self
             .webhook_sender()
             .await?
-            .send(&url, &message_id, body, &refs)
+            .send_within(&url, &message_id, body, &refs, TEST_TIMEOUT)
             .await;
         Ok(TestDelivery {
             delivered: attempt.delivered(),
@@ -258,7 +273,7 @@ impl IntegrationsService {
         Ok(rows::deliveries(&mut conn, id.as_str(), after, limit, status).await?)
     }
 
-    /// Queues an event again for every enabled endpoint subscribed to its
+    /// Queues an event again for every endpoint subscribed to its
     /// type; how many deliveries were queued (one still pending is left to
     /// run and not counted).
     pub async fn redeliver_event(&self, event_id: i64) -> Result<i64, ServiceError> {

@@ -284,7 +284,7 @@ pub const CLAIM: &str = concat!(
        SELECT c.id FROM webhook_deliveries c \
        WHERE c.endpoint_id = $1 AND c.status = 'pending' AND c.next_attempt_at <= now() \
          AND (SELECT p.id FROM webhook_deliveries p \
-              WHERE p.endpoint_id = c.endpoint_id AND p.integration_id = c.integration_id \
+              WHERE p.subject = c.subject AND p.endpoint_id = c.endpoint_id \
                 AND p.status = 'pending' AND (p.txid, p.event_id) < (c.txid, c.event_id) \
               ORDER BY p.txid, p.event_id LIMIT 1) IS NULL \
        ORDER BY c.next_attempt_at \
@@ -292,7 +292,7 @@ pub const CLAIM: &str = concat!(
        FOR UPDATE SKIP LOCKED)) \
      RETURNING d.id, ",
     event_columns!(),
-    ", d.attempts"
+    ", d.attempts, d.schedule_from"
 );
 
 /// A delivery claimed for one attempt.
@@ -303,8 +303,12 @@ pub struct Claimed {
     pub event: Option<Event>,
     /// The event's id, even when its type is unknown.
     pub event_id: i64,
-    /// This attempt's number (1 for the first).
+    /// This attempt's number (1 for the first; counting every attempt
+    /// ever made, so it also names this claim).
     pub attempt: i32,
+    /// This attempt's number in the current schedule (1 for the first; a
+    /// redelivery starts a new schedule).
+    pub scheduled: i32,
 }
 
 /// Claims up to `limit` due deliveries of `endpoint` for `claim_secs`.
@@ -327,6 +331,7 @@ pub async fn claim(
                 event,
                 event_id: cursor.id,
                 attempt: r.get(14),
+                scheduled: r.get::<_, i32>(14) - r.get::<_, i32>(15),
             })
         })
         .collect())
@@ -458,19 +463,21 @@ pub async fn deliveries(
 }
 
 const REDELIVER: &str =
-    "WITH ev AS (SELECT id, type, integration_id, txid FROM events WHERE id = $1), \
+    "WITH ev AS (SELECT id, type, hashtextextended(provider || ':' || account_id, 0) AS subject, txid \
+                FROM events WHERE id = $1), \
      queued AS ( \
-       INSERT INTO webhook_deliveries (endpoint_id, event_id, integration_id, txid) \
-       SELECT w.id, ev.id, ev.integration_id, ev.txid FROM ev \
-       JOIN webhook_endpoints w ON w.disabled_at IS NULL AND ev.type = ANY (w.event_types) \
-       ON CONFLICT (endpoint_id, event_id) DO UPDATE SET status = 'pending', attempts = 0, \
+       INSERT INTO webhook_deliveries (endpoint_id, event_id, subject, txid) \
+       SELECT w.id, ev.id, ev.subject, ev.txid FROM ev \
+       JOIN webhook_endpoints w ON ev.type = ANY (w.event_types) \
+       ON CONFLICT (endpoint_id, event_id) DO UPDATE SET status = 'pending', \
+         schedule_from = webhook_deliveries.attempts, \
          next_attempt_at = now(), claimed_by = NULL, delivered_at = NULL \
        WHERE webhook_deliveries.status <> 'pending' \
        RETURNING 1), \
      woken AS (SELECT pg_notify('integrations_webhooks', '') FROM queued LIMIT 1) \
      SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM queued), (SELECT count(*) FROM woken)";
 
-/// Queues event `event_id` again for every enabled endpoint subscribed to
+/// Queues event `event_id` again for every endpoint subscribed to
 /// its type (a delivery still pending is left to run). `None` when the
 /// event does not exist (never, or purged); else how many were queued.
 pub async fn redeliver(conn: &mut Conn, event_id: i64) -> Result<Option<i64>, Error> {

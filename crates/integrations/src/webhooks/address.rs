@@ -37,14 +37,35 @@ fn internal_v4(ip: Ipv4Addr) -> bool {
         || ip.is_unspecified()
         || ip.is_broadcast()
         || ip.is_multicast()
-        // 0.0.0.0/8 ("this network") and 100.64.0.0/10 (shared address
-        // space): reach the local network on many systems.
+        // 0.0.0.0/8 ("this network"), 100.64.0.0/10 (shared address
+        // space), 192.0.0.0/24 (protocol assignments), 198.18.0.0/15
+        // (benchmarking) and 240.0.0.0/4 (reserved): none is a public
+        // endpoint, several reach the local network on some systems.
         || a == 0
         || (a == 100 && (64..128).contains(&b))
+        || (a == 192 && b == 0 && ip.octets()[2] == 0)
+        || (a == 198 && (b == 18 || b == 19))
+        || a >= 240
 }
 
 fn internal_v6(ip: Ipv6Addr) -> bool {
+    let s = ip.segments();
+    // An IPv4 address inside: NAT64 (64:ff9b::/96 and the local-use
+    // 64:ff9b:1::/48) and 6to4 (2002::/16) reach it through a gateway.
+    let embedded = if s[0] == 0x64 && s[1] == 0xff9b {
+        Some(Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32))
+    } else if s[0] == 0x2002 {
+        Some(Ipv4Addr::from(((s[1] as u32) << 16) | s[2] as u32))
+    } else {
+        None
+    };
+    if embedded.is_some_and(internal_v4) {
+        return true;
+    }
     ip.is_loopback()
+        // Site-local (fec0::/10, deprecated) and Teredo (2001::/32).
+        || (s[0] & 0xffc0) == 0xfec0
+        || (s[0] == 0x2001 && s[1] == 0)
         || ip.is_unspecified()
         || ip.is_multicast()
         || ip.is_unique_local()
@@ -208,6 +229,14 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "::127.0.0.1",
+            "64:ff9b::a00:1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::",
+            "fec0::1",
+            "2001:0::1",
+            "192.0.0.8",
+            "198.18.0.1",
+            "240.0.0.1",
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
@@ -218,6 +247,8 @@ mod tests {
             "100.128.0.1",
             "2606:4700::1111",
             "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::",
         ] {
             assert!(!is_internal(ip.parse().unwrap()), "{ip}");
         }

@@ -87,6 +87,21 @@ impl Sender {
     /// POSTs `body` to `url` with the Standard Webhooks headers: `id`,
     /// the current time, and one signature per key.
     pub async fn send(&self, url: &Url, id: &str, body: Vec<u8>, keys: &[&SigningKey]) -> Attempt {
+        self.send_within(url, id, body, keys, self.config.timeout)
+            .await
+    }
+
+    /// [`Sender::send`], failing after `timeout` (at most the configured
+    /// one).
+    pub async fn send_within(
+        &self,
+        url: &Url,
+        id: &str,
+        body: Vec<u8>,
+        keys: &[&SigningKey],
+        timeout: Duration,
+    ) -> Attempt {
+        let timeout = timeout.min(self.config.timeout);
         let started = Instant::now();
         let failed = |status: Option<u16>, error: String| Attempt {
             status,
@@ -109,12 +124,13 @@ impl Sender {
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
             .header("webhook-signature", signature)
+            .timeout(timeout)
             .body(body)
             .send()
             .await;
         let mut answer = match sent {
             Ok(answer) => answer,
-            Err(e) => return failed(None, self.describe(&e)),
+            Err(e) => return failed(None, Self::describe(&e, timeout)),
         };
         let status = answer.status();
         // Read a little of the body so the connection can be reused; the
@@ -143,9 +159,9 @@ impl Sender {
 
     /// A transport error, in words that name neither the URL nor an
     /// address the host resolved to.
-    fn describe(&self, e: &reqwest::Error) -> String {
+    fn describe(e: &reqwest::Error, timeout: Duration) -> String {
         if e.is_timeout() {
-            return format!("no answer within {} s", self.config.timeout.as_secs_f64());
+            return format!("no answer within {} s", timeout.as_secs_f64());
         }
         // The guard's refusal, when that is what failed.
         let mut source = std::error::Error::source(e);
