@@ -548,3 +548,27 @@ async fn connect_redirects_only_to_allowed_origins() {
         );
     }
 }
+
+/// Metadata with the largest finite numbers is stored and read back (the
+/// server keeps numbers as exact decimals; read back, they must parse to the
+/// same doubles, not overflow: a fuzzer's find, which answered by closing
+/// the connection, and then on every later read of that integration).
+#[tokio::test]
+async fn metadata_with_extreme_numbers_round_trips() {
+    let app = TestApp::spawn().await;
+    let metadata = serde_json::json!({"max": f64::MAX, "min": -f64::MAX, "tiny": f64::MIN_POSITIVE, "sub": 5e-324});
+    let stored = app
+        .put_integration(
+            "u1",
+            "good",
+            "acct",
+            serde_json::json!({"access_token": "at-extreme", "metadata": metadata}),
+        )
+        .await;
+    assert_eq!(stored["metadata"], metadata, "{stored}");
+    let list = app
+        .get("/v1/users/u1/integrations", Some(&app.keys.read))
+        .await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    assert_eq!(list.json()["integrations"][0]["metadata"], metadata);
+}
