@@ -10,6 +10,9 @@
 //! migrations; existing integrations rows are replaced).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/bench_tokens.rs"]
+mod bench_tokens;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,25 +182,7 @@ async fn seed(service: &IntegrationsService, keys: &str, tokens: usize) {
     .await
     .unwrap();
     let mut tx = conn.transaction().await.unwrap();
-    for i in 0..tokens {
-        let account = format!("tok{i}");
-        let access = ring
-            .encrypt(b"at", &format!("integration:bench:{account}:access"))
-            .unwrap();
-        let refresh = ring
-            .encrypt(
-                format!("rt{i}").as_bytes(),
-                &format!("integration:bench:{account}:refresh"),
-            )
-            .unwrap();
-        tx.execute(
-            "INSERT INTO integrations (user_id, provider, account_id, access_token, refresh_token, key_id, expires_at) \
-             VALUES ($1, 'bench', $2, $3, $4, 'bench', now() + interval '1 minute')",
-            &[&format!("batch{}", i % 1000), &account, &access, &refresh],
-        )
-        .await
-        .unwrap();
-    }
+    bench_tokens::insert(&mut tx, &ring, tokens).await;
     tx.commit().await.unwrap();
     conn.batch_execute("ANALYZE integrations").await.unwrap();
 }

@@ -32,6 +32,12 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(redeliver))
 }
 
+/// Answers that carry a signing secret are never cached.
+const NO_STORE: [(axum::http::HeaderName, axum::http::HeaderValue); 1] = [(
+    axum::http::header::CACHE_CONTROL,
+    axum::http::HeaderValue::from_static("no-store"),
+)];
+
 /// The body of `POST /v1/webhooks`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -83,13 +89,9 @@ async fn create(
         .service
         .create_webhook(&body.url, body.event_types.as_deref())
         .await?;
-    let headers = [(
-        axum::http::header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("no-store"),
-    )];
     Ok((
         StatusCode::CREATED,
-        headers,
+        NO_STORE,
         Json(CreatedWebhook {
             webhook: created.webhook,
             secret: created.secret.expose_secret().to_string(),
@@ -205,12 +207,8 @@ async fn rotate_secret(
         .service
         .rotate_webhook_secret(&webhook_id(&id)?)
         .await?;
-    let headers = [(
-        axum::http::header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("no-store"),
-    )];
     Ok((
-        headers,
+        NO_STORE,
         Json(RotatedSecret {
             secret: rotated.secret.expose_secret().to_string(),
             previous_secret_expires_at: rotated
