@@ -66,6 +66,9 @@ pub struct ServiceSettings {
 /// Most `INTEGRATIONS_HTTP_MAX_CONNECTIONS` accepted.
 const MAX_CONNECTIONS_LIMIT: usize = 1_000_000;
 
+/// The most background refreshes in flight `INTEGRATIONS_REFRESH_CONCURRENCY` accepts.
+const MAX_REFRESH_CONCURRENCY: usize = 10_000;
+
 /// A service setting that does not parse: names the variable and what is
 /// accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,6 +143,18 @@ impl ServiceSettings {
             "INTEGRATIONS_REFRESHER_MARGIN",
             refresher.margin.max(service.refresh_margin),
         )?;
+        if let Some(v) = env("INTEGRATIONS_REFRESH_CONCURRENCY").filter(|v| !v.trim().is_empty()) {
+            refresher.concurrency = v
+                .trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=MAX_REFRESH_CONCURRENCY).contains(n))
+                .ok_or(SettingError {
+                    var: "INTEGRATIONS_REFRESH_CONCURRENCY",
+                    value: v.clone(),
+                    accepted: "a whole number of refreshes in flight from 1 to 10000",
+                })?;
+        }
         service.webhooks = webhook_settings(env, &secs)?;
         let mut events = crate::service::EventRetention::default();
         events.retention = secs("INTEGRATIONS_EVENT_RETENTION", events.retention)?;

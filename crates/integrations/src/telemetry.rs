@@ -75,7 +75,19 @@ const COUNTERS: &[(&str, &str)] = &[
     ),
     (
         "integrations_refreshes_total",
-        "Token refreshes, by provider and outcome.",
+        "Token refreshes, by provider and outcome (rate_limited: the provider answered 429 or Retry-After; not counted against the integration).",
+    ),
+    (
+        "integrations_refresh_limit_waits_total",
+        "Refreshes that waited before calling their provider, by provider and reason: paused (429 or circuit breaker), concurrency (max_concurrent_refreshes), rate (max_refreshes_per_second).",
+    ),
+    (
+        "integrations_refresh_pauses_total",
+        "Times a provider's refreshes were paused, by provider and reason: rate_limited (429 / Retry-After), circuit_open (transient failures in a row).",
+    ),
+    (
+        "integrations_refresh_result_writes_total",
+        "Statements that wrote successful refresh results (one per batch of results finished together).",
     ),
     (
         "integrations_status_cache_hits_total",
@@ -109,6 +121,18 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "integrations_status_cache_entries",
         "Users whose status is cached.",
+    ),
+    (
+        "integrations_refresh_in_flight",
+        "Refresh requests this instance has out to a provider now, by provider.",
+    ),
+    (
+        "integrations_refresh_due",
+        "Integrations the background refresher should have refreshed by now and has not (all instances): growing means it does not keep up.",
+    ),
+    (
+        "integrations_refresh_due_oldest_seconds",
+        "How long ago the longest-waiting due integration came due (0 when none).",
     ),
     (
         "integrations_webhook_pending",
@@ -191,6 +215,17 @@ pub fn init_metrics(pool: &str, providers: &[&str]) {
     let labels = |pairs: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
         pairs.iter().map(|(k, v)| (*k, v.to_string())).collect()
     };
+    let per_provider = |reasons: &[&str]| -> Vec<Vec<(&'static str, String)>> {
+        providers
+            .iter()
+            .flat_map(|p| {
+                reasons
+                    .iter()
+                    .map(|r| labels(&[("provider", p), ("reason", r)]))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
     for (name, _) in COUNTERS {
         let values: Vec<Vec<(&'static str, String)>> = match *name {
             // With its histogram, by crate::http, which owns their handles.
@@ -215,6 +250,8 @@ pub fn init_metrics(pool: &str, providers: &[&str]) {
                         .map(move |o| labels(&[("provider", p), ("outcome", o)]))
                 })
                 .collect(),
+            "integrations_refresh_limit_waits_total" => per_provider(&crate::service::WAIT_REASONS),
+            "integrations_refresh_pauses_total" => per_provider(&crate::service::PAUSE_REASONS),
             "integrations_webhook_deliveries_total" => crate::service::DeliveryOutcome::ALL
                 .iter()
                 .map(|o| labels(&[("outcome", o.label())]))
@@ -226,7 +263,13 @@ pub fn init_metrics(pool: &str, providers: &[&str]) {
         }
     }
     for (name, _) in GAUGES {
-        metrics::gauge!(*name).increment(0.0);
+        if *name == "integrations_refresh_in_flight" {
+            for p in providers {
+                metrics::gauge!(*name, "provider" => p.to_string()).increment(0.0);
+            }
+        } else {
+            metrics::gauge!(*name).increment(0.0);
+        }
     }
     for (name, _) in HISTOGRAMS {
         match *name {

@@ -187,6 +187,15 @@ impl From<ServiceError> for ApiError {
                     err.hint("the provider refused the request: check the provider's client id and secret")
                 }
             }
+            ServiceError::ProviderBusy { retry_after, .. } => {
+                let mut err = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "provider_paused",
+                    e.to_string(),
+                );
+                err.retry_after = Some(u32::try_from(retry_after.as_secs().max(1)).unwrap_or(u32::MAX));
+                err.hint("the stored tokens are unchanged and usable until they expire; retry after the pause (Retry-After); max_refreshes_per_second and max_concurrent_refreshes in the provider registry bound this instance's refreshes")
+            }
             ServiceError::InvalidState(_) => ApiError::bad_request(e.to_string()),
             ServiceError::InvalidFlow(_) => {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_flow", e.to_string()).hint(

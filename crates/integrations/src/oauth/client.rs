@@ -79,10 +79,21 @@ pub enum OAuthError {
         /// The provider's `error_description`, if any.
         description: Option<String>,
     },
-    /// Network failure, timeout, 5xx, 429 or 408: retry with backoff and keep
+    /// Network failure, timeout, 5xx or 408: retry with backoff and keep
     /// the old token.
     #[error("temporary failure: {0}")]
     Transient(String),
+    /// The provider asked to be left alone for a while: 429, or any answer
+    /// with a `Retry-After`. Not the grant's fault: the provider is paused
+    /// as a whole and the integration's health is left alone.
+    #[error("the provider asked to slow down: {message}; retry after {}s", retry_after.as_secs())]
+    RateLimited {
+        /// What answered, and how.
+        message: String,
+        /// How long to leave the provider alone (its `Retry-After`, or
+        /// [`DEFAULT_RETRY_AFTER`]; at most [`MAX_RETRY_AFTER`]).
+        retry_after: Duration,
+    },
     /// A 2xx answer that is not what the endpoint promises (not JSON, not a
     /// token response, no account id).
     #[error("unexpected response: {0}")]
@@ -103,7 +114,10 @@ fn describe(description: &Option<String>) -> String {
 impl OAuthError {
     /// Whether retrying later may succeed (the old token should be kept).
     pub fn is_transient(&self) -> bool {
-        matches!(self, OAuthError::Transient(_))
+        matches!(
+            self,
+            OAuthError::Transient(_) | OAuthError::RateLimited { .. }
+        )
     }
 
     /// Whether the grant is gone and the integration should be marked revoked.
@@ -120,6 +134,7 @@ impl OAuthError {
         match self {
             OAuthError::InvalidGrant { error, .. } | OAuthError::Rejected { error, .. } => error,
             OAuthError::Transient(_) => "temporary_failure",
+            OAuthError::RateLimited { .. } => "rate_limited",
             OAuthError::Malformed(_) => "malformed_response",
             OAuthError::NotConfigured(_) => "not_configured",
         }
@@ -377,6 +392,11 @@ impl TokenClient {
             .map_err(|e| self.transport_error(p, &endpoint, e))?;
         let status = resp.status();
         tracing::debug!(status = status.as_u16(), %endpoint, "provider answered");
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
         let content_type = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -388,6 +408,7 @@ impl TokenClient {
             .map_err(|e| self.transport_error(p, &endpoint, e))?;
         Ok(Reply {
             status,
+            retry_after,
             content_type,
             body,
             truncated,
@@ -421,6 +442,8 @@ impl TokenClient {
 /// A provider's answer, read in full.
 struct Reply {
     status: StatusCode,
+    /// The `Retry-After` header, when it parses.
+    retry_after: Option<Duration>,
     content_type: String,
     body: Vec<u8>,
     truncated: bool,
@@ -459,7 +482,32 @@ async fn read_body(mut resp: Response) -> Result<(Vec<u8>, bool), reqwest::Error
     Ok((body, false))
 }
 
-/// Maps a non-2xx answer to an error. 408, 429 and 5xx are transient; other
+/// How long a provider is left alone after a 429 without a usable
+/// `Retry-After`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// The longest pause a provider's `Retry-After` can ask for; a longer one
+/// is cut to this (a typo or a hostile answer must not stop refreshes for
+/// days).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// A `Retry-After` value (RFC 9110: delay-seconds or an HTTP-date), capped
+/// at [`MAX_RETRY_AFTER`]; at least one second.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+        }
+    };
+    Some(wait.clamp(Duration::from_secs(1), MAX_RETRY_AFTER))
+}
+
+/// Maps a non-2xx answer to an error. 429 and any error answer with a
+/// `Retry-After` pause the provider; 408 and 5xx are transient; other
 /// 4xx are OAuth errors (`invalid_grant` or a rejection); anything else
 /// (redirects) is a configuration problem.
 fn status_error(p: &Provider, url: &Url, reply: &Reply, scrub: &[&str]) -> OAuthError {
@@ -467,17 +515,23 @@ fn status_error(p: &Provider, url: &Url, reply: &Reply, scrub: &[&str]) -> OAuth
     let parsed = serde_json::from_slice::<Value>(&reply.body)
         .ok()
         .and_then(|json| oauth_error(p, &json, scrub));
-    if status == StatusCode::TOO_MANY_REQUESTS
-        || status == StatusCode::REQUEST_TIMEOUT
-        || status.is_server_error()
-    {
+    let throttled = status == StatusCode::TOO_MANY_REQUESTS
+        || (reply.retry_after.is_some() && (status.is_server_error() || status.is_client_error()));
+    if throttled || status == StatusCode::REQUEST_TIMEOUT || status.is_server_error() {
         let detail = parsed
             .map(|(error, d)| format!(" ({error}{})", describe(&d)))
             .unwrap_or_default();
-        return OAuthError::Transient(format!(
+        let message = format!(
             "provider '{}': {} answered {status}{detail}",
             p.name, reply.endpoint
-        ));
+        );
+        if throttled {
+            return OAuthError::RateLimited {
+                message,
+                retry_after: reply.retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            };
+        }
+        return OAuthError::Transient(message);
     }
     if status.is_client_error() {
         let (error, description) = parsed.unwrap_or_else(|| ("unspecified".to_string(), None));

@@ -12,6 +12,7 @@ pub use client::{
 };
 pub use providers::{
     AccountIdFrom, AccountIdRule, ClientAuth, MissingCredential, Provider, ProviderRegistry,
-    RegistryError, UnknownProvider, DEFAULT_PROVIDERS_TOML, DEFAULT_SOURCE, FALLBACK_EXPIRES_IN,
+    RefreshLimits, RegistryError, UnknownProvider, DEFAULT_PROVIDERS_TOML, DEFAULT_SOURCE,
+    FALLBACK_EXPIRES_IN,
 };
 pub use token::{Expiry, TokenError, TokenSet};

@@ -96,6 +96,50 @@ impl RevokedWhen {
     }
 }
 
+/// Limits on the refreshes one instance sends to a provider's token
+/// endpoint (`max_concurrent_refreshes`, `max_refreshes_per_second` in the
+/// registry). Every refresh of the instance counts: the background
+/// refresher, batches and single refreshes.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RefreshLimits {
+    /// Requests in flight at most; `None`: only the callers' own windows.
+    pub max_concurrent: Option<u32>,
+    /// Requests started per second at most, evenly spaced; `None`: no rate
+    /// limit.
+    pub per_second: Option<f64>,
+}
+
+/// The largest `max_concurrent_refreshes` accepted.
+pub const MAX_CONCURRENT_REFRESHES: u32 = 10_000;
+/// The largest `max_refreshes_per_second` accepted.
+pub const MAX_REFRESHES_PER_SECOND: f64 = 100_000.0;
+
+impl RefreshLimits {
+    /// Checks the registry's values, naming the field and what is accepted.
+    pub fn new(max_concurrent: Option<u32>, per_second: Option<f64>) -> Result<Self, String> {
+        if let Some(n) = max_concurrent {
+            if !(1..=MAX_CONCURRENT_REFRESHES).contains(&n) {
+                return Err(format!(
+                    "field 'max_concurrent_refreshes': {n} is out of range; accepted: a whole number from 1 to {MAX_CONCURRENT_REFRESHES}"
+                ));
+            }
+        }
+        if let Some(r) = per_second {
+            // The smallest rate is one refresh an hour: a pause longer than
+            // that is a disabled provider, which the credentials express.
+            if !(r.is_finite() && (1.0 / 3600.0..=MAX_REFRESHES_PER_SECOND).contains(&r)) {
+                return Err(format!(
+                    "field 'max_refreshes_per_second': {r} is out of range; accepted: a number from 0.000278 (one an hour) to {MAX_REFRESHES_PER_SECOND}"
+                ));
+            }
+        }
+        Ok(RefreshLimits {
+            max_concurrent,
+            per_second,
+        })
+    }
+}
+
 /// One OAuth provider. `Debug` shows which credentials are configured, never
 /// the secret.
 #[derive(Clone)]
@@ -132,6 +176,8 @@ pub struct Provider {
     pub account_id: Option<AccountIdRule>,
     /// Error answers that mean the grant is gone, besides `invalid_grant`.
     pub revoked_when: Vec<RevokedWhen>,
+    /// Limits on this instance's refreshes against the token endpoint.
+    pub limits: RefreshLimits,
     client_id: Option<String>,
     client_id_env: Option<String>,
     client_secret: Option<SecretString>,
@@ -164,6 +210,7 @@ impl fmt::Debug for Provider {
             .field("expiry", &self.expiry)
             .field("account_id", &self.account_id)
             .field("revoked_when", &self.revoked_when)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -415,6 +462,8 @@ struct Entry {
     account_id: Option<AccountIdRule>,
     #[serde(default)]
     revoked_when: Vec<RevokedWhen>,
+    max_concurrent_refreshes: Option<u32>,
+    max_refreshes_per_second: Option<f64>,
 }
 
 fn default_client_id_param() -> String {
@@ -535,6 +584,9 @@ impl Entry {
             }
         }
 
+        let limits =
+            RefreshLimits::new(self.max_concurrent_refreshes, self.max_refreshes_per_second)?;
+
         Ok(Provider {
             name: name.to_string(),
             authorize_url,
@@ -552,6 +604,7 @@ impl Entry {
             expiry,
             account_id: self.account_id,
             revoked_when: self.revoked_when,
+            limits,
             client_id,
             client_id_env: self.client_id_env,
             client_secret,

@@ -10,6 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::Semaphore;
 
 use super::lease::{BatchClaim, PendingLease, Turn};
+use super::refresh::Permits;
 use super::{IntegrationsService, ServiceError};
 use crate::domain::{AccountId, IntegrationStatus, ProviderName};
 
@@ -126,9 +127,22 @@ impl IntegrationsService {
                 // judged: waiting for a slot can take long. The gate is
                 // never closed, so `acquire` cannot fail; were it closed,
                 // the refresh would run outside the window.
-                let permit = gate.acquire().await.ok();
+                let window = gate.acquire().await.ok();
+                // Then the provider's limits (waiting for them while other
+                // providers' refreshes hold window slots would let a
+                // request start late and bunch up with the next). A
+                // provider paused longer than half a lease is left for a
+                // later scan or call: the lease is given back unused.
+                let provider = match self.gates.acquire(p, Some(self.config.lease / 2)).await {
+                    Ok(permit) => permit,
+                    Err(busy) => {
+                        self.give_back(lease).await;
+                        return Err(ServiceError::busy(p, busy));
+                    }
+                };
+                let permits = Permits { window, provider };
                 match self.take_turn(p, a, lease).await? {
-                    Turn::Mine(lease) => return self.refresh_leased(p, a, lease, permit).await,
+                    Turn::Mine(lease) => return self.refresh_leased(p, a, lease, permits).await,
                     Turn::Done => self.outcome(p, a).await?,
                 }
             }

@@ -304,6 +304,11 @@ impl IntegrationsService {
         }
     }
 
+    /// Gives a lease claimed ahead back unused (best effort).
+    pub(super) async fn give_back(&self, pending: PendingLease) {
+        self.release(&pending.row).await;
+    }
+
     /// Gives a row's lease back without a result (best effort: an error
     /// leaves it to expire).
     pub(super) async fn release(&self, row: &Claimed) {

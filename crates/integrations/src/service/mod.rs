@@ -13,11 +13,13 @@ mod delivery;
 mod encryption;
 mod events;
 mod lease;
+mod limits;
 mod redirect;
 mod refresh;
 mod refresher;
 mod status;
 mod webhooks;
+mod writeback;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,9 +36,10 @@ pub use connect::{AuthorizedConnect, Disconnected, FinishedConnect, Revocation, 
 pub use delivery::DeliveryOutcome;
 pub use encryption::RotationReport;
 pub use events::{EventPage, EventRetention};
+pub use limits::{BREAKER_THRESHOLD, PAUSE_REASONS, WAIT_REASONS};
 pub use redirect::{RedirectOrigins, REDIRECT_ORIGINS_ENV};
 pub use refresh::REFRESH_OUTCOMES;
-pub use refresher::{Refresher, ScanReport};
+pub use refresher::{Refresher, ScanReport, DEFAULT_REFRESHER_CONCURRENCY};
 pub use status::{CacheStats, UserStatus};
 pub use webhooks::{CreatedWebhook, RotatedSecret, TestDelivery};
 
@@ -179,6 +182,18 @@ pub enum ServiceError {
     /// one failed cache load answers every caller that waited for it.
     #[error(transparent)]
     Db(Arc<db_pool::Error>),
+    /// The provider is paused: it answered 429 or `Retry-After` (or kept
+    /// failing), and this refresh could not wait that long. Nothing was
+    /// sent; the stored tokens and the integration's health are unchanged.
+    #[error("provider '{provider}' is paused ({}) for {}s more; the refresh was not sent", if *.reason == "circuit_open" { "it kept failing" } else { "it asked to slow down" }, .retry_after.as_secs().max(1))]
+    ProviderBusy {
+        /// Provider.
+        provider: String,
+        /// How long until it is tried again.
+        retry_after: Duration,
+        /// `rate_limited`, `circuit_open` or `limit`.
+        reason: &'static str,
+    },
     /// No webhook endpoint with that id.
     #[error("no such webhook endpoint")]
     WebhookNotFound,
@@ -287,6 +302,10 @@ pub struct IntegrationsService {
     tokens: TokenClient,
     cache: Arc<status::StatusCache>,
     flights: Mutex<lease::Flights>,
+    /// Per-provider limits, pauses and circuit breakers of refreshes.
+    gates: limits::ProviderGates,
+    /// Successful refreshes waiting to be written.
+    writes: writeback::WriteBack,
     config: ServiceConfig,
     /// The webhook client, built on first use.
     webhook_sender: tokio::sync::OnceCell<crate::webhooks::Sender>,
@@ -322,6 +341,8 @@ impl IntegrationsService {
             )),
             pool,
             keys: Arc::new(keys),
+            gates: limits::ProviderGates::new(&providers),
+            writes: writeback::WriteBack::default(),
             providers: Arc::new(providers),
             tokens,
             flights: Mutex::new(HashMap::new()),

@@ -12,6 +12,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::SemaphorePermit;
 
 use super::lease::{Lease, Turn};
+use super::limits::{Busy, ProviderPermit};
 use super::{retried_read, secret, AccessToken, IntegrationsService, ServiceError};
 use crate::crypto::CryptoError;
 use crate::domain::{AccountId, IntegrationStatus, ProviderName, Status};
@@ -24,8 +25,33 @@ const STORE_ATTEMPTS: u32 = 4;
 
 /// `integrations_refreshes_total`'s `outcome`s: the provider answered
 /// tokens, refused the grant (`invalid_grant`), failed in a way worth
-/// retrying, or refused otherwise. `serve` creates each at zero.
-pub const REFRESH_OUTCOMES: [&str; 4] = ["ok", "revoked", "transient", "rejected"];
+/// retrying, asked to slow down (429 / `Retry-After`: not the
+/// integration's failure), or refused otherwise. `serve` creates each at
+/// zero.
+pub const REFRESH_OUTCOMES: [&str; 5] = ["ok", "revoked", "transient", "rate_limited", "rejected"];
+
+/// How long a single refresh (an API call, `access_token`) waits for its
+/// provider's limits or pause before answering `provider_paused`.
+const SINGLE_WAIT: Duration = Duration::from_secs(5);
+
+/// What a refresh holds while it calls its provider: a batch's window slot
+/// (given back at the answer) and the provider's permit (its limits).
+#[derive(Default)]
+pub(super) struct Permits<'a> {
+    pub window: Option<SemaphorePermit<'a>>,
+    pub provider: Option<ProviderPermit>,
+}
+
+impl ServiceError {
+    /// A provider paused for longer than the caller could wait.
+    pub(super) fn busy(provider: &str, busy: Busy) -> ServiceError {
+        ServiceError::ProviderBusy {
+            provider: provider.to_string(),
+            retry_after: busy.retry_after,
+            reason: busy.reason,
+        }
+    }
+}
 
 impl IntegrationsService {
     /// A valid access token, refreshed first when it expires within
@@ -124,7 +150,10 @@ impl IntegrationsService {
         seen: i64,
     ) -> Result<Option<IntegrationStatus>, ServiceError> {
         match self.lease_after(p, a, seen).await? {
-            Turn::Mine(lease) => self.refresh_leased(p, a, lease, None).await.map(Some),
+            Turn::Mine(lease) => self
+                .refresh_leased(p, a, lease, Permits::default())
+                .await
+                .map(Some),
             Turn::Done => self.outcome(p, a).await.map(|()| None),
         }
     }
@@ -147,28 +176,32 @@ impl IntegrationsService {
 
     /// Refreshes the row of a lease this instance holds, stores the
     /// outcome (which gives the lease back) and returns the new state. A
-    /// batch's `permit` (its window bounds requests to the provider, not
-    /// the writes) is given back as soon as the provider has answered.
+    /// batch's `permits` (its window bounds requests to the provider, not
+    /// the writes) are given back as soon as the provider has answered;
+    /// without a provider permit, one is taken here (waiting at most
+    /// [`SINGLE_WAIT`]).
     pub(super) async fn refresh_leased(
         &self,
         p: &str,
         a: &str,
         lease: Lease,
-        permit: Option<SemaphorePermit<'_>>,
+        permits: Permits<'_>,
     ) -> Result<IntegrationStatus, ServiceError> {
-        let result = self.refresh_row(p, a, &lease.row, permit).await;
+        let result = self.refresh_row(p, a, &lease.row, permits).await;
         lease.finish();
         result
     }
 
     /// The refresh of a leased row: the provider call, then the success or
-    /// the failure stored. When it cannot start, the lease is given back.
+    /// the failure stored. When it cannot start, or the provider asked to
+    /// slow down, the lease is given back and nothing is recorded against
+    /// the integration.
     async fn refresh_row(
         &self,
         p: &str,
         a: &str,
         row: &Claimed,
-        permit: Option<SemaphorePermit<'_>>,
+        mut permits: Permits<'_>,
     ) -> Result<IntegrationStatus, ServiceError> {
         let (provider, old_refresh) = match self.refresh_input(p, a, row) {
             Ok(Some(input)) => input,
@@ -181,8 +214,27 @@ impl IntegrationsService {
                 return Err(e);
             }
         };
-        match self.call_provider(p, provider, &old_refresh, permit).await {
+        if permits.provider.is_none() {
+            match self.gates.acquire(p, Some(SINGLE_WAIT)).await {
+                Ok(permit) => permits.provider = permit,
+                Err(busy) => {
+                    self.release(row).await;
+                    return Err(ServiceError::busy(p, busy));
+                }
+            }
+        }
+        match self.call_provider(p, provider, &old_refresh, permits).await {
             Ok(tokens) => self.store_success(p, a, row, &tokens, &old_refresh).await,
+            Err(OAuthError::RateLimited { retry_after, .. }) => {
+                self.release(row).await;
+                Err(ServiceError::busy(
+                    p,
+                    Busy {
+                        retry_after,
+                        reason: "rate_limited",
+                    },
+                ))
+            }
             Err(e) => Err(self.store_failure(p, row, e).await),
         }
     }
@@ -226,23 +278,29 @@ impl IntegrationsService {
     }
 
     /// The refresh_token grant, timed and counted by outcome. No
-    /// connection is held meanwhile; `permit` is dropped at the answer.
+    /// connection is held meanwhile; the permits are given back at the
+    /// answer, which the provider's gate learns.
     async fn call_provider(
         &self,
         p: &str,
         provider: &Provider,
         old_refresh: &SecretString,
-        permit: Option<SemaphorePermit<'_>>,
+        permits: Permits<'_>,
     ) -> Result<TokenSet, OAuthError> {
         let started = std::time::Instant::now();
         let result = self.tokens.refresh(provider, old_refresh).await;
-        drop(permit);
+        let Permits { window, provider } = permits;
+        drop(window);
+        if let Some(gate) = provider {
+            gate.finish(&result);
+        }
         metrics::histogram!("integrations_refresh_seconds", "provider" => p.to_string())
             .record(started.elapsed());
-        let [ok, revoked, transient, rejected] = REFRESH_OUTCOMES;
+        let [ok, revoked, transient, rate_limited, rejected] = REFRESH_OUTCOMES;
         let outcome = match &result {
             Ok(_) => ok,
             Err(OAuthError::InvalidGrant { .. }) => revoked,
+            Err(OAuthError::RateLimited { .. }) => rate_limited,
             Err(e) if e.is_transient() => transient,
             Err(_) => rejected,
         };
@@ -269,23 +327,18 @@ impl IntegrationsService {
                 return Err(e.into());
             }
         };
-        let scopes = (!tokens.scopes.is_empty()).then_some(tokens.scopes.as_slice());
         let update = Refreshed {
-            access_token: &access,
-            refresh_token: &refresh,
-            key_id: &key,
+            id: row.id,
+            access_token: access,
+            refresh_token: refresh,
+            key_id: key,
             expires_at: tokens.expires_at,
-            scopes,
-            token_type: &tokens.token_type,
+            scopes: (!tokens.scopes.is_empty()).then(|| tokens.scopes.clone()),
+            token_type: tokens.token_type.clone(),
         };
-        let (update, id, owner) = (&update, row.id, self.config.instance_id.as_str());
-        let stored = self
-            .store_with_retry(move |mut conn| async move {
-                rows::store_refreshed(&mut conn, id, owner, update).await
-            })
-            .await;
+        let stored = self.write_back(update).await;
         self.forget_status(&row.user_id);
-        match stored? {
+        match stored.map_err(ServiceError::Db)? {
             Some(status) => Ok(status),
             None => {
                 tracing::warn!("refresh lease expired before the result was stored; another instance took over");
@@ -355,7 +408,10 @@ impl IntegrationsService {
 
     /// Runs a write that must not be lost, retrying transient database
     /// failures (each attempt on a fresh connection).
-    async fn store_with_retry<T, F, Fut>(&self, mut write: F) -> Result<T, db_pool::Error>
+    pub(super) async fn store_with_retry<T, F, Fut>(
+        &self,
+        mut write: F,
+    ) -> Result<T, db_pool::Error>
     where
         F: FnMut(db_pool::Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, db_pool::Error>>,

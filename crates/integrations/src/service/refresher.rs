@@ -1,6 +1,9 @@
 //! The background refresher: claims integrations expiring soon, a page at a
 //! time, with the same leases as every other refresh (two instances never
-//! refresh the same row), and refreshes them through the batch path.
+//! refresh the same row), and refreshes them through the batch path, within
+//! each provider's limits (`limits.rs`). A row comes due at a point of the
+//! margin's first half of its own (`refresh_point!` in the store), so
+//! tokens issued together are not all refreshed together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::batch::{Job, RefreshRequest};
 use super::IntegrationsService;
 use crate::domain::{AccountId, ProviderName};
+use crate::store::integrations as rows;
 
 /// How the refresher runs.
 #[derive(Debug, Clone)]
@@ -20,9 +24,18 @@ pub struct Refresher {
     pub margin: Duration,
     /// Rows claimed per page.
     pub page: i64,
-    /// Refreshes in flight.
+    /// Refreshes in flight (across providers; each provider's own limits
+    /// apply within it).
     pub concurrency: usize,
+    /// How often the due backlog gauges are updated.
+    pub backlog_interval: Duration,
 }
+
+/// The refresher's default refreshes in flight: at a provider latency of
+/// 100 ms, up to 640 refreshes a second per instance (about 2.3 million
+/// hourly tokens); writes are batched, so the pool's connections are not
+/// what bounds it.
+pub const DEFAULT_REFRESHER_CONCURRENCY: usize = 64;
 
 impl Default for Refresher {
     fn default() -> Self {
@@ -30,7 +43,8 @@ impl Default for Refresher {
             interval: Duration::from_secs(30),
             margin: Duration::from_secs(600),
             page: 500,
-            concurrency: super::DEFAULT_BATCH_CONCURRENCY,
+            concurrency: DEFAULT_REFRESHER_CONCURRENCY,
+            backlog_interval: Duration::from_secs(5),
         }
     }
 }
@@ -49,16 +63,25 @@ impl IntegrationsService {
     /// until none is left or `cancel` fires (checked between pages, so a
     /// page in progress finishes). Integrations of providers no longer in
     /// the registry, or whose client id or secret is not set, are left
-    /// alone: not claimed every scan only to fail, no failure counted.
+    /// alone: not claimed every scan only to fail, no failure counted. So
+    /// are those of a provider paused now (429, circuit breaker).
     pub async fn refresh_due(
         &self,
         cfg: &Refresher,
         cancel: &CancellationToken,
     ) -> Result<ScanReport, db_pool::Error> {
         let mut report = ScanReport::default();
-        let providers = self.providers.configured_names();
         loop {
             if cancel.is_cancelled() {
+                return Ok(report);
+            }
+            let providers: Vec<&str> = self
+                .providers
+                .configured_names()
+                .into_iter()
+                .filter(|p| !self.gates.paused(p))
+                .collect();
+            if providers.is_empty() {
                 return Ok(report);
             }
             let claimed = self.claim_due(cfg.margin, cfg.page, &providers).await?;
@@ -82,14 +105,42 @@ impl IntegrationsService {
         }
     }
 
+    /// The due backlog: integrations the refresher should have refreshed
+    /// by now and has not, and how many seconds ago the oldest came due.
+    pub async fn due_backlog(&self, margin: Duration) -> Result<(i64, f64), db_pool::Error> {
+        let providers = self.providers.configured_names();
+        let mut conn = self.pool.get().await?;
+        rows::due_backlog(&mut conn, margin.as_secs_f64(), &providers).await
+    }
+
+    /// Updates `integrations_refresh_due` and
+    /// `integrations_refresh_due_oldest_seconds` every `backlog_interval`.
+    async fn watch_backlog(self: Arc<Self>, cfg: Refresher, cancel: CancellationToken) {
+        loop {
+            match self.due_backlog(cfg.margin).await {
+                Ok((rows, oldest)) => {
+                    metrics::gauge!("integrations_refresh_due").set(rows as f64);
+                    metrics::gauge!("integrations_refresh_due_oldest_seconds").set(oldest);
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the refresh backlog failed"),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(cfg.backlog_interval) => {}
+            }
+        }
+    }
+
     /// Runs scans every `interval` until `cancel` fires; the scan in
     /// progress finishes its current page first.
     pub async fn run_refresher(self: Arc<Self>, cfg: Refresher, cancel: CancellationToken) {
         tracing::info!(
             interval_secs = cfg.interval.as_secs(),
             margin_secs = cfg.margin.as_secs(),
+            concurrency = cfg.concurrency,
             "background refresher started"
         );
+        tokio::spawn(self.clone().watch_backlog(cfg.clone(), cancel.clone()));
         loop {
             match self.refresh_due(&cfg, &cancel).await {
                 Ok(r) if r.attempted > 0 => {

@@ -1,5 +1,7 @@
 //! The `integrations` table.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use db_pool::types::Json;
 use db_pool::{Conn, Error, Row};
@@ -63,18 +65,23 @@ macro_rules! lease_give_back {
 }
 
 fn status_from_row(row: &Row) -> IntegrationStatus {
+    status_from_row_at(row, 0)
+}
+
+/// [`status_columns!`] read from column `at` on.
+fn status_from_row_at(row: &Row, at: usize) -> IntegrationStatus {
     IntegrationStatus {
-        provider: row.get(0),
-        account_id: row.get(1),
-        status: Status::from_db(row.get(2)),
-        scopes: row.get(3),
-        expires_at: row.get(4),
-        last_refresh_at: row.get(5),
-        refresh_failures: row.get(6),
-        last_error: row.get(7),
-        metadata: row.get(8),
-        created_at: row.get(9),
-        updated_at: row.get(10),
+        provider: row.get(at),
+        account_id: row.get(at + 1),
+        status: Status::from_db(row.get(at + 2)),
+        scopes: row.get(at + 3),
+        expires_at: row.get(at + 4),
+        last_refresh_at: row.get(at + 5),
+        refresh_failures: row.get(at + 6),
+        last_error: row.get(at + 7),
+        metadata: row.get(at + 8),
+        created_at: row.get(at + 9),
+        updated_at: row.get(at + 10),
     }
 }
 
@@ -437,17 +444,49 @@ pub async fn claim_many(
         .collect())
 }
 
+// When the background refresher refreshes a row, defined once (the claim
+// and the backlog gauges): within the margin (`$margin` seconds before it
+// expires), at a point of the margin's first half drawn from a hash of the
+// row's id and refresh generation. Tokens stored together (a launch, an
+// import) would otherwise all come due together, every token lifetime,
+// for ever; spread over half the margin, each round spreads them further.
+// Every instance computes the same point, and a new one each refresh.
+// The outer `expires_at <` bound keeps the claim on the due index.
+macro_rules! refresh_point {
+    ($margin:literal) => {
+        concat!(
+            "(expires_at - make_interval(secs => ",
+            $margin,
+            " * (1 - 0.5 * (hashint8extended(id, refresh_generation) & 65535)::float8 / 65536)))"
+        )
+    };
+}
+
+/// SQL: a row the background refresher should refresh now (of the
+/// providers `$providers`), whoever holds its lease.
+macro_rules! refresh_due {
+    ($margin:literal, $providers:literal) => {
+        concat!(
+            "status = 'connected' AND refresh_token IS NOT NULL \
+             AND expires_at < now() + make_interval(secs => ",
+            $margin,
+            ") AND ",
+            refresh_point!($margin),
+            " < now() AND provider = ANY(",
+            $providers,
+            ") AND (next_refresh_at IS NULL OR next_refresh_at <= now())"
+        )
+    };
+}
+
 /// The background refresher's claim of due rows. Public so the index test EXPLAINs the statement the
 /// product runs.
 pub const CLAIM_DUE: &str = concat!(
     "UPDATE integrations i SET ",
     lease_take!("$3", "$4"),
-    " FROM (SELECT id FROM integrations \
-            WHERE status = 'connected' AND refresh_token IS NOT NULL \
-              AND expires_at < now() + make_interval(secs => $1) \
-              AND provider = ANY($5) \
-              AND (next_refresh_at IS NULL OR next_refresh_at <= now()) \
-              AND ",
+    " FROM (SELECT id FROM integrations WHERE ",
+    refresh_due!("$1", "$5"),
+    " AND ",
     lease_free!(),
     " ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED) due \
      WHERE i.id = due.id \
@@ -487,63 +526,112 @@ fn claimed_at(r: &Row, at: usize) -> Claimed {
     }
 }
 
-/// A successful refresh, encrypted.
-pub struct Refreshed<'a> {
+/// The due backlog: rows the refresher should have refreshed by now and
+/// has not (claimed or not), and how long ago the oldest came due. Public
+/// so the index test EXPLAINs the statement the product runs.
+pub const DUE_BACKLOG: &str = concat!(
+    "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(",
+    refresh_point!("$1"),
+    ")), 0)::float8 FROM integrations WHERE ",
+    refresh_due!("$1", "$2")
+);
+
+/// (rows due, seconds since the oldest came due) for `providers` with the
+/// refresher's `margin_secs`.
+pub async fn due_backlog(
+    conn: &mut Conn,
+    margin_secs: f64,
+    providers: &[&str],
+) -> Result<(i64, f64), Error> {
+    let row = conn
+        .query_one(DUE_BACKLOG, &[&margin_secs, &providers])
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// A successful refresh, encrypted, to store for a row this instance leases.
+#[derive(Clone)]
+pub struct Refreshed {
+    /// Row id.
+    pub id: i64,
     /// Encrypted access token.
-    pub access_token: &'a [u8],
+    pub access_token: Vec<u8>,
     /// Encrypted refresh token: the new one, or the old one re-encrypted
     /// under the same key as the access token.
-    pub refresh_token: &'a [u8],
+    pub refresh_token: Vec<u8>,
     /// Key of both.
-    pub key_id: &'a str,
+    pub key_id: String,
     /// New expiry.
     pub expires_at: Option<DateTime<Utc>>,
     /// New scopes, when the response named them.
-    pub scopes: Option<&'a [String]>,
+    pub scopes: Option<Vec<String>>,
     /// Token type.
-    pub token_type: &'a str,
+    pub token_type: String,
 }
 
-const STORE_REFRESHED: &str = concat!(
-    "UPDATE integrations SET access_token = $3, \
-     refresh_token = $4, key_id = $5, expires_at = $6, \
-     scopes = COALESCE($7, scopes), token_type = $8, status = 'connected', \
-     refresh_failures = 0, last_error = NULL, last_error_code = NULL, next_refresh_at = NULL, \
-     last_refresh_at = now(), updated_at = now(), \
-     refresh_generation = refresh_generation + 1, ",
+// One statement for a batch of finished refreshes (the refresher finishes
+// hundreds a second): the rows arrive as arrays and are locked in id order
+// (as rotate-keys and the batch claim lock them: no deadlock). Scopes travel
+// as JSON text, one array per row (a text[][] would have to be
+// rectangular). Only rows whose lease is still this instance's are written.
+/// Stores refresh results. Public so the index test EXPLAINs the statement
+/// the product runs.
+pub const STORE_REFRESHED: &str = concat!(
+    "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[], $4::text[], \
+                $5::timestamptz[], $6::text[], $7::text[]) \
+                AS v(v_id, v_access, v_refresh, v_key, v_expires, v_scopes, v_type)), \
+     locked AS (SELECT i.id FROM integrations i JOIN v ON i.id = v.v_id WHERE i.",
+    lease_mine!("$8"),
+    " ORDER BY i.id FOR UPDATE OF i) \
+     UPDATE integrations i SET access_token = v.v_access, refresh_token = v.v_refresh, \
+       key_id = v.v_key, expires_at = v.v_expires, \
+       scopes = CASE WHEN v.v_scopes IS NULL THEN i.scopes \
+                     ELSE ARRAY(SELECT jsonb_array_elements_text(v.v_scopes::jsonb)) END, \
+       token_type = v.v_type, status = 'connected', \
+       refresh_failures = 0, last_error = NULL, last_error_code = NULL, next_refresh_at = NULL, \
+       last_refresh_at = now(), updated_at = now(), \
+       refresh_generation = refresh_generation + 1, ",
     lease_give_back!(),
-    " WHERE id = $1 AND ",
-    lease_mine!("$2"),
-    " RETURNING ",
+    " FROM v JOIN locked ON locked.id = v.v_id WHERE i.id = v.v_id AND i.",
+    lease_mine!("$8"),
+    " RETURNING i.id, ",
     status_columns!()
 );
 
-/// Stores a refresh's result, releases the lease and returns the new state
-/// (no second query). `None` when the lease was lost (expired and taken by
-/// another instance): the result is dropped.
+/// Stores the results of successful refreshes and gives their leases back,
+/// in one statement. Returns the new state of each row written, by id; a
+/// row missing from the answer had lost its lease (another instance took
+/// it over, and its result stands).
 pub async fn store_refreshed(
     conn: &mut Conn,
-    id: i64,
     owner: &str,
-    r: &Refreshed<'_>,
-) -> Result<Option<IntegrationStatus>, Error> {
+    batch: &[&Refreshed],
+) -> Result<HashMap<i64, IntegrationStatus>, Error> {
+    let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
+    let access: Vec<&[u8]> = batch.iter().map(|r| r.access_token.as_slice()).collect();
+    let refresh: Vec<&[u8]> = batch.iter().map(|r| r.refresh_token.as_slice()).collect();
+    let keys: Vec<&str> = batch.iter().map(|r| r.key_id.as_str()).collect();
+    let expires: Vec<Option<DateTime<Utc>>> = batch.iter().map(|r| r.expires_at).collect();
+    let scopes: Vec<Option<String>> = batch
+        .iter()
+        .map(|r| {
+            r.scopes
+                .as_ref()
+                .map(|s| serde_json::Value::from(s.clone()).to_string())
+        })
+        .collect();
+    let types: Vec<&str> = batch.iter().map(|r| r.token_type.as_str()).collect();
     Ok(conn
-        .query_opt(
+        .query(
             STORE_REFRESHED,
             &[
-                &id,
-                &owner,
-                &r.access_token,
-                &r.refresh_token,
-                &r.key_id,
-                &r.expires_at,
-                &r.scopes,
-                &r.token_type,
+                &ids, &access, &refresh, &keys, &expires, &scopes, &types, &owner,
             ],
         )
         .await?
-        .as_ref()
-        .map(status_from_row))
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), status_from_row_at(r, 1)))
+        .collect())
 }
 
 /// How a refresh failed.

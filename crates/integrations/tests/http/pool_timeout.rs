@@ -121,11 +121,13 @@ async fn a_server_refusing_connections_is_503_p2024_naming_it_with_retry_after()
     // (repeated until the service holds none: it may reconnect meanwhile).
     let filler_url = format!("{app_url}&application_name=filler");
     let mut fillers = Vec::new();
-    for _ in 0..20 {
-        let ended = admin
+    let mut service: Vec<String> = Vec::new();
+    for _ in 0..50 {
+        admin
             .execute(
                 "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
-                 WHERE usename = 'app' AND application_name <> 'filler'",
+                 WHERE usename = 'app' AND application_name <> 'filler' \
+                 AND query NOT LIKE 'LISTEN%'",
                 &[],
             )
             .await
@@ -145,23 +147,27 @@ async fn a_server_refusing_connections_is_503_p2024_naming_it_with_retry_after()
                 }
             }
         }
-        if ended == 0 {
+        // A session that connected between the termination and the fill
+        // (the change listener before its LISTEN, a pool connection) is
+        // ended on the next round; with every slot taken none comes back.
+        service = admin
+            .query(
+                "SELECT query FROM pg_stat_activity WHERE usename = 'app' AND application_name <> 'filler'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if service.iter().all(|q| q.starts_with("LISTEN")) {
             break;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The admin session takes one of the 6 slots too. The service's change
     // listener, terminated with its pool's connections, reconnects at once
     // and may win a slot back: the pool itself holds none.
-    let service: Vec<String> = admin
-        .query(
-            "SELECT query FROM pg_stat_activity WHERE usename = 'app' AND application_name <> 'filler'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     assert!(
         service.iter().all(|q| q.starts_with("LISTEN")),
         "only the listener: {service:?}"
