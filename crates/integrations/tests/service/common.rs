@@ -61,6 +61,26 @@ impl TestService {
         .await
     }
 
+    /// Another instance whose provider registry is the test providers plus
+    /// `extra` (TOML tables), with these pool parameters.
+    pub async fn instance_with_providers(
+        &self,
+        extra: &str,
+        params: &str,
+    ) -> Arc<IntegrationsService> {
+        let env = |name: &str| (name == "FAKE_SECRET").then(|| "fake-secret".to_string());
+        let registry = format!("{}{extra}", self.fake.registry_toml(PROVIDERS));
+        build_from(
+            &self.db,
+            &self.keys,
+            params,
+            ServiceConfig::default(),
+            &registry,
+            &env,
+        )
+        .await
+    }
+
     /// Another instance with its own keys (for key rotation) and config.
     pub async fn with_keys(&self, keys: &str, config: ServiceConfig) -> Arc<IntegrationsService> {
         build(&self.db, &self.fake, keys, "connection_limit=3", config).await
@@ -82,6 +102,20 @@ impl TestService {
 
     /// Stores an integration whose token expires in `expires_in` seconds.
     pub async fn seed(&self, user: &str, provider: &str, account: &str, expires_in: i64) -> String {
+        self.seed_via(&self.service, user, provider, account, expires_in)
+            .await
+    }
+
+    /// [`TestService::seed`] through another instance (one whose registry
+    /// knows `provider`).
+    pub async fn seed_via(
+        &self,
+        service: &IntegrationsService,
+        user: &str,
+        provider: &str,
+        account: &str,
+        expires_in: i64,
+    ) -> String {
         let refresh = format!("rt-seed-{provider}-{account}");
         self.fake.accept_refresh(&refresh);
         let tokens = TokenSet::from_response(
@@ -90,7 +124,7 @@ impl TestService {
             Expiry::Default(Duration::from_secs(3600)),
         )
         .unwrap();
-        self.service
+        service
             .connect(
                 &user_id(user),
                 &provider_name(provider),
@@ -123,9 +157,27 @@ async fn build_with_env(
     config: ServiceConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Arc<IntegrationsService> {
+    build_from(
+        db,
+        keys,
+        params,
+        config,
+        &fake.registry_toml(PROVIDERS),
+        env,
+    )
+    .await
+}
+
+async fn build_from(
+    db: &TestDatabase,
+    keys: &str,
+    params: &str,
+    config: ServiceConfig,
+    registry: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Arc<IntegrationsService> {
     let pool = Pool::new(PoolConfig::parse(&with_params(&db.url, params)).unwrap()).unwrap();
-    let registry =
-        ProviderRegistry::from_toml(&fake.registry_toml(PROVIDERS), "test providers", env).unwrap();
+    let registry = ProviderRegistry::from_toml(registry, "test providers", env).unwrap();
     let tokens = TokenClient::new(&TokenClientConfig::default()).unwrap();
     Arc::new(IntegrationsService::new(
         pool,

@@ -10,6 +10,7 @@ mod connect_flow;
 mod dead_connections;
 mod encryption;
 mod events;
+mod limits;
 mod refresh;
 mod refresher;
 mod storage;

@@ -15,6 +15,7 @@ fn scan() -> Refresher {
         margin: Duration::from_secs(600),
         page: 7,
         concurrency: 5,
+        ..Refresher::default()
     }
 }
 

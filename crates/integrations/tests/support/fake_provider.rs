@@ -71,6 +71,8 @@ struct ProviderState {
     delay: HashMap<String, Duration>,
     /// Providers whose token endpoint holds every answer until released.
     held: HashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Providers answering 429 until an instant, with this Retry-After.
+    throttled: HashMap<String, (std::time::Instant, u64)>,
     valid_refresh: HashSet<String>,
     issued: usize,
     codes: HashMap<String, Grant>,
@@ -104,6 +106,10 @@ pub struct FakeProvider {
     pub seen_refresh_tokens: Arc<Mutex<Vec<String>>>,
     /// When set, the revoke endpoint answers 503 (a provider outage).
     pub revoke_outage: Arc<std::sync::atomic::AtomicBool>,
+    /// When each token endpoint request arrived, by provider.
+    pub arrivals: Arc<Mutex<Vec<(String, std::time::Instant)>>>,
+    /// When each 429 was answered.
+    pub throttled_at: Arc<Mutex<Vec<std::time::Instant>>>,
 }
 
 impl FakeProvider {
@@ -123,6 +129,8 @@ impl FakeProvider {
             refused: Arc::default(),
             seen_refresh_tokens: Arc::default(),
             revoke_outage: Arc::default(),
+            arrivals: Arc::default(),
+            throttled_at: Arc::default(),
         };
         let app = Router::new()
             .route("/{name}/token", post(token))
@@ -171,6 +179,16 @@ impl FakeProvider {
             .unwrap()
             .held
             .insert(provider.into(), Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+
+    /// `provider`'s token endpoint answers refreshes 429 with
+    /// `Retry-After: retry_after` for the next `period`.
+    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
+    pub fn throttle(&self, provider: &str, period: Duration, retry_after: u64) {
+        self.state.lock().unwrap().throttled.insert(
+            provider.into(),
+            (std::time::Instant::now() + period, retry_after),
+        );
     }
 
     /// Lets the held answers of `provider` go, and any later ones.
@@ -330,17 +348,37 @@ async fn token(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     fake.received.fetch_add(1, Ordering::SeqCst);
+    fake.arrivals
+        .lock()
+        .unwrap()
+        .push((name.clone(), std::time::Instant::now()));
     if let Err(why) = check_client(&name, &headers, &form) {
         return refuse(&fake, StatusCode::UNAUTHORIZED, "invalid_client", why);
     }
-    let (mode, delay, gate) = {
+    let (mode, delay, gate, throttled) = {
         let s = fake.state.lock().unwrap();
         (
             s.mode.get(&name).copied().unwrap_or(Mode::Rotate),
             s.delay.get(&name).copied().unwrap_or_default(),
             s.held.get(&name).cloned(),
+            s.throttled
+                .get(&name)
+                .filter(|(until, _)| std::time::Instant::now() < *until)
+                .map(|(_, retry_after)| *retry_after),
         )
     };
+    if let Some(retry_after) = throttled {
+        fake.throttled_at
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", retry_after.to_string())],
+            Json(json!({"error": "rate_limit_exceeded"})),
+        )
+            .into_response();
+    }
     let now = fake.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     fake.max_in_flight.fetch_max(now, Ordering::SeqCst);
     tokio::time::sleep(delay).await;
