@@ -1290,7 +1290,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
+            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. `provider_paused`: the provider answered 429 or `Retry-After` (or its circuit breaker is open) and the pause outlasts what the call waits; nothing was sent and nothing changed; `Retry-After` says when. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1626,7 +1626,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
+            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. `provider_paused`: the provider answered 429 or `Retry-After` (or its circuit breaker is open) and the pause outlasts what the call waits; nothing was sent and nothing changed; `Retry-After` says when. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1723,7 +1723,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
+            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. `provider_paused`: the provider answered 429 or `Retry-After` (or its circuit breaker is open) and the pause outlasts what the call waits; nothing was sent and nothing changed; `Retry-After` says when. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1775,7 +1775,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
+            /** @description `provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. `provider_paused`: the provider answered 429 or `Retry-After` (or its circuit breaker is open) and the pause outlasts what the call waits; nothing was sent and nothing changed; `Retry-After` says when. Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`) */
             503: {
                 headers: {
                     [name: string]: unknown;

@@ -13,6 +13,7 @@ use crate::domain::{AccountId, ProviderName, UserId, WebhookId};
 /// 503 for a provider route: the database, the deadline, or a provider
 /// without credentials.
 pub(crate) const PROVIDER_UNAVAILABLE: &str = "`provider_not_configured`: the provider's client id or secret is not set; the message names the environment variable to set. \
+`provider_paused`: the provider answered 429 or `Retry-After` (or its circuit breaker is open) and the pause outlasts what the call waits; nothing was sent and nothing changed; `Retry-After` says when. \
 Or the database is unavailable (`P2024` pool timeout, `P2037` too many connections, `P1001` unreachable, `P1008` socket timeout; `Retry-After` says when to retry), \
 or the request took longer than INTEGRATIONS_REQUEST_TIMEOUT (`request_timeout`)";
 
