@@ -252,6 +252,45 @@ async fn token_is_refreshed_first_only_when_it_expires_within_5_minutes() {
     app.assert_no_leaks();
 }
 
+/// A provider answering 429: the refresh answers 503 `provider_paused`
+/// with the provider's Retry-After, and the integration stays healthy.
+#[tokio::test]
+async fn a_refresh_the_provider_rate_limits_is_503_provider_paused_with_retry_after() {
+    let app = TestApp::spawn().await;
+    let key = Some(app.keys.all.as_str());
+    app.seed("user-1", "good", "acct-1", 3600).await;
+    app.fake
+        .throttle("good", std::time::Duration::from_secs(120), 40);
+    for _ in 0..2 {
+        let paused = app
+            .send(
+                Method::POST,
+                "/v1/integrations/good/acct-1/refresh",
+                key,
+                None,
+            )
+            .await;
+        let message = paused.assert_error(503, "provider_paused");
+        assert!(message.contains("'good'"), "{message}");
+        let retry: u64 = paused
+            .header("retry-after")
+            .expect("a Retry-After header")
+            .parse()
+            .unwrap();
+        assert!((30..=40).contains(&retry), "{retry}");
+    }
+    assert_eq!(
+        app.fake.received.load(Ordering::SeqCst),
+        1,
+        "the second call waited for nothing and sent nothing"
+    );
+    let listed = app.get("/v1/users/user-1/integrations", key).await.json();
+    let status = &listed["integrations"][0];
+    assert_eq!(status["status"], "connected", "{listed}");
+    assert_eq!(status["refresh_failures"], 0, "{listed}");
+    app.assert_no_leaks();
+}
+
 #[tokio::test]
 async fn refresh_and_batch_refresh_answer_per_item_in_order() {
     let app = TestApp::spawn().await;

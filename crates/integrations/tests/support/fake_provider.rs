@@ -183,7 +183,6 @@ impl FakeProvider {
 
     /// `provider`'s token endpoint answers refreshes 429 with
     /// `Retry-After: retry_after` for the next `period`.
-    #[allow(dead_code)] // the service tests use it; the HTTP tests do not
     pub fn throttle(&self, provider: &str, period: Duration, retry_after: u64) {
         self.state.lock().unwrap().throttled.insert(
             provider.into(),
