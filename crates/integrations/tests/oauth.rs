@@ -192,6 +192,29 @@ async fn token(
             StatusCode::TOO_MANY_REQUESTS,
             json!({"error": "rate_limited", "error_description": "slow down"}),
         ),
+        // 503 asking to come back in 7 seconds; 429 with an HTTP-date a
+        // day ahead (capped at an hour); 429 with an unreadable value.
+        "busy_7s" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "7")],
+            "busy",
+        )
+            .into_response(),
+        "busy_date" => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(
+                header::RETRY_AFTER,
+                httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(86_400)),
+            )],
+            "busy",
+        )
+            .into_response(),
+        "busy_garbage" => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, "soon-ish")],
+            "busy",
+        )
+            .into_response(),
         // Never answers: only the client's own timeout ends the request.
         "slow" => std::future::pending::<Response>().await,
         "not_json" => (
@@ -606,6 +629,30 @@ async fn server_errors_and_rate_limits_are_transient() {
     }
     let e = h.refresh("basic", "server_error").await.unwrap_err();
     assert!(e.to_string().contains("500"), "{e}");
+    assert!(
+        matches!(e, OAuthError::Transient(_)),
+        "a 5xx alone is not a pause: {e:?}"
+    );
+    // A 429, or any error answer with a Retry-After, asks for a pause: how
+    // long is the provider's Retry-After (seconds or an HTTP-date, at most
+    // an hour), else 10 s.
+    for (scenario, wait) in [
+        ("rate_limited", 10),
+        ("busy_7s", 7),
+        ("busy_date", 3600),
+        ("busy_garbage", 10),
+    ] {
+        match h.refresh("basic", scenario).await.unwrap_err() {
+            OAuthError::RateLimited {
+                retry_after,
+                message,
+            } => {
+                assert_eq!(retry_after, Duration::from_secs(wait), "{scenario}");
+                assert!(message.contains("provider 'basic'"), "{message}");
+            }
+            other => panic!("{scenario}: {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -869,4 +869,71 @@ client_auth = "basic"
             ProviderRegistry::from_toml(MINIMAL, "t", &|_: &str| Some("  ".to_string())).unwrap();
         assert!(r.get("demo").unwrap().client_secret().is_err());
     }
+
+    #[test]
+    fn refresh_limits_are_read_and_checked() {
+        let r = ProviderRegistry::from_toml(
+            &format!("{MINIMAL}max_concurrent_refreshes = 8\nmax_refreshes_per_second = 2.5\n"),
+            "t",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(
+            r.get("demo").unwrap().limits,
+            RefreshLimits {
+                max_concurrent: Some(8),
+                per_second: Some(2.5)
+            }
+        );
+        let unlimited = ProviderRegistry::from_toml(MINIMAL, "t", &env).unwrap();
+        assert_eq!(
+            unlimited.get("demo").unwrap().limits,
+            RefreshLimits::default()
+        );
+        for (line, field, accepted) in [
+            (
+                "max_concurrent_refreshes = 0",
+                "max_concurrent_refreshes",
+                "from 1 to 10000",
+            ),
+            (
+                "max_concurrent_refreshes = 20000",
+                "max_concurrent_refreshes",
+                "from 1 to 10000",
+            ),
+            (
+                "max_refreshes_per_second = 0",
+                "max_refreshes_per_second",
+                "one an hour",
+            ),
+            (
+                "max_refreshes_per_second = -3.0",
+                "max_refreshes_per_second",
+                "one an hour",
+            ),
+            (
+                "max_refreshes_per_second = nan",
+                "max_refreshes_per_second",
+                "one an hour",
+            ),
+            (
+                "max_refreshes_per_second = 1e9",
+                "max_refreshes_per_second",
+                "100000",
+            ),
+            (
+                "max_concurrent_refreshes = \"many\"",
+                "max_concurrent_refreshes",
+                "",
+            ),
+        ] {
+            let e = ProviderRegistry::from_toml(&format!("{MINIMAL}{line}\n"), "t", &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("provider 'demo'") && e.contains(field) && e.contains(accepted),
+                "{line}: {e}"
+            );
+        }
+    }
 }
