@@ -152,7 +152,7 @@ impl ServiceSettings {
                 .ok_or(SettingError {
                     var: "INTEGRATIONS_REFRESH_CONCURRENCY",
                     value: v.clone(),
-                    accepted: "a whole number of refreshes in flight from 1 to 10000",
+                    accepted: "a whole number of refreshes in flight per provider from 1 to 10000",
                 })?;
         }
         service.webhooks = webhook_settings(env, &secs)?;

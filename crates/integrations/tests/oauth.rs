@@ -209,6 +209,19 @@ async fn token(
             "busy",
         )
             .into_response(),
+        // A revoked grant and a 500, each with a Retry-After: not pauses.
+        "revoked_retry_after" => (
+            StatusCode::BAD_REQUEST,
+            [(header::RETRY_AFTER, "3600")],
+            Json(json!({"error": "invalid_grant"})),
+        )
+            .into_response(),
+        "error_retry_after" => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::RETRY_AFTER, "3600")],
+            "boom",
+        )
+            .into_response(),
         "busy_garbage" => (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, "soon-ish")],
@@ -653,6 +666,10 @@ async fn server_errors_and_rate_limits_are_transient() {
             other => panic!("{scenario}: {other:?}"),
         }
     }
+    let e = h.refresh("basic", "revoked_retry_after").await.unwrap_err();
+    assert!(e.is_invalid_grant(), "{e:?}");
+    let e = h.refresh("basic", "error_retry_after").await.unwrap_err();
+    assert!(matches!(e, OAuthError::Transient(_)), "{e:?}");
 }
 
 #[tokio::test]

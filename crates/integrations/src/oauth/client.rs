@@ -83,8 +83,8 @@ pub enum OAuthError {
     /// the old token.
     #[error("temporary failure: {0}")]
     Transient(String),
-    /// The provider asked to be left alone for a while: 429, or any answer
-    /// with a `Retry-After`. Not the grant's fault: the provider is paused
+    /// The provider asked to be left alone for a while: 429, or 503 with a
+    /// `Retry-After`. Not the grant's fault: the provider is paused
     /// as a whole and the integration's health is left alone.
     #[error("the provider asked to slow down: {message}; retry after {}s", retry_after.as_secs())]
     RateLimited {
@@ -506,8 +506,8 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(wait.clamp(Duration::from_secs(1), MAX_RETRY_AFTER))
 }
 
-/// Maps a non-2xx answer to an error. 429 and any error answer with a
-/// `Retry-After` pause the provider; 408 and 5xx are transient; other
+/// Maps a non-2xx answer to an error. 429, and 503 with a `Retry-After`,
+/// pause the provider; 408 and 5xx are transient; other
 /// 4xx are OAuth errors (`invalid_grant` or a rejection); anything else
 /// (redirects) is a configuration problem.
 fn status_error(p: &Provider, url: &Url, reply: &Reply, scrub: &[&str]) -> OAuthError {
@@ -515,8 +515,12 @@ fn status_error(p: &Provider, url: &Url, reply: &Reply, scrub: &[&str]) -> OAuth
     let parsed = serde_json::from_slice::<Value>(&reply.body)
         .ok()
         .and_then(|json| oauth_error(p, &json, scrub));
+    // 429, or 503 with a Retry-After (RFC 9110: unavailable for that
+    // long), is about the provider, not the grant. A Retry-After on other
+    // answers is ignored: an `invalid_grant` carrying one is still a
+    // revoked grant, not a reason to stop every refresh of the provider.
     let throttled = status == StatusCode::TOO_MANY_REQUESTS
-        || (reply.retry_after.is_some() && (status.is_server_error() || status.is_client_error()));
+        || (status == StatusCode::SERVICE_UNAVAILABLE && reply.retry_after.is_some());
     if throttled || status == StatusCode::REQUEST_TIMEOUT || status.is_server_error() {
         let detail = parsed
             .map(|(error, d)| format!(" ({error}{})", describe(&d)))

@@ -175,11 +175,22 @@ impl TokenSet {
             .or_else(|| present(obj, "scopes").map(|v| ("scopes", v)))
         {
             None => Vec::new(),
-            Some((field, v)) => scope_list(field, v)?,
+            Some((field, v)) => {
+                let scopes = scope_list(field, v)?;
+                // PostgreSQL's text cannot hold NUL: refused here, not by
+                // the statement that stores it (with others' results).
+                if scopes.iter().any(|s| s.contains('\0')) {
+                    return Err(invalid(field, "a NUL character", EXPECT_SCOPE));
+                }
+                scopes
+            }
         };
 
         let token_type = match present(obj, "token_type") {
             None => "Bearer".to_string(),
+            Some(Value::String(s)) if s.contains('\0') => {
+                return Err(invalid("token_type", "a NUL character", EXPECT_TOKEN_TYPE))
+            }
             Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
             Some(Value::String(_)) => {
                 return Err(invalid("token_type", "empty", EXPECT_TOKEN_TYPE))
@@ -464,6 +475,15 @@ mod tests {
             (
                 json!({"access_token": "a", "token_type": false}),
                 "'token_type'",
+            ),
+            // PostgreSQL's text cannot hold NUL.
+            (
+                json!({"access_token": "a", "token_type": "Bearer\u{0}"}),
+                "'token_type'",
+            ),
+            (
+                json!({"access_token": "a", "scope": ["read", "wr\u{0}ite"]}),
+                "'scope'",
             ),
         ];
         for (body, want) in cases {

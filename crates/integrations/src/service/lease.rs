@@ -44,6 +44,20 @@ pub(super) struct Flight {
     /// it, without a query, whether someone in this process refreshed
     /// meanwhile.
     completed: AtomicU64,
+    /// Leases of this row claimed ahead in this process and not used yet:
+    /// while there are any, the row's lease must not be given back (their
+    /// holder would refresh without it, and its result would not be
+    /// stored).
+    pending: AtomicU64,
+}
+
+/// Counts one pending lease in its flight until dropped.
+struct PendingMark(Arc<Flight>);
+
+impl Drop for PendingMark {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The right to refresh a row now: this instance holds the row's lease and
@@ -84,6 +98,7 @@ pub(super) struct PendingLease {
     seen: u64,
     /// When the lease was claimed.
     at: Instant,
+    _mark: PendingMark,
 }
 
 impl PendingLease {
@@ -238,8 +253,10 @@ impl IntegrationsService {
     fn pending(&self, p: &str, a: &str, row: Claimed) -> PendingLease {
         let flight = self.flight(p, a);
         let seen = flight.completed.load(Ordering::Acquire);
+        flight.pending.fetch_add(1, Ordering::AcqRel);
         PendingLease {
             row,
+            _mark: PendingMark(flight.clone()),
             flight,
             seen,
             at: Instant::now(),
@@ -264,8 +281,10 @@ impl IntegrationsService {
             flight,
             seen,
             at,
+            _mark,
         } = pending;
         let turn = flight.lock.clone().lock_owned().await;
+        drop(_mark);
         if flight.completed.load(Ordering::Acquire) != seen {
             return Ok(Turn::Done);
         }
@@ -304,9 +323,25 @@ impl IntegrationsService {
         }
     }
 
-    /// Gives a lease claimed ahead back unused (best effort).
+    /// Gives a lease claimed ahead back unused (best effort), unless
+    /// another task of this process holds one of the same row ahead too.
     pub(super) async fn give_back(&self, pending: PendingLease) {
-        self.release(&pending.row).await;
+        let PendingLease {
+            row, flight, _mark, ..
+        } = pending;
+        drop(_mark);
+        if flight.pending.load(Ordering::Acquire) == 0 {
+            self.release(&row).await;
+        }
+    }
+
+    /// Gives back the row's lease of a refresh that was not sent (its
+    /// provider is paused), unless another task of this process holds a
+    /// lease of the row claimed ahead: that one will use it.
+    pub(super) async fn give_back_unsent(&self, lease: &Lease) {
+        if lease.flight.pending.load(Ordering::Acquire) == 0 {
+            self.release(&lease.row).await;
+        }
     }
 
     /// Gives a row's lease back without a result (best effort: an error

@@ -194,6 +194,11 @@ impl Gate {
         loop {
             // 1. Pause and breaker.
             let probe = loop {
+                // Registered before the state is read: a probe finishing
+                // in between still wakes this waiter.
+                let probed = self.probed.notified();
+                tokio::pin!(probed);
+                probed.as_mut().enable();
                 match self.admission(Instant::now()) {
                     Admission::Go { probe } => break probe,
                     Admission::WaitUntil(until, reason) => {
@@ -205,17 +210,16 @@ impl Gate {
                         let probe_wait = Instant::now() + Duration::from_secs(1);
                         too_late(probe_wait, "circuit_open")?;
                         waited("paused");
-                        let _ = tokio::time::timeout_at(probe_wait, self.probed.notified()).await;
+                        let _ = tokio::time::timeout_at(probe_wait, probed).await;
                     }
                 }
             };
-            metrics::gauge!("integrations_refresh_in_flight", "provider" => self.name.clone())
-                .increment(1.0);
             let mut permit = ProviderPermit {
                 gate: self.clone(),
                 _slot: None,
                 probe,
                 finished: false,
+                counted: false,
             };
             // 2. Concurrency.
             if let Some(sem) = &self.concurrency {
@@ -262,6 +266,9 @@ impl Gate {
             if !probe && self.admission_peek(Instant::now()).is_some() {
                 continue;
             }
+            metrics::gauge!("integrations_refresh_in_flight", "provider" => self.name.clone())
+                .increment(1.0);
+            permit.counted = true;
             return Ok(permit);
         }
     }
@@ -381,6 +388,8 @@ pub(super) struct ProviderPermit {
     _slot: Option<OwnedSemaphorePermit>,
     probe: bool,
     finished: bool,
+    /// Counted in `integrations_refresh_in_flight` (once it may go out).
+    counted: bool,
 }
 
 impl ProviderPermit {
@@ -399,8 +408,10 @@ impl ProviderPermit {
 
 impl Drop for ProviderPermit {
     fn drop(&mut self) {
-        metrics::gauge!("integrations_refresh_in_flight", "provider" => self.gate.name.clone())
-            .decrement(1.0);
+        if self.counted {
+            metrics::gauge!("integrations_refresh_in_flight", "provider" => self.gate.name.clone())
+                .decrement(1.0);
+        }
         if self.probe && !self.finished {
             self.gate.probe_abandoned();
         }

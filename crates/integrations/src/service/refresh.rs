@@ -188,14 +188,24 @@ impl IntegrationsService {
         permits: Permits<'_>,
     ) -> Result<IntegrationStatus, ServiceError> {
         let result = self.refresh_row(p, a, &lease.row, permits).await;
-        lease.finish();
+        // A refresh not sent, or refused by a paused provider, is no
+        // attempt: the others waiting for this integration's turn must not
+        // take its (unchanged) state for a result; they try, and wait,
+        // themselves. The row's lease goes back (to be claimed after the
+        // pause) unless one of them holds it already.
+        if matches!(result, Err(ServiceError::ProviderBusy { .. })) {
+            self.give_back_unsent(&lease).await;
+        } else {
+            lease.finish();
+        }
         result
     }
 
     /// The refresh of a leased row: the provider call, then the success or
-    /// the failure stored. When it cannot start, or the provider asked to
-    /// slow down, the lease is given back and nothing is recorded against
-    /// the integration.
+    /// the failure stored. When it cannot start, the lease is given back;
+    /// when the provider is paused or asks to slow down, nothing is
+    /// recorded against the integration (`ProviderBusy`, whose lease
+    /// [`Self::refresh_leased`] gives back).
     async fn refresh_row(
         &self,
         p: &str,
@@ -217,24 +227,18 @@ impl IntegrationsService {
         if permits.provider.is_none() {
             match self.gates.acquire(p, Some(SINGLE_WAIT)).await {
                 Ok(permit) => permits.provider = permit,
-                Err(busy) => {
-                    self.release(row).await;
-                    return Err(ServiceError::busy(p, busy));
-                }
+                Err(busy) => return Err(ServiceError::busy(p, busy)),
             }
         }
         match self.call_provider(p, provider, &old_refresh, permits).await {
             Ok(tokens) => self.store_success(p, a, row, &tokens, &old_refresh).await,
-            Err(OAuthError::RateLimited { retry_after, .. }) => {
-                self.release(row).await;
-                Err(ServiceError::busy(
-                    p,
-                    Busy {
-                        retry_after,
-                        reason: "rate_limited",
-                    },
-                ))
-            }
+            Err(OAuthError::RateLimited { retry_after, .. }) => Err(ServiceError::busy(
+                p,
+                Busy {
+                    retry_after,
+                    reason: "rate_limited",
+                },
+            )),
             Err(e) => Err(self.store_failure(p, row, e).await),
         }
     }

@@ -24,17 +24,17 @@ pub struct Refresher {
     pub margin: Duration,
     /// Rows claimed per page.
     pub page: i64,
-    /// Refreshes in flight (across providers; each provider's own limits
-    /// apply within it).
+    /// Refreshes in flight per provider (each provider's own limits apply
+    /// within it).
     pub concurrency: usize,
     /// How often the due backlog gauges are updated.
     pub backlog_interval: Duration,
 }
 
-/// The refresher's default refreshes in flight: at a provider latency of
-/// 100 ms, up to 640 refreshes a second per instance (about 2.3 million
-/// hourly tokens); writes are batched, so the pool's connections are not
-/// what bounds it.
+/// The refresher's default refreshes in flight per provider: at a provider
+/// latency of 100 ms, up to 640 refreshes a second per instance (about 2.3
+/// million hourly tokens); writes are batched, so the pool's connections
+/// are not what bounds it.
 pub const DEFAULT_REFRESHER_CONCURRENCY: usize = 64;
 
 impl Default for Refresher {
@@ -65,26 +65,54 @@ impl IntegrationsService {
     /// the registry, or whose client id or secret is not set, are left
     /// alone: not claimed every scan only to fail, no failure counted. So
     /// are those of a provider paused now (429, circuit breaker).
+    ///
+    /// Each provider is scanned on its own, all at once, each with
+    /// `concurrency` refreshes in flight: a provider whose limits make its
+    /// refreshes wait (a backlog at 5 a second) never holds back another's
+    /// (claimed together, its rows would fill every page and every slot).
     pub async fn refresh_due(
         &self,
         cfg: &Refresher,
         cancel: &CancellationToken,
     ) -> Result<ScanReport, db_pool::Error> {
+        let providers = self.providers.configured_names();
+        let scans = providers
+            .iter()
+            .map(|p| self.refresh_due_of(p, cfg, cancel));
+        let mut report = ScanReport::default();
+        let mut failed = None;
+        for result in futures_util::future::join_all(scans).await {
+            match result {
+                Ok(r) => {
+                    report.attempted += r.attempted;
+                    report.refreshed += r.refreshed;
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        match failed {
+            Some(e) if report.attempted == 0 => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, hint = e.hint(), "background refresh scan of a provider failed");
+                Ok(report)
+            }
+            None => Ok(report),
+        }
+    }
+
+    /// One provider's part of a scan.
+    async fn refresh_due_of(
+        &self,
+        provider: &str,
+        cfg: &Refresher,
+        cancel: &CancellationToken,
+    ) -> Result<ScanReport, db_pool::Error> {
         let mut report = ScanReport::default();
         loop {
-            if cancel.is_cancelled() {
+            if cancel.is_cancelled() || self.gates.paused(provider) {
                 return Ok(report);
             }
-            let providers: Vec<&str> = self
-                .providers
-                .configured_names()
-                .into_iter()
-                .filter(|p| !self.gates.paused(p))
-                .collect();
-            if providers.is_empty() {
-                return Ok(report);
-            }
-            let claimed = self.claim_due(cfg.margin, cfg.page, &providers).await?;
+            let claimed = self.claim_due(cfg.margin, cfg.page, &[provider]).await?;
             let n = claimed.len();
             let jobs: Vec<_> = claimed
                 .into_iter()

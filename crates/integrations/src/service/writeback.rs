@@ -79,14 +79,34 @@ impl IntegrationsService {
             let items: Vec<&Refreshed> = batch.iter().map(|(r, _)| r.as_ref()).collect();
             metrics::counter!("integrations_refresh_result_writes_total").increment(1);
             let written = self.write_batch(&items).await;
-            drop(turn);
-            for (item, reply) in batch {
-                let answer = match &written {
-                    Ok(states) => Ok(states.get(&item.id).cloned()),
-                    Err(e) => Err(e.clone()),
-                };
-                let _ = reply.send(answer);
+            match written {
+                Ok(states) => {
+                    for (item, reply) in batch {
+                        let _ = reply.send(Ok(states.get(&item.id).cloned()));
+                    }
+                }
+                // One result the database refuses (not a passing failure)
+                // must not cost the others theirs (a rotated refresh token
+                // lost is a revoked integration): each is written alone.
+                Err(e) if !e.is_transient() && batch.len() > 1 => {
+                    tracing::warn!(error = %e, results = batch.len(), "writing refresh results together failed; writing them one by one");
+                    for (item, reply) in batch {
+                        let answer = self
+                            .write_batch(&[item.as_ref()])
+                            .await
+                            .map(|mut states| states.remove(&item.id));
+                        let _ = reply.send(answer);
+                    }
+                }
+                Err(e) => {
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
             }
+            // The answers are sent before the turn is given up: a caller
+            // whose result was in this batch finds it when it gets the turn.
+            drop(turn);
             if let Ok(answer) = rx.try_recv() {
                 return answer;
             }

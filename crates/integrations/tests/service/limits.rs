@@ -188,6 +188,16 @@ async fn a_refresh_asked_during_a_long_pause_is_refused_at_once_and_changes_noth
         started.elapsed() < Duration::from_secs(5),
         "it did not wait for a pause it cannot outlast"
     );
+    // Two callers of one integration: the second does not take the first's
+    // unsent refresh for a result.
+    let (good, a) = (provider_name("good"), account_id("a"));
+    let (x, y) = tokio::join!(t.service.refresh(&good, &a), t.service.refresh(&good, &a));
+    for r in [&x, &y] {
+        assert!(
+            matches!(r, Err(ServiceError::ProviderBusy { .. })),
+            "{x:?} {y:?}"
+        );
+    }
     assert_eq!(
         t.fake.received.load(Ordering::SeqCst),
         received,
@@ -271,4 +281,99 @@ async fn tokens_expiring_together_come_due_spread_over_the_margin() {
         .await
         .unwrap();
     assert_eq!(report.attempted as i64, 200 - due);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_held_back_by_its_limits_does_not_hold_back_another() {
+    let t = TestService::start().await;
+    // `slowpoke` allows 2 refreshes a second and has 40 due rows expiring
+    // first; `good` has 40 due rows and no limit.
+    let registry = format!(
+        "{}max_refreshes_per_second = 2\n",
+        t.fake.registry_toml(&["slowpoke"])
+    );
+    let svc = t
+        .instance_with_providers(&registry, "connection_limit=5")
+        .await;
+    for i in 0..40 {
+        t.seed_via(&svc, "u1", "slowpoke", &format!("s{i}"), 30)
+            .await;
+        t.seed_via(&svc, "u1", "good", &format!("g{i}"), 60).await;
+    }
+    let cfg = Refresher {
+        interval: Duration::from_millis(100),
+        page: 10,
+        ..Refresher::default()
+    };
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(svc.clone().run_refresher(cfg, cancel.clone()));
+    let good_done = |t: &TestService| arrivals(t, "good").len() >= 40;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !good_done(&t) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let slow = arrivals(&t, "slowpoke").len();
+    cancel.cancel();
+    task.await.unwrap();
+    assert!(good_done(&t), "good's rows were not all refreshed");
+    assert!(
+        slow < 40,
+        "good's rows waited for all of slowpoke's ({slow} refreshed first)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_refused_during_a_pause_leaves_a_waiting_batch_its_lease() {
+    let t = TestService::start().await;
+    t.seed("u1", "good", "a", 60).await;
+    let (good, a) = (provider_name("good"), account_id("a"));
+    // The first refresh meets a 429: the provider is paused for 8 s.
+    t.fake.throttle("good", Duration::from_secs(7), 8);
+    let first = t.service.refresh(&good, &a).await;
+    assert!(
+        matches!(first, Err(ServiceError::ProviderBusy { .. })),
+        "{first:?}"
+    );
+    // A batch claims the row ahead and waits at the gate for the pause...
+    let svc = t.service.clone();
+    let request = RefreshRequest {
+        provider: good.clone(),
+        account_id: a.clone(),
+    };
+    let batch = tokio::spawn(async move { svc.batch_refresh(vec![request], 5).await });
+    let conn = t.service.pool().get().await.unwrap();
+    let mut conn = conn;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let owner: Option<String> = conn
+            .query_one("SELECT refresh_lease_owner FROM integrations", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if owner.is_some() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(conn);
+    // ...while a user's refresh of the same row cannot wait that long: it
+    // must neither give the batch's lease back nor pass for a result.
+    let user = t.service.refresh(&good, &a).await;
+    assert!(
+        matches!(user, Err(ServiceError::ProviderBusy { .. })),
+        "{user:?}"
+    );
+    let results = batch.await.unwrap();
+    let status = results[0].as_ref().expect("the batch refreshed");
+    assert!(status.last_refresh_at.is_some(), "{status:?}");
+    assert_eq!(
+        t.fake.refreshes.load(Ordering::SeqCst),
+        1,
+        "sent once, after the pause"
+    );
+    // The rotated token was stored: the next refresh presents it.
+    t.service
+        .refresh(&good, &a)
+        .await
+        .expect("refreshes with the stored token");
 }
