@@ -104,6 +104,26 @@ impl Conn {
         self.client_conn().pid
     }
 
+    /// The client, shared by a pipelined lane (`pipeline.rs`).
+    pub(super) fn client(&self) -> &Client {
+        &self.client_conn().client
+    }
+
+    /// How many statements the connection's cache holds (`None`: off).
+    pub(super) fn statement_cache_size(&self) -> Option<std::num::NonZeroUsize> {
+        self.client_conn().statements.as_ref().map(LruCache::cap)
+    }
+
+    /// Not to be reused: discarded when dropped.
+    #[allow(clippy::expect_used)]
+    pub(super) fn mark_broken(&mut self) {
+        self.obj
+            .as_mut()
+            .expect("Conn holds its connection until dropped")
+            .flags
+            .broken = true;
+    }
+
     /// Runs a statement and returns its rows.
     pub async fn query(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<Row>, Error> {
         match self.run(sql, params, Want::Rows).await? {
@@ -296,7 +316,22 @@ async fn guard<T>(
         None => fut.await,
     };
     flags.in_flight = false;
-    let took = started.elapsed();
+    record_statement(shared, backend_pid, sql, started.elapsed());
+    if matches!(result, Err(Error::ConnectionClosed)) {
+        flags.broken = true;
+    }
+    result
+}
+
+/// Records a statement's duration and logs it when slower than
+/// `slow_query_threshold` (the SQL text only: parameter values may be
+/// tokens).
+pub(super) fn record_statement(
+    shared: &Shared,
+    backend_pid: i32,
+    sql: &str,
+    took: std::time::Duration,
+) {
     shared.observer.query_time.record(took);
     if let Some(threshold) = shared.config.slow_query_threshold {
         if took >= threshold {
@@ -314,10 +349,6 @@ async fn guard<T>(
             );
         }
     }
-    if matches!(result, Err(Error::ConnectionClosed)) {
-        flags.broken = true;
-    }
-    result
 }
 
 /// Maps a statement's failure: a closed connection is P1017, a server error

@@ -7,6 +7,7 @@ mod listener;
 mod manager;
 mod observe;
 mod params;
+mod pipeline;
 mod stats;
 mod tls;
 
@@ -38,6 +39,7 @@ pub struct Pool {
 struct Inner {
     pool: deadpool::managed::Pool<Manager>,
     shared: Arc<Shared>,
+    lanes: pipeline::Lanes,
 }
 
 impl std::fmt::Debug for Pool {
@@ -67,7 +69,11 @@ impl Pool {
         .queue_mode(QueueMode::Lifo)
         .build()
         .map_err(|e| Error::Parameter(format!("cannot build the pool: {e}")))?;
-        let inner = Arc::new(Inner { pool, shared });
+        let inner = Arc::new(Inner {
+            pool,
+            shared,
+            lanes: pipeline::Lanes::default(),
+        });
         spawn_reaper(Arc::downgrade(&inner));
         spawn_observer(Arc::downgrade(&inner));
         Ok(Pool { inner })
@@ -104,6 +110,33 @@ impl Pool {
             None => checkout.await,
         };
         drop(waiting);
+        self.checked_out(result, started, location)
+    }
+
+    /// A connection if one is free (or may be opened) now, without
+    /// queueing behind waiting callers; `None` when the caller would wait.
+    pub(crate) async fn try_get(&self) -> Option<Result<Conn, Error>> {
+        let location = std::panic::Location::caller();
+        let started = Instant::now();
+        let now = deadpool::managed::Timeouts {
+            wait: Some(Duration::ZERO),
+            create: None,
+            recycle: None,
+        };
+        match self.inner.pool.timeout_get(&now).await {
+            Err(PoolError::Timeout(_)) => None,
+            result => Some(self.checked_out(result, started, location)),
+        }
+    }
+
+    /// The bookkeeping of a checkout's outcome.
+    fn checked_out(
+        &self,
+        result: Result<deadpool::managed::Object<Manager>, PoolError<Error>>,
+        started: Instant,
+        location: &'static std::panic::Location<'static>,
+    ) -> Result<Conn, Error> {
+        let shared = &self.inner.shared;
         match result {
             Ok(obj) => {
                 stats::Counters::inc(&shared.counters.checkouts);
@@ -117,6 +150,34 @@ impl Pool {
             Err(PoolError::Timeout(_)) => Err(self.gave_up_waiting(0)),
             Err(other) => Err(Error::Parameter(format!("pool failure: {other}"))),
         }
+    }
+
+    /// Runs one statement outside any transaction and returns its rows, on
+    /// a connection shared with other callers of `query`: statements of
+    /// concurrent callers are pipelined (sent before the previous answers
+    /// arrive) instead of each waiting for a connection of its own. For
+    /// point reads under concurrency; a transaction, `SET`, `LISTEN` or
+    /// anything that must see its own session needs [`Pool::get`].
+    ///
+    /// The guarantees of a checkout hold: the shared connections are
+    /// checked out of this pool (`connection_limit`, `pool_timeout`: P2024,
+    /// and the checkout metrics count them), each statement runs under
+    /// `socket_timeout` and is timed and logged like any other, and a
+    /// caller waiting in [`Pool::get`] is served first-come first-served
+    /// (shared connections take no new statements while anyone waits, and
+    /// go back as they drain). Cancel-safe: a caller dropped mid-statement
+    /// costs its connection (discarded once its other statements end, like
+    /// an exclusive one returned mid-statement), never another caller's
+    /// answer. With `pgbouncer=true` each call is an exclusive checkout.
+    pub async fn query(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<tokio_postgres::Row>, Error> {
+        if self.inner.shared.config.pgbouncer {
+            return self.get().await?.query(sql, params).await;
+        }
+        self.inner.lanes.query(self, sql, params).await
     }
 
     /// The P2024 error for a caller that waited `pool_timeout` for a

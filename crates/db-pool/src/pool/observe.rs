@@ -89,6 +89,11 @@ impl Observer {
         Waiting { observer: self, id }
     }
 
+    /// Callers waiting now.
+    pub fn waiting_count(&self) -> usize {
+        lock(&self.waiters).len()
+    }
+
     /// (callers waiting, how long the oldest has waited)
     pub fn waiters(&self) -> (usize, Duration) {
         let waiters = lock(&self.waiters);

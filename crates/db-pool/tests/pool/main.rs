@@ -10,6 +10,7 @@ mod faults;
 mod lifetimes;
 mod limits;
 mod pgbouncer;
+mod pipeline;
 mod recovery;
 mod session;
 mod statement_cache;
