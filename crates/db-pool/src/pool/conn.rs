@@ -109,9 +109,35 @@ impl Conn {
         &self.client_conn().client
     }
 
-    /// How many statements the connection's cache holds (`None`: off).
-    pub(super) fn statement_cache_size(&self) -> Option<std::num::NonZeroUsize> {
-        self.client_conn().statements.as_ref().map(LruCache::cap)
+    /// The connection's prepared statements, for a lane's life (`None`:
+    /// the cache is off); given back with [`Conn::restore_statements`].
+    #[allow(clippy::expect_used)]
+    pub(super) fn take_statements(&mut self) -> Option<LruCache<String, Statement>> {
+        self.obj
+            .as_mut()
+            .expect("Conn holds its connection until dropped")
+            .statements
+            .take()
+    }
+
+    /// Gives back what [`Conn::take_statements`] took.
+    #[allow(clippy::expect_used)]
+    pub(super) fn restore_statements(&mut self, cache: LruCache<String, Statement>) {
+        self.obj
+            .as_mut()
+            .expect("Conn holds its connection until dropped")
+            .statements = Some(cache);
+    }
+
+    /// A statement may still be running on it: cancelled on the server and
+    /// the connection discarded when dropped.
+    #[allow(clippy::expect_used)]
+    pub(super) fn mark_abandoned(&mut self) {
+        self.obj
+            .as_mut()
+            .expect("Conn holds its connection until dropped")
+            .flags
+            .in_flight = true;
     }
 
     /// Not to be reused: discarded when dropped.

@@ -123,7 +123,19 @@ impl Pool {
             create: None,
             recycle: None,
         };
-        match self.inner.pool.timeout_get(&now).await {
+        // No queueing, but opening a connection (or waiting for one the
+        // server refused to come back) is bounded by `pool_timeout` as in
+        // any checkout.
+        let result = match self.inner.shared.config.pool_timeout {
+            Some(limit) => {
+                match tokio::time::timeout(limit, self.inner.pool.timeout_get(&now)).await {
+                    Ok(result) => result,
+                    Err(_) => return Some(Err(self.gave_up_waiting(0))),
+                }
+            }
+            None => self.inner.pool.timeout_get(&now).await,
+        };
+        match result {
             Err(PoolError::Timeout(_)) => None,
             result => Some(self.checked_out(result, started, location)),
         }
@@ -165,10 +177,17 @@ impl Pool {
     /// `socket_timeout` and is timed and logged like any other, and a
     /// caller waiting in [`Pool::get`] is served first-come first-served
     /// (shared connections take no new statements while anyone waits, and
-    /// go back as they drain). Cancel-safe: a caller dropped mid-statement
-    /// costs its connection (discarded once its other statements end, like
-    /// an exclusive one returned mid-statement), never another caller's
-    /// answer. With `pgbouncer=true` each call is an exclusive checkout.
+    /// go back as they drain; a shared connection takes new statements for
+    /// half a second at most, then goes back when drained). Cancel-safe: a
+    /// caller dropped mid-statement, or past `socket_timeout` (counted from
+    /// the call), costs its connection: once the other statements on it
+    /// are answered, the abandoned one is cancelled on the server and the
+    /// connection discarded, like an exclusive one returned mid-statement;
+    /// never another caller's answer. For short statements: one that runs
+    /// long delays the statements queued behind it on its connection.
+    /// Statements that leave session state (`BEGIN`, `SET`, temporary
+    /// tables) would leak it to the other callers: use [`Pool::get`]. With
+    /// `pgbouncer=true` each call is an exclusive checkout.
     pub async fn query(
         &self,
         sql: &str,

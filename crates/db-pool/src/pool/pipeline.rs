@@ -9,18 +9,22 @@
 //! A shared connection is a *lane*: a connection checked out of the pool
 //! like any other (so `connection_limit`, `pool_timeout`, the FIFO queue
 //! and the checkout metrics all hold), with a count of statements in
-//! flight. A caller joins the least busy lane, or opens a new one while
-//! the pool has a connection to spare; a lane goes back to the pool as soon
-//! as its last statement is answered. While callers wait for an exclusive
-//! checkout, lanes take no new statements: they drain and go back, and the
-//! waiters get them first-come first-served.
+//! flight. A caller opens a new lane while the pool has a connection free
+//! now, else joins the least busy lane; a lane goes back to the pool as
+//! soon as its last statement is answered. A lane takes new statements for
+//! [`LANE_AGE`] at most (then it drains: under steady load it still goes
+//! back, so connection lifetimes, validation and leak detection see it
+//! like any checkout), and none while callers wait for an exclusive
+//! checkout: they get the drained connections first-come first-served.
+//! The lane uses the connection's own prepared-statement cache, and gives
+//! it back with the connection.
 //!
 //! Hand-written: deadpool-postgres and bb8 hand out connections
 //! exclusively; sharing one is what this adds.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use tokio_postgres::{Row, Statement};
@@ -31,21 +35,28 @@ use super::params::Param;
 use super::stats::Counters;
 use crate::error::Error;
 
-/// Statements in flight on one lane before a caller prefers opening
-/// another lane (when the pool has a connection to spare).
-const OPEN_AT: usize = 1;
+/// How long a lane takes new statements.
+const LANE_AGE: Duration = Duration::from_millis(500);
 
 /// The lanes of a pool.
 #[derive(Default)]
 pub(crate) struct Lanes {
     lanes: Mutex<Vec<Arc<Lane>>>,
-    /// Callers of `query` waiting in the pool for a connection to open a
+    /// Callers of `query` in the pool's queue for a connection to open a
     /// lane with (not the exclusive waiters lanes make way for).
     opening: AtomicUsize,
 }
 
-/// Counts a caller in [`Lanes::opening`] while it waits for a connection.
+/// Counts a caller in [`Lanes::opening`] while it asks the pool for a
+/// connection.
 struct Opening<'a>(&'a AtomicUsize);
+
+impl<'a> Opening<'a> {
+    fn new(count: &'a AtomicUsize) -> Opening<'a> {
+        count.fetch_add(1, Ordering::AcqRel);
+        Opening(count)
+    }
+}
 
 impl Drop for Opening<'_> {
     fn drop(&mut self) {
@@ -56,19 +67,32 @@ impl Drop for Opening<'_> {
 /// One shared connection.
 struct Lane {
     conn: Conn,
-    /// Its own prepared statements (the connection's cache needs exclusive
-    /// access): by SQL text, bounded like the connection's.
+    /// The connection's prepared statements, taken for the lane's life
+    /// (the cache needs exclusive access) and given back with it.
     statements: Option<Mutex<LruCache<String, Statement>>>,
+    opened: Instant,
     in_flight: AtomicUsize,
-    /// Takes no new statements (callers wait for exclusive checkouts).
+    /// Takes no new statements.
     draining: AtomicBool,
-    /// A statement on it timed out, was abandoned mid-way or found it
-    /// closed: discarded when its last statement ends.
+    /// A statement was abandoned mid-way (its caller dropped, or past
+    /// `socket_timeout`): the server may still be running it. When the
+    /// lane's other statements are answered, it is cancelled there and the
+    /// connection discarded, as an exclusive connection returned
+    /// mid-statement is.
+    abandoned: AtomicBool,
+    /// The connection was found closed: discarded.
     broken: AtomicBool,
 }
 
 impl Drop for Lane {
     fn drop(&mut self) {
+        if let Some(cache) = self.statements.take() {
+            self.conn
+                .restore_statements(cache.into_inner().unwrap_or_else(PoisonError::into_inner));
+        }
+        if self.abandoned.load(Ordering::Acquire) {
+            self.conn.mark_abandoned();
+        }
         if self.broken.load(Ordering::Acquire) {
             self.conn.mark_broken();
         }
@@ -76,15 +100,18 @@ impl Drop for Lane {
     }
 }
 
+impl Lane {
+    fn takes_statements(&self) -> bool {
+        !self.draining.load(Ordering::Acquire)
+            && !self.broken.load(Ordering::Acquire)
+            && !self.abandoned.load(Ordering::Acquire)
+            && self.opened.elapsed() < LANE_AGE
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Critical sections are single pushes, removals and counter updates.
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// What a caller does.
-enum Pick {
-    Join(Arc<Lane>),
-    Open,
 }
 
 /// A statement counted in its lane; ends it (and retires the lane when it
@@ -99,10 +126,7 @@ struct Turn<'a> {
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            // The answer may still be on its way; the server may still be
-            // running it. Like an exclusive connection returned
-            // mid-statement, the connection is not reused.
-            self.lane.broken.store(true, Ordering::Release);
+            self.lane.abandoned.store(true, Ordering::Release);
         }
         self.lanes.leave(&self.lane);
     }
@@ -117,25 +141,23 @@ impl Lanes {
         params: &[Param<'_>],
     ) -> Result<Vec<Row>, Error> {
         let shared = &pool.inner.shared;
-        let lane = match self.pick(pool) {
-            Pick::Join(lane) => lane,
-            // A connection free now opens a lane; with none free the
-            // caller shares the least busy lane rather than queue; with no
-            // lane either (or every lane draining), it queues like any
-            // checkout.
-            Pick::Open => match pool.try_get().await {
+        self.drain_if_others_wait(pool);
+        // A connection free now opens a lane; with none free the caller
+        // shares the least busy lane rather than queue; with no lane
+        // taking statements either, it queues like any checkout.
+        let lane = {
+            let opening = Opening::new(&self.opening);
+            match pool.try_get().await {
                 Some(conn) => self.open(conn?),
                 None => match self.join_least_busy() {
                     Some(lane) => lane,
                     None => {
-                        self.opening.fetch_add(1, Ordering::AcqRel);
-                        let opening = Opening(&self.opening);
                         let conn = pool.get().await;
                         drop(opening);
                         self.open(conn?)
                     }
                 },
-            },
+            }
         };
         let mut turn = Turn {
             lanes: self,
@@ -143,56 +165,52 @@ impl Lanes {
             answered: false,
         };
         let result = run(shared, &turn.lane, sql, params).await;
-        turn.answered = true;
-        if matches!(
-            result,
-            Err(Error::ConnectionClosed | Error::SocketTimeout(_))
-        ) {
-            turn.lane.broken.store(true, Ordering::Release);
+        match &result {
+            // Left running on the server, maybe: abandoned, not answered.
+            Err(Error::SocketTimeout(_)) => {}
+            Err(Error::ConnectionClosed) => {
+                turn.lane.broken.store(true, Ordering::Release);
+                turn.answered = true;
+            }
+            _ => turn.answered = true,
         }
         result
     }
 
+    /// While callers wait for an exclusive checkout, lanes take no new
+    /// statements: they drain and go back to those callers.
+    fn drain_if_others_wait(&self, pool: &super::Pool) {
+        let waiting =
+            pool.inner.shared.observer.waiting_count() > self.opening.load(Ordering::Acquire);
+        if waiting {
+            for lane in lock(&self.lanes).iter() {
+                lane.draining.store(true, Ordering::Release);
+            }
+        }
+    }
+
     /// A new lane on `conn`, with this caller's statement counted.
-    fn open(&self, conn: Conn) -> Arc<Lane> {
+    fn open(&self, mut conn: Conn) -> Arc<Lane> {
         let lane = Arc::new(Lane {
-            statements: conn
-                .statement_cache_size()
-                .map(|n| Mutex::new(LruCache::new(n))),
+            statements: conn.take_statements().map(Mutex::new),
             conn,
+            opened: Instant::now(),
             in_flight: AtomicUsize::new(1),
             draining: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             broken: AtomicBool::new(false),
         });
         lock(&self.lanes).push(lane.clone());
         lane
     }
 
-    /// Joins a lane with nothing in flight, or asks for a new one. While
-    /// callers wait for an exclusive checkout, lanes drain instead.
-    fn pick(&self, pool: &super::Pool) -> Pick {
-        let waiting =
-            pool.inner.shared.observer.waiting_count() > self.opening.load(Ordering::Acquire);
-        let lanes = lock(&self.lanes);
-        if waiting {
-            for lane in lanes.iter() {
-                lane.draining.store(true, Ordering::Release);
-            }
-            return Pick::Open;
-        }
-        match least_busy(&lanes) {
-            Some(lane) if lane.in_flight.load(Ordering::Acquire) < OPEN_AT => {
-                lane.in_flight.fetch_add(1, Ordering::AcqRel);
-                Pick::Join(lane.clone())
-            }
-            _ => Pick::Open,
-        }
-    }
-
     /// Joins the least busy lane taking statements, if any.
     fn join_least_busy(&self) -> Option<Arc<Lane>> {
         let lanes = lock(&self.lanes);
-        let lane = least_busy(&lanes)?;
+        let lane = lanes
+            .iter()
+            .filter(|l| l.takes_statements())
+            .min_by_key(|l| l.in_flight.load(Ordering::Acquire))?;
         lane.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(lane.clone())
     }
@@ -207,16 +225,13 @@ impl Lanes {
     }
 }
 
-fn least_busy(lanes: &[Arc<Lane>]) -> Option<&Arc<Lane>> {
-    lanes
-        .iter()
-        .filter(|l| !l.draining.load(Ordering::Acquire) && !l.broken.load(Ordering::Acquire))
-        .min_by_key(|l| l.in_flight.load(Ordering::Acquire))
-}
-
-/// The statement, prepared once per lane (unless the cache is off, or
-/// `pgbouncer=true`, where it is one unnamed statement each time), under
-/// `socket_timeout`, timed like every statement.
+/// The statement, prepared once per connection (unless the cache is off:
+/// then one unnamed statement each time), timed like every statement.
+/// `socket_timeout` counts from the call, time queued behind the lane's
+/// other statements included; past it no cancel request is sent at once
+/// (on a shared connection it could cancel another caller's statement):
+/// the statement is abandoned, and cancelled once the lane's other
+/// statements are answered.
 async fn run(
     shared: &Shared,
     lane: &Lane,
@@ -237,7 +252,10 @@ async fn run(
             None => {
                 Counters::inc(&shared.counters.statement_cache_misses);
                 let stmt = client.prepare(sql).await.map_err(query_error)?;
-                if lock(cache).push(sql.to_owned(), stmt.clone()).is_some() {
+                // Only an entry pushed out for room is an eviction (two
+                // callers may have prepared the same text at once).
+                let pushed_out = lock(cache).push(sql.to_owned(), stmt.clone());
+                if pushed_out.is_some_and(|(text, _)| text != sql) {
                     Counters::inc(&shared.counters.statement_cache_evictions);
                 }
                 stmt
@@ -251,7 +269,6 @@ async fn run(
             Ok(result) => result,
             Err(_) => {
                 Counters::inc(&shared.counters.socket_timeouts);
-                shared.cancel(client);
                 Err(Error::SocketTimeout(limit))
             }
         },

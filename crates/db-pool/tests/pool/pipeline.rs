@@ -51,7 +51,11 @@ async fn concurrent_callers_share_connections_and_each_gets_its_own_answer() {
     assert_eq!(s.in_use, 0, "every shared connection went back: {s:?}");
     assert!(s.open <= 3, "{s:?}");
     // Statements were shared: far fewer checkouts than statements.
-    assert!(s.checkouts < 4000, "{} checkouts for 4000 statements", s.checkouts);
+    assert!(
+        s.checkouts < 4000,
+        "{} checkouts for 4000 statements",
+        s.checkouts
+    );
     assert!(server_connections(&admin, &app).await <= 3);
 }
 
@@ -73,7 +77,10 @@ async fn a_caller_waiting_for_an_exclusive_connection_is_served_under_pipelined_
     // Let the shared connections take both slots.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..5 {
-        let mut conn = pool.get().await.expect("an exclusive checkout within pool_timeout");
+        let mut conn = pool
+            .get()
+            .await
+            .expect("an exclusive checkout within pool_timeout");
         let mut tx = conn.transaction().await.unwrap();
         tx.execute("SELECT 1", &[]).await.unwrap();
         tx.commit().await.unwrap();
@@ -90,20 +97,16 @@ async fn a_caller_dropped_mid_statement_costs_its_connection_not_the_others_answ
     let db = TestDatabase::create().await;
     let admin = db.connect().await;
     let (pool, app) = pool(&db, "connection_limit=1");
+    // Statements prepared beforehand: each call below is sent at once.
+    pool.query("SELECT pg_sleep($1::float8)", &[&0.0f64])
+        .await
+        .unwrap();
+    pool.query("SELECT $1::int8", &[&0i64]).await.unwrap();
     // One connection: the sleeper and the others share it.
     let sleeper = {
         let pool = pool.clone();
         tokio::spawn(async move { pool.query("SELECT pg_sleep(0.5)", &[]).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let pid: i32 = admin
-        .query_one(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-            &[&app],
-        )
-        .await
-        .unwrap()
-        .get(0);
     let others: Vec<_> = (0..5i64)
         .map(|i| {
             let pool = pool.clone();
@@ -113,10 +116,22 @@ async fn a_caller_dropped_mid_statement_costs_its_connection_not_the_others_answ
             })
         })
         .collect();
-    // A caller that gives up mid-statement.
+    // All sent before the caller below.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pid: i32 = admin
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // A caller that gives up mid-statement (which would run 30 s; its
+    // statement is prepared already, so it is sent at once, queued behind
+    // the others).
     let gave_up = tokio::time::timeout(
         Duration::from_millis(100),
-        pool.query("SELECT pg_sleep(0.3)", &[]),
+        pool.query("SELECT pg_sleep($1::float8)", &[&30.0f64]),
     )
     .await;
     assert!(gave_up.is_err());
@@ -124,7 +139,8 @@ async fn a_caller_dropped_mid_statement_costs_its_connection_not_the_others_answ
         assert!(o.await.unwrap(), "an answer went to the wrong caller");
     }
     sleeper.await.unwrap().unwrap();
-    // The shared connection is not reused: its backend goes away.
+    // The shared connection is not reused, and the abandoned statement is
+    // cancelled: its backend goes away long before the 30 s.
     let gone = eventually(Duration::from_secs(5), || async {
         admin
             .query("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&pid])
@@ -133,7 +149,10 @@ async fn a_caller_dropped_mid_statement_costs_its_connection_not_the_others_answ
             .is_empty()
     })
     .await;
-    assert!(gone, "the connection of an abandoned statement was reused");
+    assert!(
+        gone,
+        "the abandoned statement was not cancelled (or its connection was reused)"
+    );
     let rows = pool.query("SELECT 7::int8", &[]).await.unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 7);
     assert_eq!(pool.stats().in_use, 0);
@@ -158,4 +177,23 @@ async fn a_full_pool_answers_p2024_after_pool_timeout() {
     let _held = pool.get().await.unwrap();
     let e = pool.query("SELECT 1", &[]).await.unwrap_err();
     assert_eq!(e.code(), "P2024", "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_connections_keep_the_connections_prepared_statements() {
+    let db = TestDatabase::create().await;
+    let (pool, _) = pool(&db, "connection_limit=1");
+    for i in 0..5i64 {
+        let rows = pool.query("SELECT $1::int8 + 1", &[&i]).await.unwrap();
+        assert_eq!(rows[0].get::<_, i64>(0), i + 1);
+    }
+    let mut conn = pool.get().await.unwrap();
+    conn.query("SELECT $1::int8 + 1", &[&1i64]).await.unwrap();
+    drop(conn);
+    let s = pool.stats();
+    assert_eq!(
+        (s.statement_cache_misses, s.statement_cache_hits),
+        (1, 5),
+        "prepared once, on the one connection, whoever used it"
+    );
 }
