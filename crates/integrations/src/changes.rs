@@ -20,7 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::service::api_keys::ApiKeys;
 use crate::service::IntegrationsService;
-// The webhook fan-out's channel (migration V7): deliveries were queued.
+// The webhook fan-out's channel (migrations V7, V8): deliveries were
+// queued, for the endpoints the payload names.
 use crate::store::webhooks::CHANNEL as WEBHOOKS_CHANNEL;
 
 /// The notification channel the triggers send on.
@@ -207,7 +208,7 @@ impl ChangeFeed {
                 };
                 match event {
                     ListenEvent::Notification(n) if n.channel() == WEBHOOKS_CHANNEL => {
-                        self.service.wake_dispatcher();
+                        self.service.webhooks_queued(n.payload());
                     }
                     ListenEvent::Notification(n) => self.apply(n.payload(), &instance),
                     ListenEvent::Lagged => {

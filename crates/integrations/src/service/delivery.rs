@@ -2,14 +2,15 @@
 //! may; `FOR UPDATE SKIP LOCKED` gives each attempt to one), sends them
 //! concurrently, at most `concurrency` per endpoint so a slow or dead
 //! endpoint fills only its own slots, and records each outcome. Woken by
-//! the database's notification when deliveries are queued, and every
-//! `poll` for retries that came due.
+//! the database's notification when deliveries are queued (it names their
+//! endpoints: only those are claimed for), and every `poll` for retries
+//! that came due and claims that ran out, on every endpoint.
 //!
 //! At least once: a delivery is marked delivered only after its 2xx, so a
 //! process killed in between sends it again (after its claim runs out);
 //! receivers de-duplicate on `webhook-id`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,114 @@ impl DeliveryOutcome {
     }
 }
 
+/// What wakes the dispatcher: deliveries queued for some endpoints (the
+/// database's notification names them), or for any.
+#[derive(Default)]
+pub(super) struct Wake {
+    notify: tokio::sync::Notify,
+    queued: std::sync::Mutex<Queued>,
+}
+
+/// What was queued since the dispatcher last looked.
+#[derive(Default)]
+struct Queued {
+    any: bool,
+    endpoints: HashSet<String>,
+}
+
+/// Past this many named endpoints a wake-up counts as "any": the set stays
+/// small however many notifications arrive before the dispatcher looks.
+const WAKE_NAMES_MAX: usize = 1024;
+
+impl Wake {
+    fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
+        // One insert or take per section: consistent after a panic.
+        self.queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Deliveries may be due for any endpoint.
+    pub(super) fn any(&self) {
+        self.queued().any = true;
+        self.notify.notify_one();
+    }
+
+    /// Deliveries were queued for the endpoints `payload` names (comma
+    /// separated; empty: any).
+    pub(super) fn endpoints(&self, payload: &str) {
+        {
+            let mut queued = self.queued();
+            if payload.is_empty() {
+                queued.any = true;
+            } else if !queued.any {
+                queued
+                    .endpoints
+                    .extend(payload.split(',').map(str::to_string));
+                if queued.endpoints.len() > WAKE_NAMES_MAX {
+                    queued.any = true;
+                    queued.endpoints.clear();
+                }
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    fn take(&self) -> Queued {
+        std::mem::take(&mut *self.queued())
+    }
+}
+
+/// Endpoints whose last claim found less due than it asked for: not
+/// claimed for again until something may have made more due (a
+/// notification of queued deliveries, one of their attempts ending, or the
+/// poll interval passing, for retries coming due and claims running out).
+/// Without it every idle endpoint costs a claim statement per loop, and the
+/// loop runs on every attempt that ends.
+#[derive(Default)]
+struct Idle {
+    drained: HashSet<String>,
+    swept: Option<Instant>,
+}
+
+impl Idle {
+    fn skips(&self, endpoint: &str) -> bool {
+        self.drained.contains(endpoint)
+    }
+
+    fn drained(&mut self, endpoint: &str) {
+        self.drained.insert(endpoint.to_string());
+    }
+
+    fn woken(&mut self, endpoint: &str) {
+        self.drained.remove(endpoint);
+    }
+
+    fn clear(&mut self) {
+        self.drained.clear();
+    }
+
+    fn wake(&mut self, queued: Queued) {
+        if queued.any {
+            self.clear();
+        }
+        for endpoint in &queued.endpoints {
+            self.woken(endpoint);
+        }
+    }
+
+    fn sweep_every(&mut self, poll: Duration) {
+        if self.swept.is_none_or(|at| at.elapsed() >= poll) {
+            self.swept = Some(Instant::now());
+            self.clear();
+        }
+    }
+}
+
 impl IntegrationsService {
     /// Delivers webhooks until `cancel` fires, then waits for the attempts
     /// in flight (each bounded by the timeout) so their outcomes are
@@ -79,7 +188,7 @@ impl IntegrationsService {
             retries = cfg.schedule.len(),
             "webhook dispatcher started"
         );
-        let wake = self.webhook_wake();
+        let wake = self.webhook_wake.clone();
         let claim_batch = (cfg.concurrency / 2).max(1);
         let mut endpoints: Vec<Arc<Endpoint>> = Vec::new();
         let mut loaded: Option<Instant> = None;
@@ -91,7 +200,9 @@ impl IntegrationsService {
         let mut slots: HashMap<tokio::task::Id, String> = HashMap::new();
         // Logged once per outage, not per loop.
         let mut failing = false;
+        let mut idle = Idle::default();
         loop {
+            idle.sweep_every(cfg.poll);
             if loaded.is_none_or(|at| at.elapsed() >= cfg.poll) {
                 match self.load_endpoints().await {
                     Ok(list) => {
@@ -109,13 +220,16 @@ impl IntegrationsService {
                 // Claims are taken in batches (half the slots, or whatever is
                 // due when none is busy): one claim statement per attempt
                 // would cap the rate at the statement's round trip.
-                if free == 0 || (busy > 0 && free < claim_batch) {
+                if free == 0 || (busy > 0 && free < claim_batch) || idle.skips(&endpoint.id) {
                     continue;
                 }
                 let claimed = self.claim(endpoint, free).await;
                 match claimed {
                     Ok(claimed) => {
                         failing = false;
+                        if claimed.len() < free {
+                            idle.drained(&endpoint.id);
+                        }
                         for delivery in claimed {
                             *in_flight.entry(endpoint.id.clone()).or_default() += 1;
                             let task =
@@ -135,7 +249,7 @@ impl IntegrationsService {
             }
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = wake.notified() => {}
+                () = wake.notified() => idle.wake(wake.take()),
                 () = tokio::time::sleep(cfg.poll) => {}
                 Some(done) = attempts.join_next_with_id(), if !attempts.is_empty() => {
                     let mut done = Some(done);
@@ -146,8 +260,13 @@ impl IntegrationsService {
                             Ok((task, ())) => task,
                             Err(e) => e.id(),
                         };
-                        if let Some(n) = slots.remove(&task).and_then(|id| in_flight.get_mut(&id)) {
-                            *n = n.saturating_sub(1);
+                        if let Some(id) = slots.remove(&task) {
+                            // Its next delivery for the same integration
+                            // may be claimable now.
+                            idle.woken(&id);
+                            if let Some(n) = in_flight.get_mut(&id) {
+                                *n = n.saturating_sub(1);
+                            }
                         }
                         done = attempts.try_join_next_with_id();
                     }

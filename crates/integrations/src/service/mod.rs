@@ -310,7 +310,7 @@ pub struct IntegrationsService {
     /// The webhook client, built on first use.
     webhook_sender: tokio::sync::OnceCell<crate::webhooks::Sender>,
     /// Wakes the webhook dispatcher.
-    webhook_wake: Arc<tokio::sync::Notify>,
+    webhook_wake: Arc<delivery::Wake>,
     /// The dashboard's overview, reused for a few seconds.
     overview: admin::OverviewCache,
 }
@@ -348,7 +348,7 @@ impl IntegrationsService {
             flights: Mutex::new(HashMap::new()),
             config,
             webhook_sender: tokio::sync::OnceCell::new(),
-            webhook_wake: Arc::new(tokio::sync::Notify::new()),
+            webhook_wake: Arc::default(),
             overview: admin::OverviewCache::default(),
         }
     }

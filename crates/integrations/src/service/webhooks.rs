@@ -286,15 +286,15 @@ impl IntegrationsService {
         Ok(queued)
     }
 
-    /// Wakes this instance's dispatcher (the others hear the database's
-    /// notification).
+    /// Wakes this instance's dispatcher to claim for every endpoint (the
+    /// other instances hear the database's notification).
     pub fn wake_dispatcher(&self) {
-        self.webhook_wake.notify_one();
+        self.webhook_wake.any();
     }
 
-    /// What wakes this instance's dispatcher: the change feed notifies it
-    /// when the database queued deliveries.
-    pub fn webhook_wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
-        self.webhook_wake.clone()
+    /// The database queued deliveries: `payload` is the notification's, the
+    /// endpoints that got them (comma separated; empty: any).
+    pub fn webhooks_queued(&self, payload: &str) {
+        self.webhook_wake.endpoints(payload);
     }
 }

@@ -917,3 +917,68 @@ async fn endpoints_are_checked_and_refused_naming_what_is_accepted() {
     .assert_error(403, "forbidden");
     app.assert_no_leaks();
 }
+
+#[tokio::test]
+async fn idle_endpoints_are_not_claimed_for_on_every_delivery() {
+    // Small slots: the dispatcher loops once per few attempts, as it does
+    // under load.
+    let app = TestApp::spawn_args(
+        &[
+            ("INTEGRATIONS_WEBHOOK_ALLOW_PRIVATE", "true"),
+            ("INTEGRATIONS_WEBHOOK_CONCURRENCY", "2"),
+        ],
+        &[],
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let (_, secret) = register(&app, &receiver.url("/busy"), None).await;
+    receiver.config(json!({ "secrets": [secret] })).await;
+    // Twenty endpoints for an event this test never produces.
+    for i in 0..20 {
+        register(
+            &app,
+            &receiver.url(&format!("/idle{i}")),
+            Some(&["integration.revoked"]),
+        )
+        .await;
+    }
+    let checkouts = || async {
+        metric(&app, "db_pool_checkouts_total")
+            .await
+            .expect("db_pool_checkouts_total")
+    };
+    // Each event costs its write, its claim (at worst one per delivery)
+    // and its outcome; the idle endpoints (and the endpoint list) are
+    // looked at again only once per poll interval (1 s), since no delivery
+    // is queued for them. Claiming for them on every loop, or on every
+    // wake-up, costs 20 per delivery.
+    let within = |used: f64, events: usize, started: std::time::Instant, phase: &str| {
+        let polls = started.elapsed().as_secs_f64().ceil() + 1.0;
+        let bound = 4.0 * events as f64 + 21.0 * polls;
+        assert!(
+            used <= bound,
+            "{phase}: {used} checkouts for {events} deliveries in {polls} s (at most {bound}): idle endpoints claimed for"
+        );
+    };
+    // A burst: the dispatcher loops on every attempt that ends.
+    let (before, started) = (checkouts().await, std::time::Instant::now());
+    let burst = 100;
+    for i in 0..burst {
+        app.seed(&format!("u{i}"), "good", &format!("a{i}"), 3600)
+            .await;
+    }
+    receiver.wait_accepted(burst, Duration::from_secs(60)).await;
+    within(checkouts().await - before, burst, started, "burst");
+    // A trickle: every event's notification wakes the dispatcher, naming
+    // the one endpoint that got a delivery.
+    let (before, started) = (checkouts().await, std::time::Instant::now());
+    let trickle = 30;
+    for i in 0..trickle {
+        app.seed(&format!("t{i}"), "good", &format!("t{i}"), 3600)
+            .await;
+        receiver
+            .wait_accepted(burst + i + 1, Duration::from_secs(30))
+            .await;
+    }
+    within(checkouts().await - before, trickle, started, "trickle");
+}
