@@ -69,7 +69,9 @@ impl Conn {
             .expect("Conn holds its connection until dropped");
         if self.abandoned_transaction {
             let client = &conn.client;
-            let fut = async { client.batch_execute("ROLLBACK").await.map_err(query_error) };
+            let fut = std::pin::pin!(async {
+                client.batch_execute("ROLLBACK").await.map_err(query_error)
+            });
             guard(
                 &self.shared,
                 &mut conn.flags,
@@ -198,7 +200,8 @@ impl Conn {
     ) -> Result<Vec<Row>, Error> {
         let (shared, conn) = self.ready().await?;
         let client = &conn.client;
-        let fut = async { client.query_typed(sql, params).await.map_err(query_error) };
+        let fut =
+            std::pin::pin!(async { client.query_typed(sql, params).await.map_err(query_error) });
         guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
@@ -207,7 +210,7 @@ impl Conn {
         let (shared, conn) = self.ready().await?;
         let client = &conn.client;
         let pgbouncer = shared.config.pgbouncer;
-        let fut = async {
+        let fut = std::pin::pin!(async {
             if pgbouncer {
                 // A named statement is safe inside one transaction even
                 // under PgBouncer: describe it there and let it go.
@@ -223,7 +226,7 @@ impl Conn {
                     .params()
                     .to_vec())
             }
-        };
+        });
         guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
@@ -250,7 +253,7 @@ impl Conn {
     async fn simple(&mut self, sql: &str) -> Result<(), Error> {
         let (shared, conn) = self.ready().await?;
         let client = &conn.client;
-        let fut = async { client.batch_execute(sql).await.map_err(query_error) };
+        let fut = std::pin::pin!(async { client.batch_execute(sql).await.map_err(query_error) });
         guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 
@@ -260,7 +263,7 @@ impl Conn {
         let client = &conn.client;
         let statements = &mut conn.statements;
         let pgbouncer = shared.config.pgbouncer;
-        let fut = async {
+        let fut = std::pin::pin!(async {
             if pgbouncer {
                 let typed = infer_types(params).map_err(|n| {
                     Error::Parameter(format!(
@@ -286,7 +289,7 @@ impl Conn {
                 Want::Count => client.execute(&stmt, params).await.map(Output::Count),
             }
             .map_err(query_error)
-        };
+        });
         guard(shared, &mut conn.flags, client, conn.pid, sql, fut).await
     }
 }
@@ -325,7 +328,10 @@ async fn guard<T>(
     client: &Client,
     backend_pid: i32,
     sql: &str,
-    fut: impl std::future::Future<Output = Result<T, Error>>,
+    // Pinned by the caller: the statement's future is large, and moving it
+    // into this one and then into the timeout cost two copies of it per
+    // statement (measured with callgrind: about 300 instructions).
+    fut: std::pin::Pin<&mut impl std::future::Future<Output = Result<T, Error>>>,
 ) -> Result<T, Error> {
     flags.in_flight = true;
     let started = Instant::now();
@@ -425,7 +431,7 @@ impl Drop for Conn {
                 // A caller the server refused a connection is waiting:
                 // this one goes to it directly (deadpool's idle queue
                 // cannot reach a caller inside `create`).
-                if let Some(conn) = self.shared.handoff.offer(Object::take(obj)) {
+                if let Some(conn) = self.shared.handoff.offer(*Object::take(obj)) {
                     conn.closing(CloseReason::Shutdown);
                 }
                 drop(lease);

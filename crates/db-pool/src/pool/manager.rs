@@ -321,17 +321,23 @@ pub(crate) struct Manager {
 }
 
 impl deadpool::managed::Manager for Manager {
-    type Type = ClientConn;
+    // Boxed: deadpool moves the object it keeps several times per checkout
+    // and return (idle queue, checkout future, `Object`); a pointer moves
+    // for the hundreds of bytes of the connection (measured with
+    // callgrind: 1,900 of the 3,900 instructions of a checkout and return).
+    type Type = Box<ClientConn>;
     type Error = Error;
 
-    async fn create(&self) -> Result<ClientConn, Error> {
+    async fn create(&self) -> Result<Box<ClientConn>, Error> {
         // Boxed: deadpool's checkout future embeds this one, and every
         // checkout (most of which never create) would otherwise carry and
         // move its several kilobytes (measured: +0.5 us per checkout).
-        Box::pin(self.shared.connection_for_caller()).await
+        Box::pin(self.shared.connection_for_caller())
+            .await
+            .map(Box::new)
     }
 
-    async fn recycle(&self, conn: &mut ClientConn, _: &Metrics) -> RecycleResult<Error> {
+    async fn recycle(&self, conn: &mut Box<ClientConn>, _: &Metrics) -> RecycleResult<Error> {
         self.shared.recycle(conn).await.map_err(|reason| {
             conn.closing(reason);
             RecycleError::message(reason.as_str())

@@ -11,7 +11,9 @@ mod pipeline;
 mod stats;
 mod tls;
 
+use std::future::Future;
 use std::sync::{Arc, Weak};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{PoolError, QueueMode};
@@ -99,17 +101,31 @@ impl Pool {
         location: &'static std::panic::Location<'static>,
     ) -> Result<Conn, Error> {
         let shared = &self.inner.shared;
-        let waiting = shared.observer.waiting();
         let started = Instant::now();
-        let checkout = self.inner.pool.get();
-        let result = match shared.config.pool_timeout {
-            Some(limit) => match tokio::time::timeout(limit, checkout).await {
-                Ok(result) => result,
-                Err(_) => return Err(self.gave_up_waiting(0)),
-            },
-            None => checkout.await,
+        let mut checkout = std::pin::pin!(self.inner.pool.get());
+        // Most checkouts find a connection free at once: those never wait,
+        // so they are not registered as waiting and arm no timer (both cost
+        // a clock read and a lock per checkout otherwise). The first poll
+        // uses this task's waker, so nothing is lost when it is pending.
+        let first = std::future::poll_fn(|cx| Poll::Ready(checkout.as_mut().poll(cx))).await;
+        let result = match first {
+            Poll::Ready(result) => result,
+            Poll::Pending => {
+                let waiting = shared.observer.waiting(started);
+                let result = match shared.config.pool_timeout {
+                    Some(limit) => {
+                        let deadline = tokio::time::Instant::from_std(started + limit);
+                        match tokio::time::timeout_at(deadline, checkout).await {
+                            Ok(result) => result,
+                            Err(_) => return Err(self.gave_up_waiting(0)),
+                        }
+                    }
+                    None => checkout.await,
+                };
+                drop(waiting);
+                result
+            }
         };
-        drop(waiting);
         self.checked_out(result, started, location)
     }
 

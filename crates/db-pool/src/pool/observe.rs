@@ -83,9 +83,10 @@ impl Observer {
         }
     }
 
-    pub fn waiting(&self) -> Waiting<'_> {
+    /// A caller waiting for a connection since `since`.
+    pub fn waiting(&self, since: Instant) -> Waiting<'_> {
         let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
-        lock(&self.waiters).insert(id, Instant::now());
+        lock(&self.waiters).insert(id, since);
         Waiting { observer: self, id }
     }
 
