@@ -112,10 +112,15 @@ impl Pool {
             Poll::Ready(result) => result,
             Poll::Pending => {
                 let waiting = shared.observer.waiting(started);
-                let result = match shared.config.pool_timeout {
-                    Some(limit) => {
-                        let deadline = tokio::time::Instant::from_std(started + limit);
-                        match tokio::time::timeout_at(deadline, checkout).await {
+                // A limit past what the clock can represent is none.
+                let deadline = shared
+                    .config
+                    .pool_timeout
+                    .and_then(|l| started.checked_add(l));
+                let result = match deadline {
+                    Some(at) => {
+                        let at = tokio::time::Instant::from_std(at);
+                        match tokio::time::timeout_at(at, checkout).await {
                             Ok(result) => result,
                             Err(_) => return Err(self.gave_up_waiting(0)),
                         }
@@ -290,8 +295,9 @@ impl Pool {
         let shared = &self.inner.shared;
         self.inner.pool.close();
         shared.handoff.close();
-        let until = Instant::now() + deadline;
-        while self.inner.pool.status().size > 0 && Instant::now() < until {
+        // A deadline past what the clock can represent: wait for them all.
+        let until = Instant::now().checked_add(deadline);
+        while self.inner.pool.status().size > 0 && until.is_none_or(|at| Instant::now() < at) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let left = self.inner.pool.status().size;

@@ -53,6 +53,28 @@ async fn pool_timeout_zero_waits_forever() {
 }
 
 #[tokio::test]
+async fn a_pool_timeout_too_far_for_the_clock_waits_without_one() {
+    let db = TestDatabase::create().await;
+    let (pool, _) = pool(&db, "connection_limit=1&pool_timeout=18446744073709551615");
+    let held = pool.get().await.unwrap();
+    let waiter = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.get().await.map(|c| c.backend_pid()) })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            pool.stats().waiting == 1
+        })
+        .await,
+        "the second caller waits"
+    );
+    assert!(!waiter.is_finished(), "the waiting caller did not fail");
+    let pid = held.backend_pid();
+    drop(held);
+    assert_eq!(waiter.await.unwrap().unwrap(), pid);
+}
+
+#[tokio::test]
 async fn pool_timeout_is_measured_from_the_call_not_the_connect() {
     // The server never answers; connect_timeout alone would give up after
     // 30 s. The caller asked to wait at most 1 s, so it gets P2024.
