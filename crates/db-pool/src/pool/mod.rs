@@ -112,15 +112,12 @@ impl Pool {
             Poll::Ready(result) => result,
             Poll::Pending => {
                 let waiting = shared.observer.waiting(started);
-                // A limit past what the clock can represent is none.
-                let deadline = shared
-                    .config
-                    .pool_timeout
-                    .and_then(|l| started.checked_add(l));
-                let result = match deadline {
-                    Some(at) => {
-                        let at = tokio::time::Instant::from_std(at);
-                        match tokio::time::timeout_at(at, checkout).await {
+                // What is left of the limit (tokio's clock, whose timeout
+                // reads a limit past what it can represent as none).
+                let result = match shared.config.pool_timeout {
+                    Some(limit) => {
+                        let left = limit.saturating_sub(started.elapsed());
+                        match tokio::time::timeout(left, checkout).await {
                             Ok(result) => result,
                             Err(_) => return Err(self.gave_up_waiting(0)),
                         }

@@ -174,6 +174,13 @@ impl Idle {
             self.clear();
         }
     }
+
+    /// How long until the next sweep is due: the dispatcher sleeps no
+    /// longer, so wake-ups for other endpoints never push it back.
+    fn until_sweep(&self, poll: Duration) -> Duration {
+        self.swept
+            .map_or(Duration::ZERO, |at| poll.saturating_sub(at.elapsed()))
+    }
 }
 
 impl IntegrationsService {
@@ -250,7 +257,7 @@ impl IntegrationsService {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = wake.notified() => idle.wake(wake.take()),
-                () = tokio::time::sleep(cfg.poll) => {}
+                () = tokio::time::sleep(idle.until_sweep(cfg.poll)) => {}
                 Some(done) = attempts.join_next_with_id(), if !attempts.is_empty() => {
                     let mut done = Some(done);
                     // Every attempt that has finished frees its slot before
