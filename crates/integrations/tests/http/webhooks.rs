@@ -303,21 +303,30 @@ async fn deliveries_verify_with_the_reference_library_and_forgeries_do_not() {
         .unwrap();
     assert_eq!(body_of(tested)["type"], "webhook.test");
 
-    assert_eq!(
+    // The outcome is recorded just after the receiver answers.
+    let delivered = eventually(Duration::from_secs(10), || async {
         metric(
             &app,
-            "integrations_webhook_deliveries_total{outcome=\"delivered\"}"
-        )
-        .await,
-        Some(1.0)
-    );
-    let listed = app
-        .get(
-            &format!("/v1/webhooks/{id}/deliveries?status=succeeded"),
-            Some(&app.keys.all),
+            "integrations_webhook_deliveries_total{outcome=\"delivered\"}",
         )
         .await
-        .json();
+        .filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert_eq!(delivered, Some(1.0));
+    // Counted just before its row is written.
+    let listed = eventually(Duration::from_secs(10), || async {
+        let listed = app
+            .get(
+                &format!("/v1/webhooks/{id}/deliveries?status=succeeded"),
+                Some(&app.keys.all),
+            )
+            .await
+            .json();
+        listed["deliveries"][0].is_object().then_some(listed)
+    })
+    .await
+    .expect("the delivery is listed as succeeded");
     assert_eq!(listed["deliveries"][0]["attempts"], 1);
     assert_eq!(listed["deliveries"][0]["last_status"], 200);
     app.assert_no_leaks();
@@ -724,14 +733,19 @@ async fn failed_deliveries_are_listed_and_redelivered() {
     )
     .await
     .assert_error(400, "invalid_request");
-    let succeeded = app
-        .get(
-            &format!("/v1/webhooks/{id}/deliveries?status=succeeded"),
-            Some(&app.keys.all),
-        )
-        .await
-        .json();
-    assert_eq!(succeeded["deliveries"][0]["event_id"], event);
+    // The outcome is recorded just after the receiver answers.
+    let succeeded = eventually(Duration::from_secs(10), || async {
+        let listed = app
+            .get(
+                &format!("/v1/webhooks/{id}/deliveries?status=succeeded"),
+                Some(&app.keys.all),
+            )
+            .await
+            .json();
+        (listed["deliveries"][0]["event_id"] == event).then_some(listed)
+    })
+    .await
+    .expect("the redelivered event is listed as succeeded");
     // Attempts are never reset: the 3 that failed, then the redelivery's.
     assert_eq!(succeeded["deliveries"][0]["attempts"], 4);
 }
