@@ -111,10 +111,11 @@ impl Pool {
         let result = match first {
             Poll::Ready(result) => result,
             Poll::Pending => {
-                let waiting = shared.observer.waiting(started);
+                // Counted waiting until this block ends, however it ends.
+                let _waiting = shared.observer.waiting(started);
                 // What is left of the limit (tokio's clock, whose timeout
                 // reads a limit past what it can represent as none).
-                let result = match shared.config.pool_timeout {
+                match shared.config.pool_timeout {
                     Some(limit) => {
                         let left = limit.saturating_sub(started.elapsed());
                         match tokio::time::timeout(left, checkout).await {
@@ -123,9 +124,7 @@ impl Pool {
                         }
                     }
                     None => checkout.await,
-                };
-                drop(waiting);
-                result
+                }
             }
         };
         self.checked_out(result, started, location)

@@ -177,6 +177,25 @@ const FAST: &[(&str, &str)] = &[
 ];
 
 /// Registers an endpoint; (id, secret).
+/// The first of an endpoint's deliveries with `status` (`pending`,
+/// `succeeded`, `failed`) once `ready` holds of it: an outcome is counted,
+/// then written, just after the receiver answers.
+async fn first_delivery(
+    app: &TestApp,
+    id: &str,
+    status: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let path = format!("/v1/webhooks/{id}/deliveries?status={status}");
+    eventually(Duration::from_secs(30), || async {
+        let listed = app.get(&path, Some(&app.keys.all)).await.json();
+        let first = listed["deliveries"][0].clone();
+        ready(&first).then_some(first)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no {status} delivery of {id} as expected in 30 s"))
+}
+
 async fn register(app: &TestApp, url: &str, types: Option<&[&str]>) -> (String, String) {
     let mut body = json!({ "url": url });
     if let Some(types) = types {
@@ -303,32 +322,18 @@ async fn deliveries_verify_with_the_reference_library_and_forgeries_do_not() {
         .unwrap();
     assert_eq!(body_of(tested)["type"], "webhook.test");
 
-    // The outcome is recorded just after the receiver answers.
-    let delivered = eventually(Duration::from_secs(10), || async {
+    let succeeded = first_delivery(&app, &id, "succeeded", Value::is_object).await;
+    assert_eq!(succeeded["attempts"], 1);
+    assert_eq!(succeeded["last_status"], 200);
+    // Counted before its row was written.
+    assert_eq!(
         metric(
             &app,
-            "integrations_webhook_deliveries_total{outcome=\"delivered\"}",
+            "integrations_webhook_deliveries_total{outcome=\"delivered\"}"
         )
-        .await
-        .filter(|n| *n >= 1.0)
-    })
-    .await;
-    assert_eq!(delivered, Some(1.0));
-    // Counted just before its row is written.
-    let listed = eventually(Duration::from_secs(10), || async {
-        let listed = app
-            .get(
-                &format!("/v1/webhooks/{id}/deliveries?status=succeeded"),
-                Some(&app.keys.all),
-            )
-            .await
-            .json();
-        listed["deliveries"][0].is_object().then_some(listed)
-    })
-    .await
-    .expect("the delivery is listed as succeeded");
-    assert_eq!(listed["deliveries"][0]["attempts"], 1);
-    assert_eq!(listed["deliveries"][0]["last_status"], 200);
+        .await,
+        Some(1.0)
+    );
     app.assert_no_leaks();
     for line in app.server.logs() {
         assert!(
@@ -682,14 +687,8 @@ async fn failed_deliveries_are_listed_and_redelivered() {
         .config(json!({ "secrets": [secret], "fail_until": now() + 3600.0, "fail_status": 503 }))
         .await;
     app.seed("u1", "good", "acct", 3600).await;
-    let failed_path = format!("/v1/webhooks/{id}/deliveries?status=failed");
-    let failed = eventually(Duration::from_secs(30), || async {
-        let list = app.get(&failed_path, Some(&app.keys.all)).await.json();
-        let first = list["deliveries"][0].clone();
-        first.is_object().then_some(first)
-    })
-    .await
-    .expect("the delivery failed after its schedule");
+    // Failed after its schedule.
+    let failed = first_delivery(&app, &id, "failed", Value::is_object).await;
     assert_eq!(failed["attempts"], 3, "{failed}");
     assert_eq!(failed["last_status"], 503);
     assert_eq!(failed["last_error"], "HTTP 503");
@@ -733,21 +732,9 @@ async fn failed_deliveries_are_listed_and_redelivered() {
     )
     .await
     .assert_error(400, "invalid_request");
-    // The outcome is recorded just after the receiver answers.
-    let succeeded = eventually(Duration::from_secs(10), || async {
-        let listed = app
-            .get(
-                &format!("/v1/webhooks/{id}/deliveries?status=succeeded"),
-                Some(&app.keys.all),
-            )
-            .await
-            .json();
-        (listed["deliveries"][0]["event_id"] == event).then_some(listed)
-    })
-    .await
-    .expect("the redelivered event is listed as succeeded");
+    let succeeded = first_delivery(&app, &id, "succeeded", |d| d["event_id"] == event).await;
     // Attempts are never reset: the 3 that failed, then the redelivery's.
-    assert_eq!(succeeded["deliveries"][0]["attempts"], 4);
+    assert_eq!(succeeded["attempts"], 4);
 }
 
 #[tokio::test]
