@@ -13,11 +13,12 @@ use tokio_postgres::{Client, Row, Statement};
 use super::manager::{ClientConn, Flags, Manager, Shared};
 use super::params::{infer_types, Param};
 use super::stats::{CloseReason, Counters};
+use super::wire::Outcome;
 use crate::error::Error;
 
 /// What a statement should produce.
 #[derive(Clone, Copy)]
-enum Want {
+pub(super) enum Want {
     Rows,
     Count,
 }
@@ -98,6 +99,9 @@ impl Conn {
             .as_mut()
             .expect("Conn holds its connection until dropped");
         conn.needs_rollback = true;
+        // What the tool sends (COPY, anything) is beyond the direct path's
+        // bookkeeping: this connection stays on tokio-postgres's path.
+        conn.direct = None;
         &mut conn.client
     }
 
@@ -262,6 +266,7 @@ impl Conn {
         let counters = &shared.counters;
         let client = &conn.client;
         let statements = &mut conn.statements;
+        let direct = &mut conn.direct;
         let pgbouncer = shared.config.pgbouncer;
         let fut = std::pin::pin!(async {
             if pgbouncer {
@@ -284,6 +289,21 @@ impl Conn {
                 .map_err(query_error);
             };
             let stmt = cached_statement(cache, counters, client, sql).await?;
+            if let Some(direct) = direct {
+                if let Some(outcome) = direct.run(&stmt, params, want).await {
+                    return match outcome {
+                        Outcome::Done(rows, count) => Ok(match want {
+                            Want::Rows => Output::Rows(rows),
+                            Want::Count => Output::Count(count),
+                        }),
+                        Outcome::Server(e) => Err(query_error(e)),
+                        Outcome::Lost(e) => {
+                            tracing::debug!(error = %e, backend_pid = conn.pid, "database connection lost");
+                            Err(Error::ConnectionClosed)
+                        }
+                    };
+                }
+            }
             match want {
                 Want::Rows => client.query(&stmt, params).await.map(Output::Rows),
                 Want::Count => client.execute(&stmt, params).await.map(Output::Count),

@@ -7,6 +7,7 @@
 //! protection against connections returned mid-query or mid-transaction.
 
 use std::collections::HashMap;
+use std::io;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -27,6 +28,7 @@ use super::attempts::{Attempts, Gate, Handoff};
 use super::observe::Observer;
 use super::stats::{CloseReason, Counters};
 use super::tls;
+use super::wire::{self, Direct, Socket};
 use crate::config::{Host, PoolConfig};
 use crate::error::Error;
 
@@ -53,6 +55,13 @@ pub(crate) struct Shared {
     /// ones still checked out when its deadline passes.
     drivers: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
+}
+
+/// Whether connections open their socket themselves and run cached
+/// statements directly on it (`wire.rs`): without TLS (a Unix socket, or
+/// `sslmode=disable`), where the socket is the byte stream.
+fn direct_socket(config: &PoolConfig) -> bool {
+    matches!(config.host, Host::Unix(_)) || config.sslmode == crate::config::SslMode::Disable
 }
 
 /// A connection's driver: runs until the session ends.
@@ -112,7 +121,7 @@ impl Shared {
         Counters::inc(&self.counters.connect_attempts);
         let started = Instant::now();
         let attempt = async {
-            let (client, connection) = self.open().await.map_err(|e| self.connect_error(e))?;
+            let (client, connection, direct) = self.open().await?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let shared = Arc::downgrade(self);
             let driver = tokio::spawn(async move {
@@ -133,6 +142,7 @@ impl Shared {
             Ok::<_, Error>(ClientConn::new(
                 Arc::downgrade(self),
                 client,
+                direct,
                 id,
                 pid,
                 self.config.effective_statement_cache_size(),
@@ -253,12 +263,19 @@ impl Shared {
         };
         let token = client.cancel_token();
         let tls = self.tls.clone();
-        let unix = matches!(self.config.host, Host::Unix(_));
+        // A socket the pool opened itself: tokio-postgres does not know
+        // where to send the request, so the pool opens that socket too.
+        let direct = direct_socket(&self.config).then(|| self.config.clone());
         runtime.spawn(async move {
-            let sent = if unix {
-                token.cancel_query(NoTls).await
-            } else {
-                token.cancel_query(tls).await
+            let sent = match direct {
+                Some(config) => match Socket::open(&config).await {
+                    Ok(socket) => token.cancel_query_raw(socket, NoTls).await,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cancel request failed");
+                        return;
+                    }
+                },
+                None => token.cancel_query(tls).await,
             };
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "cancel request failed");
@@ -267,14 +284,37 @@ impl Shared {
     }
 
     /// Opens the session: TLS as configured over TCP, none over a Unix
-    /// socket. Returns the client and its connection's driver future.
-    async fn open(&self) -> Result<(tokio_postgres::Client, Driver), tokio_postgres::Error> {
-        if let Host::Unix(_) = self.config.host {
-            let (client, connection) = self.pg.connect(NoTls).await?;
-            return Ok((client, Box::pin(connection)));
+    /// socket. Returns the client, its connection's driver future and,
+    /// without TLS, the direct statement path on its socket (`wire.rs`).
+    async fn open(&self) -> Result<(Client, Driver, Option<Direct>), Error> {
+        if !direct_socket(&self.config) {
+            let (client, connection) = self
+                .pg
+                .connect(self.tls.clone())
+                .await
+                .map_err(|e| self.connect_error(e))?;
+            return Ok((client, Box::pin(connection), None));
         }
-        let (client, connection) = self.pg.connect(self.tls.clone()).await?;
-        Ok((client, Box::pin(connection)))
+        let socket = Socket::open(&self.config)
+            .await
+            .map_err(|e| self.unreachable(&e))?;
+        let (wire, direct) = wire::split(socket);
+        let (client, connection) = self
+            .pg
+            .connect_raw(wire, NoTls)
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        direct.start();
+        Ok((client, Box::pin(connection), Some(direct)))
+    }
+
+    /// P1001 for a socket that could not be opened, worded as
+    /// tokio-postgres words it.
+    fn unreachable(&self, e: &io::Error) -> Error {
+        Error::Unreachable {
+            address: self.config.address(),
+            reason: format!("error connecting to server: {e}"),
+        }
     }
 
     /// Whether an idle connection has outlived a lifetime (for the reaper).
@@ -493,6 +533,8 @@ fn escape_option(value: &str) -> String {
 /// One server connection as the pool keeps it.
 pub struct ClientConn {
     pub(crate) client: Client,
+    /// Cached statements run on the socket directly (no TLS only).
+    pub(super) direct: Option<Direct>,
     /// Prepared statements by SQL text, least recently used evicted. Written
     /// by hand over `lru` because tokio-postgres caches nothing and
     /// deadpool-postgres's cache is unbounded; evicting drops the
@@ -540,9 +582,10 @@ impl Drop for ClientConn {
 }
 
 impl ClientConn {
-    pub(crate) fn new(
+    pub(super) fn new(
         shared: Weak<Shared>,
         client: Client,
+        direct: Option<Direct>,
         id: u64,
         pid: i32,
         cache_size: usize,
@@ -551,6 +594,7 @@ impl ClientConn {
         let now = Instant::now();
         ClientConn {
             client,
+            direct,
             statements: NonZeroUsize::new(cache_size).map(LruCache::new),
             id,
             pid,

@@ -10,6 +10,7 @@ mod params;
 mod pipeline;
 mod stats;
 mod tls;
+mod wire;
 
 use std::future::Future;
 use std::sync::{Arc, Weak};

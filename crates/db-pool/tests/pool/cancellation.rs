@@ -123,3 +123,26 @@ async fn caller_dropped_while_waiting_leaves_no_trace() {
     let s = pool.stats();
     assert_eq!((s.open, s.in_use, s.idle), (1, 1, 0));
 }
+
+/// A statement whose caller gave up is still answered on the wire: the
+/// next statement on the same connection gets its own rows, not that
+/// answer (a cached statement runs on the socket directly only while
+/// nothing else is being answered there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_statement_after_a_cancelled_one_gets_its_own_rows() {
+    let db = TestDatabase::create().await;
+    let (pool, _app) = pool(&db, "connection_limit=1");
+    let mut conn = pool.get().await.unwrap();
+    // Prepared and cached by the first run.
+    conn.query("SELECT $1::int AS n", &[&1i32]).await.unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        conn.query_typed("SELECT 7 AS n FROM pg_sleep(0.5)", &[]),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    for n in 2..5i32 {
+        let row = conn.query_one("SELECT $1::int AS n", &[&n]).await.unwrap();
+        assert_eq!(row.get::<_, i32>("n"), n);
+    }
+}

@@ -86,7 +86,11 @@ async fn a_terminated_pooled_backend_is_never_handed_out() {
     ));
     for round in 0..5 {
         let conns: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
-        drop(conns);
+        // A statement on each first: run on the socket directly, it must
+        // leave the connection's driver watching the socket again.
+        for c in conns {
+            c.unwrap().query("SELECT 1", &[]).await.unwrap();
+        }
         // Kill every idle pooled backend, waiting until each has exited.
         admin
             .execute(

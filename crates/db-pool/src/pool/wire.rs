@@ -1,0 +1,630 @@
+//! The direct statement path: a connection's socket shared between
+//! tokio-postgres's driver task and the caller holding the connection.
+//!
+//! tokio-postgres hands every statement from the caller's task to the
+//! connection's driver task and back through channels: about 11,000
+//! instructions per statement counted with callgrind, more than libpq's
+//! whole client spends (BENCHMARKS.md, "Instructions per statement"). No
+//! crate offers a lighter path on a tokio-postgres connection, so this one
+//! is written here: the pool opens the socket itself and gives
+//! tokio-postgres a wrapper of it ([`Wire`]). Everything except a cached
+//! prepared statement on a checked-out connection still goes through
+//! tokio-postgres (connecting, preparing, simple queries, `BEGIN`/`COMMIT`,
+//! cancel requests, pipelined lanes). That one statement instead borrows the
+//! socket ([`Direct::run`]): Bind/Execute/Sync written and the answer read
+//! in the caller's own task, as libpq does.
+//!
+//! The borrow is taken only while tokio-postgres is quiet on the wire: the
+//! wrapper counts, frame by frame, the requests tokio-postgres sent that end
+//! in ReadyForQuery (Sync, Query) against the ReadyForQuery messages it read.
+//! While one of tokio-postgres's answers is still coming (a cancelled
+//! caller's, a `prepare` that returned before its ReadyForQuery) the caller
+//! takes the normal path. While borrowed, the driver's reads and writes
+//! wait; afterwards its read interest is registered again, so a server that
+//! closes the connection is still noticed at once. A direct statement
+//! abandoned halfway (its caller dropped, `socket_timeout`) leaves the
+//! protocol in an unknown state: the connection is then closed for both.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::types::IsNull;
+use tokio_postgres::{Row, Statement};
+
+use super::conn::Want;
+use super::params::Param;
+use crate::config::{Host, PoolConfig};
+
+/// A server connection's socket, opened by the pool (so that it can be
+/// shared) rather than by tokio-postgres.
+pub(super) enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    /// Connects as tokio-postgres would: every address of the host in turn,
+    /// `TCP_NODELAY`, and the configured keepalives and `tcp_user_timeout`.
+    pub(super) async fn open(cfg: &PoolConfig) -> io::Result<Socket> {
+        let host = match &cfg.host {
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{}", cfg.port));
+                return UnixStream::connect(path).await.map(Socket::Unix);
+            }
+            Host::Tcp(host) => host,
+        };
+        let mut last = None;
+        for addr in tokio::net::lookup_host((host.as_str(), cfg.port)).await? {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    configure(&stream, cfg)?;
+                    return Ok(Socket::Tcp(stream));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "the host name has no address")
+        }))
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Socket::Tcp(s) => s.poll_read_ready(cx),
+            Socket::Unix(s) => s.poll_read_ready(cx),
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The socket options tokio-postgres sets on the sockets it opens.
+fn configure(stream: &TcpStream, cfg: &PoolConfig) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
+    if cfg.keepalives {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(cfg.keepalives_idle)
+            .with_interval(cfg.keepalives_interval)
+            .with_retries(cfg.keepalives_count);
+        socket.set_tcp_keepalive(&keepalive)?;
+    }
+    if let Some(limit) = cfg.tcp_user_timeout {
+        socket.set_tcp_user_timeout(Some(limit))?;
+    }
+    Ok(())
+}
+
+/// Where a stream of protocol messages is: inside a frame (bytes left) or
+/// between frames (a header partly seen). Tracks frames without keeping
+/// them: a few instructions per chunk read or written.
+#[derive(Default)]
+struct Frames {
+    header: [u8; 5],
+    have: usize,
+    left: usize,
+}
+
+impl Frames {
+    /// Follows `data`, calling `on_frame` with each frame's type byte.
+    fn feed(&mut self, mut data: &[u8], mut on_frame: impl FnMut(u8)) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(data.len());
+                self.left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                self.left = (len as usize).saturating_sub(4);
+                self.have = 0;
+                on_frame(self.header[0]);
+            }
+        }
+    }
+
+    fn between_frames(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+}
+
+struct State {
+    io: Socket,
+    /// Frames are counted once tokio-postgres has finished the startup
+    /// exchange (whose first message has no type byte).
+    tracking: bool,
+    /// Requests tokio-postgres sent whose ReadyForQuery it has not read.
+    outstanding: u64,
+    sent: Frames,
+    received: Frames,
+    /// A direct statement is using the socket.
+    borrowed: bool,
+    /// A direct statement was abandoned halfway: the connection is lost.
+    poisoned: bool,
+    /// The driver task's waker, from its last poll that found nothing.
+    driver: Option<Waker>,
+    /// The driver was turned away while borrowed: wake it afterwards.
+    driver_parked: bool,
+}
+
+impl State {
+    fn remember_driver(&mut self, cx: &Context<'_>) {
+        if !self
+            .driver
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            self.driver = Some(cx.waker().clone());
+        }
+    }
+
+    /// The driver may not touch the socket now (borrowed), or ever again
+    /// (poisoned).
+    fn turn_driver_away(&mut self, cx: &Context<'_>) -> Option<io::Error> {
+        if self.poisoned {
+            return Some(abandoned());
+        }
+        if self.borrowed {
+            self.remember_driver(cx);
+            self.driver_parked = true;
+        }
+        None
+    }
+}
+
+fn abandoned() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed: a statement was abandoned halfway through",
+    )
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // Every critical section leaves the state consistent.
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// tokio-postgres's end of the socket.
+pub(super) struct Wire(Arc<Mutex<State>>);
+
+/// The pool's end: runs statements directly while tokio-postgres is quiet.
+pub(super) struct Direct {
+    state: Arc<Mutex<State>>,
+    /// The request being written, kept for its capacity.
+    out: BytesMut,
+    /// Bytes read and not yet parsed.
+    input: BytesMut,
+}
+
+/// The two ends of a socket.
+pub(super) fn split(io: Socket) -> (Wire, Direct) {
+    let state = Arc::new(Mutex::new(State {
+        io,
+        tracking: false,
+        outstanding: 0,
+        sent: Frames::default(),
+        received: Frames::default(),
+        borrowed: false,
+        poisoned: false,
+        driver: None,
+        driver_parked: false,
+    }));
+    let direct = Direct {
+        state: state.clone(),
+        out: BytesMut::with_capacity(512),
+        input: BytesMut::with_capacity(8192),
+    };
+    (Wire(state), direct)
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut guard = lock(&self.0);
+        let st = &mut *guard;
+        if let Some(e) = st.turn_driver_away(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if st.borrowed {
+            return Poll::Pending;
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut st.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if st.tracking {
+                    let outstanding = &mut st.outstanding;
+                    st.received.feed(&buf.filled()[before..], |tag| {
+                        if tag == b'Z' {
+                            *outstanding = outstanding.saturating_sub(1);
+                        }
+                    });
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                st.remember_driver(cx);
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut guard = lock(&self.0);
+        let st = &mut *guard;
+        if let Some(e) = st.turn_driver_away(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if st.borrowed {
+            return Poll::Pending;
+        }
+        match Pin::new(&mut st.io).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                if st.tracking {
+                    let outstanding = &mut st.outstanding;
+                    // Sync ends an extended-protocol request, Query a simple
+                    // one: each is answered by one ReadyForQuery.
+                    st.sent.feed(&buf[..n], |tag| {
+                        if tag == b'S' || tag == b'Q' {
+                            *outstanding += 1;
+                        }
+                    });
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => {
+                st.remember_driver(cx);
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut guard = lock(&self.0);
+        let st = &mut *guard;
+        if let Some(e) = st.turn_driver_away(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if st.borrowed {
+            return Poll::Pending;
+        }
+        Pin::new(&mut st.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut guard = lock(&self.0);
+        let st = &mut *guard;
+        if st.poisoned {
+            return Poll::Ready(Ok(()));
+        }
+        if st.turn_driver_away(cx).is_none() && st.borrowed {
+            return Poll::Pending;
+        }
+        Pin::new(&mut st.io).poll_shutdown(cx)
+    }
+}
+
+/// How a direct statement ended.
+pub(super) enum Outcome {
+    /// The rows (when asked for) and the count of rows affected.
+    Done(Vec<Row>, u64),
+    /// The server refused the statement; the connection is fine.
+    Server(tokio_postgres::Error),
+    /// The connection is lost (closed by the server, or a protocol error).
+    Lost(io::Error),
+}
+
+impl Direct {
+    /// tokio-postgres has finished the startup exchange: frames from here on
+    /// are counted.
+    pub(super) fn start(&self) {
+        lock(&self.state).tracking = true;
+    }
+
+    /// Runs `stmt` with `params` on the socket in the caller's task. `None`
+    /// when it cannot run directly now (tokio-postgres is still reading an
+    /// answer) or its parameters do not fit the statement: the caller then
+    /// takes tokio-postgres's path, which also reports bad parameters with
+    /// tokio-postgres's own errors.
+    pub(super) async fn run(
+        &mut self,
+        stmt: &Statement,
+        params: &[Param<'_>],
+        want: Want,
+    ) -> Option<Outcome> {
+        let Direct { state, out, input } = self;
+        out.clear();
+        if !encode(out, stmt, params) {
+            return None;
+        }
+        {
+            let mut st = lock(state);
+            let quiet = st.tracking
+                && st.outstanding == 0
+                && st.sent.between_frames()
+                && st.received.between_frames();
+            if !quiet || st.borrowed || st.poisoned {
+                return None;
+            }
+            st.borrowed = true;
+        }
+        let mut borrow = Borrow {
+            state,
+            finished: false,
+        };
+        let want_rows = matches!(want, Want::Rows);
+        let outcome = exchange(state, out, input, stmt, want_rows).await;
+        borrow.finished = !matches!(outcome, Outcome::Lost(_));
+        drop(borrow);
+        Some(outcome)
+    }
+}
+
+/// Bind (unnamed portal, binary results), Execute, Sync; `false` when the
+/// parameters do not fit the statement.
+fn encode(out: &mut BytesMut, stmt: &Statement, params: &[Param<'_>]) -> bool {
+    let types = stmt.params();
+    if params.len() != types.len() {
+        return false;
+    }
+    let formats = params
+        .iter()
+        .zip(types)
+        .map(|(p, ty)| p.encode_format(ty) as i16);
+    let bound = frontend::bind(
+        "",
+        stmt.name(),
+        formats,
+        params.iter().zip(types),
+        |(p, ty), buf| match p.to_sql_checked(ty, buf) {
+            Ok(IsNull::No) => Ok(postgres_protocol::IsNull::No),
+            Ok(IsNull::Yes) => Ok(postgres_protocol::IsNull::Yes),
+            Err(e) => Err(e),
+        },
+        Some(1),
+        out,
+    );
+    if bound.is_err() || frontend::execute("", 0, out).is_err() {
+        return false;
+    }
+    frontend::sync(out);
+    true
+}
+
+/// Writes the request and reads its answer up to ReadyForQuery.
+async fn exchange(
+    state: &Mutex<State>,
+    out: &[u8],
+    input: &mut BytesMut,
+    stmt: &Statement,
+    want_rows: bool,
+) -> Outcome {
+    let mut written = 0;
+    while written < out.len() {
+        let wrote = std::future::poll_fn(|cx| {
+            Pin::new(&mut lock(state).io).poll_write(cx, &out[written..])
+        })
+        .await;
+        match wrote {
+            Ok(0) => return Outcome::Lost(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) => return Outcome::Lost(e),
+        }
+    }
+    let mut rows = Vec::new();
+    let mut affected = 0;
+    let mut refused = None;
+    loop {
+        let message = match Message::parse(input) {
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                if let Err(e) = read_more(state, input).await {
+                    return Outcome::Lost(e);
+                }
+                continue;
+            }
+            Err(e) => return Outcome::Lost(e),
+        };
+        match message {
+            Message::BindComplete | Message::EmptyQueryResponse => {}
+            Message::DataRow(body) => {
+                if want_rows {
+                    match Row::new(stmt.clone(), body) {
+                        Ok(row) => rows.push(row),
+                        Err(e) => return Outcome::Lost(io::Error::other(e)),
+                    }
+                }
+            }
+            Message::CommandComplete(body) => {
+                affected = body
+                    .tag()
+                    .ok()
+                    .and_then(|tag| tag.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+            }
+            Message::ErrorResponse(body) => {
+                refused.get_or_insert_with(|| tokio_postgres::Error::db(body));
+            }
+            Message::ReadyForQuery(_) => {
+                return match refused {
+                    Some(e) => Outcome::Server(e),
+                    None => Outcome::Done(rows, affected),
+                };
+            }
+            // Logged as tokio-postgres's driver logs them.
+            Message::NoticeResponse(body) => log_notice(&body),
+            // What tokio-postgres's driver would pass to a `Connection`
+            // poller, which the pool does not have.
+            Message::ParameterStatus(_) | Message::NotificationResponse(_) => {}
+            _ => {
+                return Outcome::Lost(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unexpected message from the server",
+                ))
+            }
+        }
+    }
+}
+
+/// Logs a notice ("WARNING: there is no transaction in progress") as
+/// tokio-postgres's driver does.
+fn log_notice(body: &postgres_protocol::message::backend::NoticeResponseBody) {
+    let (mut severity, mut message) = (String::new(), String::new());
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        match field.type_() {
+            b'S' => severity = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            _ => {}
+        }
+    }
+    tracing::info!("{severity}: {message}");
+}
+
+/// Reads what the socket has into `input`; end of stream is an error.
+async fn read_more(state: &Mutex<State>, input: &mut BytesMut) -> io::Result<()> {
+    if input.capacity() - input.len() < 4096 {
+        input.reserve(8192);
+    }
+    let n = std::future::poll_fn(|cx| {
+        let mut st = lock(state);
+        tokio_util::io::poll_read_buf(Pin::new(&mut st.io), cx, input)
+    })
+    .await?;
+    if n == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Gives the socket back to the driver when a direct statement ends,
+/// however it ends.
+struct Borrow<'a> {
+    state: &'a Mutex<State>,
+    finished: bool,
+}
+
+impl Drop for Borrow<'_> {
+    fn drop(&mut self) {
+        let mut guard = lock(self.state);
+        let st = &mut *guard;
+        st.borrowed = false;
+        if !self.finished {
+            st.poisoned = true;
+        }
+        let Some(driver) = st.driver.as_ref() else {
+            return;
+        };
+        if st.poisoned || std::mem::take(&mut st.driver_parked) {
+            driver.wake_by_ref();
+            return;
+        }
+        // This caller's reads took the socket's read interest from the
+        // driver: register the driver's again, or wake it if something
+        // (a notice, the server closing) is already there.
+        if st
+            .io
+            .poll_read_ready(&mut Context::from_waker(driver))
+            .is_ready()
+        {
+            driver.wake_by_ref();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_followed_across_any_split() {
+        // Sync, Query "SELECT 1", Parse, Sync, cut into chunks of every
+        // size: the same four frames seen each time.
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        wire.push(b'Q');
+        wire.extend_from_slice(&13u32.to_be_bytes());
+        wire.extend_from_slice(b"SELECT 1\0");
+        wire.extend_from_slice(&[b'P', 0, 0, 0, 6, 0, 0]);
+        wire.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        for chunk in 1..wire.len() {
+            let mut frames = Frames::default();
+            let mut tags = Vec::new();
+            for piece in wire.chunks(chunk) {
+                frames.feed(piece, |t| tags.push(t));
+            }
+            assert_eq!(tags, b"SQPS", "chunks of {chunk}");
+            assert!(frames.between_frames());
+        }
+        let mut frames = Frames::default();
+        frames.feed(&wire[..7], |_| {});
+        assert!(!frames.between_frames());
+    }
+}
