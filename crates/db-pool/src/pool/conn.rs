@@ -288,8 +288,11 @@ impl Conn {
                 }
                 .map_err(query_error);
             };
-            let stmt = cached_statement(cache, counters, client, sql).await?;
+            let (stmt, evicted) = cached_statement(cache, counters, client, sql).await?;
             if let Some(direct) = direct {
+                if evicted {
+                    direct.closing_statement();
+                }
                 if let Some(outcome) = direct.run(&stmt, params, want).await {
                     return match outcome {
                         Outcome::Done(rows, count) => Ok(match want {
@@ -315,25 +318,27 @@ impl Conn {
 }
 
 /// `sql`'s prepared statement from the connection's cache, prepared (and
-/// cached, evicting the least recently used) on a miss.
+/// cached, evicting the least recently used) on a miss; and whether a
+/// statement was evicted.
 async fn cached_statement(
     cache: &mut LruCache<String, Statement>,
     counters: &Counters,
     client: &Client,
     sql: &str,
-) -> Result<Statement, Error> {
+) -> Result<(Statement, bool), Error> {
     if let Some(stmt) = cache.get(sql) {
         Counters::inc(&counters.statement_cache_hits);
-        return Ok(stmt.clone());
+        return Ok((stmt.clone(), false));
     }
     Counters::inc(&counters.statement_cache_misses);
     let stmt = client.prepare(sql).await.map_err(query_error)?;
     // Only pushed after a miss, so what comes back is an eviction; dropping
     // the evicted statement closes it on the server.
-    if cache.push(sql.to_owned(), stmt.clone()).is_some() {
+    let evicted = cache.push(sql.to_owned(), stmt.clone()).is_some();
+    if evicted {
         Counters::inc(&counters.statement_cache_evictions);
     }
-    Ok(stmt)
+    Ok((stmt, evicted))
 }
 
 /// Runs one statement's future under `socket_timeout`, keeping the

@@ -21,6 +21,7 @@ use lru::LruCache;
 use rand::Rng;
 use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, NoTls, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -28,7 +29,7 @@ use super::attempts::{Attempts, Gate, Handoff};
 use super::observe::Observer;
 use super::stats::{CloseReason, Counters};
 use super::tls;
-use super::wire::{self, Direct, Socket};
+use super::wire::{self, Direct, Socket, Wire};
 use crate::config::{Host, PoolConfig};
 use crate::error::Error;
 
@@ -55,13 +56,6 @@ pub(crate) struct Shared {
     /// ones still checked out when its deadline passes.
     drivers: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
-}
-
-/// Whether connections open their socket themselves and run cached
-/// statements directly on it (`wire.rs`): without TLS (a Unix socket, or
-/// `sslmode=disable`), where the socket is the byte stream.
-fn direct_socket(config: &PoolConfig) -> bool {
-    matches!(config.host, Host::Unix(_)) || config.sslmode == crate::config::SslMode::Disable
 }
 
 /// A connection's driver: runs until the session ends.
@@ -246,14 +240,14 @@ impl Shared {
     /// returned mid-statement (its caller was cancelled: the server may
     /// still be running the statement, so it is cancelled there too).
     pub fn unusable(&self, conn: &ClientConn) -> bool {
-        if conn.flags.broken || conn.client.is_closed() {
-            return true;
-        }
         if conn.flags.in_flight {
+            // Also when the session is already closed on this side (a
+            // direct statement abandoned halfway closes it): the server
+            // does not notice until its statement ends.
             self.cancel(&conn.client);
             return true;
         }
-        false
+        conn.flags.broken || conn.client.is_closed()
     }
 
     /// Sends a cancel request for whatever the connection is running.
@@ -262,20 +256,30 @@ impl Shared {
             return;
         };
         let token = client.cancel_token();
-        let tls = self.tls.clone();
-        // A socket the pool opened itself: tokio-postgres does not know
-        // where to send the request, so the pool opens that socket too.
-        let direct = direct_socket(&self.config).then(|| self.config.clone());
+        let mut tls = self.tls.clone();
+        // The pool opened the connection's socket itself, so tokio-postgres
+        // does not know where to send the request: the pool opens that
+        // socket too, and tokio-postgres negotiates TLS on it as it did for
+        // the session.
+        let config = self.config.clone();
         runtime.spawn(async move {
-            let sent = match direct {
-                Some(config) => match Socket::open(&config).await {
-                    Ok(socket) => token.cancel_query_raw(socket, NoTls).await,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cancel request failed");
-                        return;
+            let sent = match Socket::open(&config).await {
+                Err(e) => {
+                    tracing::debug!(error = %e, "cancel request failed");
+                    return;
+                }
+                Ok(socket) => match &config.host {
+                    Host::Unix(_) => token.cancel_query_raw(socket, NoTls).await,
+                    Host::Tcp(host) => {
+                        match MakeTlsConnect::<Socket>::make_tls_connect(&mut tls, host) {
+                            Ok(tls) => token.cancel_query_raw(socket, tls).await,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "cancel request failed");
+                                return;
+                            }
+                        }
                     }
                 },
-                None => token.cancel_query(tls).await,
             };
             if let Err(e) = sent {
                 tracing::debug!(error = %e, "cancel request failed");
@@ -283,29 +287,33 @@ impl Shared {
         });
     }
 
-    /// Opens the session: TLS as configured over TCP, none over a Unix
+    /// Opens the session on a socket the pool opens itself: TLS as
+    /// configured over TCP (negotiated by tokio-postgres), none over a Unix
     /// socket. Returns the client, its connection's driver future and,
-    /// without TLS, the direct statement path on its socket (`wire.rs`).
+    /// unless the session is encrypted, the direct statement path on its
+    /// socket (`wire.rs`).
     async fn open(&self) -> Result<(Client, Driver, Option<Direct>), Error> {
-        if !direct_socket(&self.config) {
-            let (client, connection) = self
-                .pg
-                .connect(self.tls.clone())
-                .await
-                .map_err(|e| self.connect_error(e))?;
-            return Ok((client, Box::pin(connection), None));
-        }
         let socket = Socket::open(&self.config)
             .await
             .map_err(|e| self.unreachable(&e))?;
         let (wire, direct) = wire::split(socket);
-        let (client, connection) = self
-            .pg
-            .connect_raw(wire, NoTls)
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        direct.start();
-        Ok((client, Box::pin(connection), Some(direct)))
+        let opened = match &self.config.host {
+            Host::Unix(_) => self
+                .pg
+                .connect_raw(wire, NoTls)
+                .await
+                .map(|(client, connection)| (client, Box::pin(connection) as Driver)),
+            Host::Tcp(host) => {
+                let tls = MakeTlsConnect::<Wire>::make_tls_connect(&mut self.tls.clone(), host)
+                    .map_err(|e| Error::Tls(format!("{host} is not a valid server name: {e}")))?;
+                self.pg
+                    .connect_raw(wire, direct.encrypting(tls))
+                    .await
+                    .map(|(client, connection)| (client, Box::pin(connection) as Driver))
+            }
+        };
+        let (client, driver) = opened.map_err(|e| self.connect_error(e))?;
+        Ok((client, driver, direct.start()))
     }
 
     /// P1001 for a socket that could not be opened, worded as
@@ -533,7 +541,7 @@ fn escape_option(value: &str) -> String {
 /// One server connection as the pool keeps it.
 pub struct ClientConn {
     pub(crate) client: Client,
-    /// Cached statements run on the socket directly (no TLS only).
+    /// Cached statements run on the socket directly (unencrypted sessions).
     pub(super) direct: Option<Direct>,
     /// Prepared statements by SQL text, least recently used evicted. Written
     /// by hand over `lru` because tokio-postgres caches nothing and

@@ -6,13 +6,16 @@
 //! instructions per statement counted with callgrind, more than libpq's
 //! whole client spends (BENCHMARKS.md, "Instructions per statement"). No
 //! crate offers a lighter path on a tokio-postgres connection, so this one
-//! is written here: the pool opens the socket itself and gives
-//! tokio-postgres a wrapper of it ([`Wire`]). Everything except a cached
-//! prepared statement on a checked-out connection still goes through
-//! tokio-postgres (connecting, preparing, simple queries, `BEGIN`/`COMMIT`,
-//! cancel requests, pipelined lanes). That one statement instead borrows the
-//! socket ([`Direct::run`]): Bind/Execute/Sync written and the answer read
-//! in the caller's own task, as libpq does.
+//! is written here: the pool opens every socket itself and gives
+//! tokio-postgres a wrapper of it ([`Wire`]), on which tokio-postgres does
+//! everything it did before (startup, TLS, authentication, preparing,
+//! simple queries, `BEGIN`/`COMMIT`, pipelined lanes). On an unencrypted
+//! session (a Unix socket, `sslmode=disable`, or `prefer` with a server
+//! without TLS) a cached prepared statement on a checked-out connection
+//! instead borrows the socket ([`Direct::run`]): Bind/Execute/Sync written
+//! and the answer read in the caller's own task, as libpq does. An
+//! encrypted session stays on tokio-postgres's path throughout (its TLS
+//! stream, with SCRAM channel binding, is tokio-postgres-rustls's).
 //!
 //! The borrow is taken only while tokio-postgres is quiet on the wire: the
 //! wrapper counts, frame by frame, the requests tokio-postgres sent that end
@@ -36,6 +39,7 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::tls::TlsConnect;
 use tokio_postgres::types::IsNull;
 use tokio_postgres::{Row, Statement};
 
@@ -189,13 +193,20 @@ struct State {
     /// Frames are counted once tokio-postgres has finished the startup
     /// exchange (whose first message has no type byte).
     tracking: bool,
+    /// TLS was negotiated: the socket carries ciphertext, written and read
+    /// by tokio-postgres's TLS stream only.
+    encrypted: bool,
     /// Requests tokio-postgres sent whose ReadyForQuery it has not read.
     outstanding: u64,
+    /// Statements the pool evicted whose Close tokio-postgres has queued
+    /// but not yet written: the Close goes first, as it was asked first.
+    closes_queued: u64,
     sent: Frames,
     received: Frames,
     /// A direct statement is using the socket.
     borrowed: bool,
-    /// A direct statement was abandoned halfway: the connection is lost.
+    /// A direct statement was abandoned halfway, or the driver ended: the
+    /// connection is lost.
     poisoned: bool,
     /// The driver task's waker, from its last poll that found nothing.
     driver: Option<Waker>,
@@ -243,6 +254,21 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 /// tokio-postgres's end of the socket.
 pub(super) struct Wire(Arc<Mutex<State>>);
 
+impl Drop for Wire {
+    /// The driver ended (the session closed, or `Pool::close` aborted it):
+    /// the socket closes now, although the pool's end still holds it.
+    fn drop(&mut self) {
+        let mut st = lock(&self.0);
+        st.poisoned = true;
+        let socket = match &st.io {
+            Socket::Tcp(s) => socket2::SockRef::from(s),
+            Socket::Unix(s) => socket2::SockRef::from(s),
+        };
+        // Already closed by the peer: nothing left to do.
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 /// The pool's end: runs statements directly while tokio-postgres is quiet.
 pub(super) struct Direct {
     state: Arc<Mutex<State>>,
@@ -257,7 +283,9 @@ pub(super) fn split(io: Socket) -> (Wire, Direct) {
     let state = Arc::new(Mutex::new(State {
         io,
         tracking: false,
+        encrypted: false,
         outstanding: 0,
+        closes_queued: 0,
         sent: Frames::default(),
         received: Frames::default(),
         borrowed: false,
@@ -326,13 +354,13 @@ impl AsyncWrite for Wire {
         match Pin::new(&mut st.io).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
                 if st.tracking {
-                    let outstanding = &mut st.outstanding;
+                    let (outstanding, closes) = (&mut st.outstanding, &mut st.closes_queued);
                     // Sync ends an extended-protocol request, Query a simple
                     // one: each is answered by one ReadyForQuery.
-                    st.sent.feed(&buf[..n], |tag| {
-                        if tag == b'S' || tag == b'Q' {
-                            *outstanding += 1;
-                        }
+                    st.sent.feed(&buf[..n], |tag| match tag {
+                        b'S' | b'Q' => *outstanding += 1,
+                        b'C' => *closes = closes.saturating_sub(1),
+                        _ => {}
                     });
                 }
                 Poll::Ready(Ok(n))
@@ -370,6 +398,26 @@ impl AsyncWrite for Wire {
     }
 }
 
+/// A TLS connector that marks the socket encrypted when tokio-postgres
+/// starts the handshake, so the direct path stays closed on it. The
+/// handshake and the session's TLS (with SCRAM channel binding) remain
+/// tokio-postgres-rustls's.
+pub(super) struct Encrypting<T> {
+    inner: T,
+    state: Arc<Mutex<State>>,
+}
+
+impl<T: TlsConnect<Wire>> TlsConnect<Wire> for Encrypting<T> {
+    type Stream = T::Stream;
+    type Error = T::Error;
+    type Future = T::Future;
+
+    fn connect(self, stream: Wire) -> T::Future {
+        lock(&self.state).encrypted = true;
+        self.inner.connect(stream)
+    }
+}
+
 /// How a direct statement ended.
 pub(super) enum Outcome {
     /// The rows (when asked for) and the count of rows affected.
@@ -382,9 +430,31 @@ pub(super) enum Outcome {
 
 impl Direct {
     /// tokio-postgres has finished the startup exchange: frames from here on
-    /// are counted.
-    pub(super) fn start(&self) {
-        lock(&self.state).tracking = true;
+    /// are counted, and the direct path is open, unless the session is
+    /// encrypted (then the wrapper only passes bytes through).
+    pub(super) fn start(self) -> Option<Direct> {
+        let mut st = lock(&self.state);
+        if st.encrypted {
+            return None;
+        }
+        st.tracking = true;
+        drop(st);
+        Some(self)
+    }
+
+    /// A statement was evicted from the cache: tokio-postgres queued its
+    /// Close, which must reach the server before the next direct statement.
+    pub(super) fn closing_statement(&self) {
+        lock(&self.state).closes_queued += 1;
+    }
+
+    /// `tls`, marking the session encrypted if tokio-postgres uses it (the
+    /// server accepted TLS).
+    pub(super) fn encrypting<T>(&self, tls: T) -> Encrypting<T> {
+        Encrypting {
+            inner: tls,
+            state: self.state.clone(),
+        }
     }
 
     /// Runs `stmt` with `params` on the socket in the caller's task. `None`
@@ -407,6 +477,7 @@ impl Direct {
             let mut st = lock(state);
             let quiet = st.tracking
                 && st.outstanding == 0
+                && st.closes_queued == 0
                 && st.sent.between_frames()
                 && st.received.between_frames();
             if !quiet || st.borrowed || st.poisoned {

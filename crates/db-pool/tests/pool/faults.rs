@@ -243,6 +243,27 @@ async fn sleeping(db: &TestDatabase, app: &str, query: &str) -> bool {
     .await
 }
 
+/// Whether everything the pool sent through `proxy` has been acknowledged
+/// (`ss` shows `unacked:` for a socket with data in flight). Keepalives
+/// probe only a socket with nothing in flight: a cut before the proxy's
+/// kernel acknowledged the statement (a delayed ACK, on a busy machine)
+/// leaves retransmission, not keepalives, to notice.
+async fn acknowledged(proxy: &FaultProxy) -> bool {
+    let filter = format!("( dport = :{} )", proxy.addr().port());
+    eventually(Duration::from_secs(10), || {
+        let filter = filter.clone();
+        async move {
+            let out = std::process::Command::new("ss")
+                .args(["-Htni", "state", "established", &filter])
+                .output()
+                .unwrap_or_else(|e| panic!("ss (Debian's iproute2): {e}"));
+            let text = String::from_utf8_lossy(&out.stdout);
+            !text.is_empty() && !text.contains("unacked:")
+        }
+    })
+    .await
+}
+
 /// A statement on a vanished host under the setting being tested.
 type Cut = tokio::task::JoinHandle<Result<(), db_pool::Error>>;
 
@@ -301,6 +322,10 @@ async fn keepalives_detect_a_host_that_vanished_during_a_statement() {
             assert!(
                 sleeping(db, &app, SLEEP).await,
                 "{params}: the statement runs"
+            );
+            assert!(
+                acknowledged(&proxy).await,
+                "{params}: the statement is acknowledged"
             );
             let cut = proxy.vanish().unwrap_or_else(|e| panic!("{e}"));
             (pool, proxy, query, cut)
