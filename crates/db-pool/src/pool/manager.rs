@@ -19,6 +19,7 @@ use std::pin::Pin;
 use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 use lru::LruCache;
 use rand::Rng;
+use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
@@ -29,7 +30,7 @@ use super::attempts::{Attempts, Gate, Handoff};
 use super::observe::Observer;
 use super::stats::{CloseReason, Counters};
 use super::tls;
-use super::wire::{self, Direct, Socket, Wire};
+use super::wire::{self, Direct, Socket, TlsBeneath};
 use crate::config::{Host, PoolConfig};
 use crate::error::Error;
 
@@ -136,7 +137,7 @@ impl Shared {
             Ok::<_, Error>(ClientConn::new(
                 Arc::downgrade(self),
                 client,
-                direct,
+                Some(direct),
                 id,
                 pid,
                 self.config.effective_statement_cache_size(),
@@ -289,10 +290,9 @@ impl Shared {
 
     /// Opens the session on a socket the pool opens itself: TLS as
     /// configured over TCP (negotiated by tokio-postgres), none over a Unix
-    /// socket. Returns the client, its connection's driver future and,
-    /// unless the session is encrypted, the direct statement path on its
-    /// socket (`wire.rs`).
-    async fn open(&self) -> Result<(Client, Driver, Option<Direct>), Error> {
+    /// socket. Returns the client, its connection's driver future and the
+    /// direct statement path on its socket (`wire.rs`).
+    async fn open(&self) -> Result<(Client, Driver, Direct), Error> {
         let socket = Socket::open(&self.config)
             .await
             .map_err(|e| self.unreachable(&e))?;
@@ -304,16 +304,20 @@ impl Shared {
                 .await
                 .map(|(client, connection)| (client, Box::pin(connection) as Driver)),
             Host::Tcp(host) => {
-                let tls = MakeTlsConnect::<Wire>::make_tls_connect(&mut self.tls.clone(), host)
-                    .map_err(|e| Error::Tls(format!("{host} is not a valid server name: {e}")))?;
+                let tls =
+                    MakeTlsConnect::<TcpStream>::make_tls_connect(&mut self.tls.clone(), host)
+                        .map_err(|e| {
+                            Error::Tls(format!("{host} is not a valid server name: {e}"))
+                        })?;
                 self.pg
-                    .connect_raw(wire, direct.encrypting(tls))
+                    .connect_raw(wire, TlsBeneath(tls))
                     .await
                     .map(|(client, connection)| (client, Box::pin(connection) as Driver))
             }
         };
         let (client, driver) = opened.map_err(|e| self.connect_error(e))?;
-        Ok((client, driver, direct.start()))
+        direct.start();
+        Ok((client, driver, direct))
     }
 
     /// P1001 for a socket that could not be opened, worded as
@@ -541,7 +545,7 @@ fn escape_option(value: &str) -> String {
 /// One server connection as the pool keeps it.
 pub struct ClientConn {
     pub(crate) client: Client,
-    /// Cached statements run on the socket directly (unencrypted sessions).
+    /// Cached statements run on the socket directly.
     pub(super) direct: Option<Direct>,
     /// Prepared statements by SQL text, least recently used evicted. Written
     /// by hand over `lru` because tokio-postgres caches nothing and

@@ -8,14 +8,14 @@
 //! crate offers a lighter path on a tokio-postgres connection, so this one
 //! is written here: the pool opens every socket itself and gives
 //! tokio-postgres a wrapper of it ([`Wire`]), on which tokio-postgres does
-//! everything it did before (startup, TLS, authentication, preparing,
-//! simple queries, `BEGIN`/`COMMIT`, pipelined lanes). On an unencrypted
-//! session (a Unix socket, `sslmode=disable`, or `prefer` with a server
-//! without TLS) a cached prepared statement on a checked-out connection
-//! instead borrows the socket ([`Direct::run`]): Bind/Execute/Sync written
-//! and the answer read in the caller's own task, as libpq does. An
-//! encrypted session stays on tokio-postgres's path throughout (its TLS
-//! stream, with SCRAM channel binding, is tokio-postgres-rustls's).
+//! everything it did before (startup, TLS negotiation, authentication,
+//! preparing, simple queries, `BEGIN`/`COMMIT`, pipelined lanes). When the
+//! server accepts TLS, the handshake puts the TLS stream (tokio-postgres-
+//! rustls's, whose channel binding SCRAM uses) beneath the wrapper, so the
+//! wrapper always carries plaintext messages. A cached prepared statement
+//! on a checked-out connection borrows the socket ([`Direct::run`]):
+//! Bind/Execute/Sync written and the answer read in the caller's own task,
+//! as libpq does.
 //!
 //! The borrow is taken only while tokio-postgres is quiet on the wire: the
 //! wrapper counts, frame by frame, the requests tokio-postgres sent that end
@@ -39,9 +39,10 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
-use tokio_postgres::tls::TlsConnect;
+use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::IsNull;
 use tokio_postgres::{Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::conn::Want;
 use super::params::Param;
@@ -52,6 +53,19 @@ use crate::config::{Host, PoolConfig};
 pub(super) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// TLS over TCP, once negotiated, and the TCP socket's descriptor
+    /// again (the TLS stream does not lend it) to shut it down with.
+    Tls(Box<TlsSocket>, socket2::Socket),
+    /// Moved out for the TLS handshake.
+    Handshaking,
+}
+
+/// tokio-postgres-rustls's TLS stream (its type is not exported by name).
+type TlsSocket =
+    <<MakeRustlsConnect as MakeTlsConnect<TcpStream>>::TlsConnect as TlsConnect<TcpStream>>::Stream;
+
+fn handshaking() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "TLS handshake in progress")
 }
 
 impl Socket {
@@ -80,10 +94,13 @@ impl Socket {
         }))
     }
 
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Registers `cx` for the socket's next bytes; `None` when that cannot
+    /// be done without reading (TLS may hold decrypted bytes already).
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Option<Poll<io::Result<()>>> {
         match self {
-            Socket::Tcp(s) => s.poll_read_ready(cx),
-            Socket::Unix(s) => s.poll_read_ready(cx),
+            Socket::Tcp(s) => Some(s.poll_read_ready(cx)),
+            Socket::Unix(s) => Some(s.poll_read_ready(cx)),
+            Socket::Tls(..) | Socket::Handshaking => None,
         }
     }
 }
@@ -97,6 +114,8 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s, _) => Pin::new(s).poll_read(cx, buf),
+            Socket::Handshaking => Poll::Ready(Err(handshaking())),
         }
     }
 }
@@ -110,6 +129,8 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s, _) => Pin::new(s).poll_write(cx, buf),
+            Socket::Handshaking => Poll::Ready(Err(handshaking())),
         }
     }
 
@@ -117,6 +138,8 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s, _) => Pin::new(s).poll_flush(cx),
+            Socket::Handshaking => Poll::Ready(Err(handshaking())),
         }
     }
 
@@ -124,6 +147,8 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s, _) => Pin::new(s).poll_shutdown(cx),
+            Socket::Handshaking => Poll::Ready(Ok(())),
         }
     }
 }
@@ -193,9 +218,6 @@ struct State {
     /// Frames are counted once tokio-postgres has finished the startup
     /// exchange (whose first message has no type byte).
     tracking: bool,
-    /// TLS was negotiated: the socket carries ciphertext, written and read
-    /// by tokio-postgres's TLS stream only.
-    encrypted: bool,
     /// Requests tokio-postgres sent whose ReadyForQuery it has not read.
     outstanding: u64,
     /// Statements the pool evicted whose Close tokio-postgres has queued
@@ -252,17 +274,34 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// tokio-postgres's end of the socket.
-pub(super) struct Wire(Arc<Mutex<State>>);
+pub(super) struct Wire {
+    state: Arc<Mutex<State>>,
+    /// Closes the socket when dropped (not the one handed to the TLS
+    /// handshake, which lives on as the session's stream).
+    armed: bool,
+}
+
+impl Wire {
+    fn disarm(mut self) -> Arc<Mutex<State>> {
+        self.armed = false;
+        self.state.clone()
+    }
+}
 
 impl Drop for Wire {
     /// The driver ended (the session closed, or `Pool::close` aborted it):
     /// the socket closes now, although the pool's end still holds it.
     fn drop(&mut self) {
-        let mut st = lock(&self.0);
+        if !self.armed {
+            return;
+        }
+        let mut st = lock(&self.state);
         st.poisoned = true;
         let socket = match &st.io {
             Socket::Tcp(s) => socket2::SockRef::from(s),
             Socket::Unix(s) => socket2::SockRef::from(s),
+            Socket::Tls(_, tcp) => socket2::SockRef::from(tcp),
+            Socket::Handshaking => return,
         };
         // Already closed by the peer: nothing left to do.
         let _ = socket.shutdown(std::net::Shutdown::Both);
@@ -283,7 +322,6 @@ pub(super) fn split(io: Socket) -> (Wire, Direct) {
     let state = Arc::new(Mutex::new(State {
         io,
         tracking: false,
-        encrypted: false,
         outstanding: 0,
         closes_queued: 0,
         sent: Frames::default(),
@@ -298,7 +336,7 @@ pub(super) fn split(io: Socket) -> (Wire, Direct) {
         out: BytesMut::with_capacity(512),
         input: BytesMut::with_capacity(8192),
     };
-    (Wire(state), direct)
+    (Wire { state, armed: true }, direct)
 }
 
 impl AsyncRead for Wire {
@@ -307,7 +345,7 @@ impl AsyncRead for Wire {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut guard = lock(&self.0);
+        let mut guard = lock(&self.state);
         let st = &mut *guard;
         if let Some(e) = st.turn_driver_away(cx) {
             return Poll::Ready(Err(e));
@@ -343,7 +381,7 @@ impl AsyncWrite for Wire {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut guard = lock(&self.0);
+        let mut guard = lock(&self.state);
         let st = &mut *guard;
         if let Some(e) = st.turn_driver_away(cx) {
             return Poll::Ready(Err(e));
@@ -374,7 +412,7 @@ impl AsyncWrite for Wire {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut guard = lock(&self.0);
+        let mut guard = lock(&self.state);
         let st = &mut *guard;
         if let Some(e) = st.turn_driver_away(cx) {
             return Poll::Ready(Err(e));
@@ -386,7 +424,7 @@ impl AsyncWrite for Wire {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut guard = lock(&self.0);
+        let mut guard = lock(&self.state);
         let st = &mut *guard;
         if st.poisoned {
             return Poll::Ready(Ok(()));
@@ -398,23 +436,41 @@ impl AsyncWrite for Wire {
     }
 }
 
-/// A TLS connector that marks the socket encrypted when tokio-postgres
-/// starts the handshake, so the direct path stays closed on it. The
-/// handshake and the session's TLS (with SCRAM channel binding) remain
-/// tokio-postgres-rustls's.
-pub(super) struct Encrypting<T> {
-    inner: T,
-    state: Arc<Mutex<State>>,
+/// The TLS connector tokio-postgres is given: after tokio-postgres has
+/// negotiated TLS on the wrapper, the handshake runs on the socket beneath
+/// it (tokio-postgres-rustls's, as before), and the same wrapper, now over
+/// the TLS stream, is the session's stream. Its channel binding is the TLS
+/// stream's.
+pub(super) struct TlsBeneath(
+    pub(super) <MakeRustlsConnect as MakeTlsConnect<TcpStream>>::TlsConnect,
+);
+
+impl TlsConnect<Wire> for TlsBeneath {
+    type Stream = Wire;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Wire>> + Send>>;
+
+    fn connect(self, wire: Wire) -> Self::Future {
+        Box::pin(async move {
+            let state = wire.disarm();
+            let socket = std::mem::replace(&mut lock(&state).io, Socket::Handshaking);
+            let Socket::Tcp(tcp) = socket else {
+                return Err(io::Error::other("TLS is negotiated over TCP only"));
+            };
+            let fd = socket2::SockRef::from(&tcp).try_clone()?;
+            let tls = self.0.connect(tcp).await?;
+            lock(&state).io = Socket::Tls(Box::new(tls), fd);
+            Ok(Wire { state, armed: true })
+        })
+    }
 }
 
-impl<T: TlsConnect<Wire>> TlsConnect<Wire> for Encrypting<T> {
-    type Stream = T::Stream;
-    type Error = T::Error;
-    type Future = T::Future;
-
-    fn connect(self, stream: Wire) -> T::Future {
-        lock(&self.state).encrypted = true;
-        self.inner.connect(stream)
+impl tokio_postgres::tls::TlsStream for Wire {
+    fn channel_binding(&self) -> ChannelBinding {
+        match &lock(&self.state).io {
+            Socket::Tls(s, _) => s.channel_binding(),
+            _ => ChannelBinding::none(),
+        }
     }
 }
 
@@ -430,31 +486,15 @@ pub(super) enum Outcome {
 
 impl Direct {
     /// tokio-postgres has finished the startup exchange: frames from here on
-    /// are counted, and the direct path is open, unless the session is
-    /// encrypted (then the wrapper only passes bytes through).
-    pub(super) fn start(self) -> Option<Direct> {
-        let mut st = lock(&self.state);
-        if st.encrypted {
-            return None;
-        }
-        st.tracking = true;
-        drop(st);
-        Some(self)
+    /// are counted.
+    pub(super) fn start(&self) {
+        lock(&self.state).tracking = true;
     }
 
     /// A statement was evicted from the cache: tokio-postgres queued its
     /// Close, which must reach the server before the next direct statement.
     pub(super) fn closing_statement(&self) {
         lock(&self.state).closes_queued += 1;
-    }
-
-    /// `tls`, marking the session encrypted if tokio-postgres uses it (the
-    /// server accepted TLS).
-    pub(super) fn encrypting<T>(&self, tls: T) -> Encrypting<T> {
-        Encrypting {
-            inner: tls,
-            state: self.state.clone(),
-        }
     }
 
     /// Runs `stmt` with `params` on the socket in the caller's task. `None`
@@ -547,6 +587,11 @@ async fn exchange(
             Ok(n) => written += n,
             Err(e) => return Outcome::Lost(e),
         }
+    }
+    // Sends what TLS still holds (nothing to do on a plain socket).
+    let flushed = std::future::poll_fn(|cx| Pin::new(&mut lock(state).io).poll_flush(cx)).await;
+    if let Err(e) = flushed {
+        return Outcome::Lost(e);
     }
     let mut rows = Vec::new();
     let mut affected = 0;
@@ -659,13 +704,10 @@ impl Drop for Borrow<'_> {
         }
         // This caller's reads took the socket's read interest from the
         // driver: register the driver's again, or wake it if something
-        // (a notice, the server closing) is already there.
-        if st
-            .io
-            .poll_read_ready(&mut Context::from_waker(driver))
-            .is_ready()
-        {
-            driver.wake_by_ref();
+        // (a notice, the server closing) is already there, or may be (TLS).
+        match st.io.poll_read_ready(&mut Context::from_waker(driver)) {
+            Some(Poll::Pending) => {}
+            _ => driver.wake_by_ref(),
         }
     }
 }

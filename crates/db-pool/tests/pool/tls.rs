@@ -68,16 +68,24 @@ impl TlsServer {
 }
 
 /// Whether the pool's connection is encrypted, as the server reports it.
+/// Asked three times: the first prepares the statement, the others run it
+/// on the socket directly (through the TLS stream when encrypted).
 async fn encrypted(url: &str) -> Result<bool, db_pool::Error> {
     let pool = pool_url(url);
     let mut conn = pool.get().await?;
-    Ok(conn
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await?
-        .get(0))
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(
+            conn.query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await?
+            .get::<_, bool>(0),
+        );
+    }
+    assert!(seen.iter().all(|s| *s == seen[0]), "{seen:?}");
+    Ok(seen[0])
 }
 
 #[tokio::test]
