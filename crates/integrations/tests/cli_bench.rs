@@ -72,6 +72,41 @@ async fn point_lookup_report_has_every_field() {
         ],
     ));
     assert_eq!(v["errors"], serde_json::json!({}));
+
+    // Split over 3 runtimes, each with its own pool: the connections are
+    // dealt out (2, 1, 1 of 4 here), every caller runs, and together they
+    // keep every connection busy, never more.
+    let url4 = format!("{}?connection_limit=4", db.url);
+    let v = json(&bench(
+        &url4,
+        &[
+            "--sql",
+            "SELECT n FROM t WHERE n = $1 AND pg_sleep(0.001) IS NOT NULL",
+            "--param-range",
+            "1..100",
+            "--concurrency",
+            "9",
+            "--duration",
+            "1",
+            "--runtimes",
+            "3",
+            "--json",
+        ],
+    ));
+    assert_eq!(v["errors"], serde_json::json!({}));
+    assert_eq!(v["runtimes"], 3);
+    assert_eq!(v["connection_limit"], 4);
+    assert_eq!(v["max_in_use"], 4, "9 callers keep all 4 connections busy");
+    assert!(v["ops"].as_u64().unwrap() > 9, "{v}");
+    let out = bench(
+        &url4,
+        &["--sql", "SELECT 1", "--runtimes", "2", "--threads", "0"],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--runtimes with --threads is refused"
+    );
 }
 
 #[tokio::test]

@@ -51,6 +51,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=1024))]
     threads: u16,
 
+    /// Split the run over this many threads, each with its own
+    /// single-threaded runtime, its own pool (connection_limit divided
+    /// among them) and its share of the callers: pgbench's model
+    /// (`pgbench -j N`, each thread owning its clients' connections) and
+    /// the thread-per-core one. 1 (the default): one pool for all callers.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), conflicts_with_all = ["threads", "sweep"])]
+    runtimes: u16,
+
     /// Run once per connection_limit in this list (e.g. 2,5,10,20,50) and
     /// print a table of throughput, p99 latency and p99 pool wait per size.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -124,6 +132,8 @@ pub struct Report {
     pub duration_secs: f64,
     /// Threads driving the callers (0: one per core).
     pub threads: u16,
+    /// Threads each with its own runtime and pool (1: one pool).
+    pub runtimes: u16,
 }
 
 /// Percentiles of a latency distribution.
@@ -425,6 +435,105 @@ impl Failed {
 /// $1 of a type the bench cannot bind).
 pub async fn bench(cfg: PoolConfig, args: &BenchArgs) -> Result<Report, Failed> {
     let limit = cfg.connection_limit;
+    let deadline = Instant::now() + Duration::from_secs(args.duration);
+    let started = Instant::now();
+    let (all, max_in_use) = if args.runtimes > 1 {
+        sharded(&cfg, args, deadline)?
+    } else {
+        shard(cfg, args, 0..args.concurrency, deadline).await?
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
+    let ops = all.latency_ns.len();
+    Ok(Report {
+        ops_per_sec: ops as f64 / elapsed,
+        ops,
+        latency_ms: Latency {
+            p50: ms(&all.latency_ns, 0.5),
+            p99: ms(&all.latency_ns, 0.99),
+            max: all.latency_ns.max() as f64 / 1e6,
+        },
+        pool_wait_ms: Waits {
+            p50: ms(&all.wait_ns, 0.5),
+            p99: ms(&all.wait_ns, 0.99),
+        },
+        pool_overhead_us: Waits {
+            p50: us(&all.overhead_ns, 0.5),
+            p99: us(&all.overhead_ns, 0.99),
+        },
+        errors: all.errors,
+        max_in_use,
+        connection_limit: limit,
+        concurrency: args.concurrency,
+        duration_secs: elapsed,
+        threads: args.threads,
+        runtimes: args.runtimes,
+    })
+}
+
+/// `--runtimes N`: N threads, each running [`shard`] on its own
+/// single-threaded runtime with its part of the connections and callers.
+/// Blocks the calling runtime's thread until they end (it has nothing else
+/// to do meanwhile).
+fn sharded(
+    cfg: &PoolConfig,
+    args: &BenchArgs,
+    deadline: Instant,
+) -> Result<(Recorder, usize), Failed> {
+    let n = u32::from(args.runtimes);
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let mut cfg = cfg.clone();
+                // Connections and callers dealt out as evenly as they go.
+                let (limit, share) = (cfg.connection_limit, n as usize);
+                cfg.connection_limit =
+                    (limit / share + usize::from((i as usize) < limit % share)).max(1);
+                let callers = args.concurrency * i / n..args.concurrency * (i + 1) / n;
+                scope.spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| Failed {
+                            message: format!("error: cannot start the async runtime: {e}"),
+                            invalid_input: false,
+                        })?;
+                    runtime.block_on(shard(cfg, args, callers, deadline))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Failed {
+                        message: "error: a bench thread panicked".into(),
+                        invalid_input: false,
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut all = Recorder::new();
+    let mut max_in_use = 0;
+    for result in results {
+        let (rec, max) = result?;
+        all.merge(rec);
+        // Each pool's own most at once, added: at most the true figure.
+        max_in_use += max;
+    }
+    Ok((all, max_in_use))
+}
+
+/// One pool and the callers numbered `callers`, until `deadline`: what
+/// they recorded and the most connections checked out at once.
+async fn shard(
+    cfg: PoolConfig,
+    args: &BenchArgs,
+    callers: std::ops::Range<u32>,
+    deadline: Instant,
+) -> Result<(Recorder, usize), Failed> {
     let pool = Pool::new(cfg).map_err(|e| Failed::server(&e))?;
     let binding = {
         let mut conn = pool.get().await.map_err(|e| Failed::server(&e))?;
@@ -437,13 +546,11 @@ pub async fn bench(cfg: PoolConfig, args: &BenchArgs) -> Result<Report, Failed> 
         binding(&types, args.param_range.is_some()).map_err(Failed::input)?
     };
     let range = args.param_range.clone().unwrap_or(1..=1);
-    let deadline = Instant::now() + Duration::from_secs(args.duration);
     let in_use = Arc::new(AtomicUsize::new(0));
     let max_in_use = Arc::new(AtomicUsize::new(0));
     let sql: Arc<str> = Arc::from(args.sql.as_str());
     let pipelined = args.pipelined;
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..args.concurrency)
+    let tasks: Vec<_> = callers
         .map(|i| {
             let (pool, sql, range) = (pool.clone(), sql.clone(), range.clone());
             let (in_use, max_in_use) = (in_use.clone(), max_in_use.clone());
@@ -513,34 +620,8 @@ pub async fn bench(cfg: PoolConfig, args: &BenchArgs) -> Result<Report, Failed> 
             all.merge(rec);
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
     pool.close(Duration::from_secs(5)).await;
-    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
-    let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
-    let ops = all.latency_ns.len();
-    Ok(Report {
-        ops_per_sec: ops as f64 / elapsed,
-        ops,
-        latency_ms: Latency {
-            p50: ms(&all.latency_ns, 0.5),
-            p99: ms(&all.latency_ns, 0.99),
-            max: all.latency_ns.max() as f64 / 1e6,
-        },
-        pool_wait_ms: Waits {
-            p50: ms(&all.wait_ns, 0.5),
-            p99: ms(&all.wait_ns, 0.99),
-        },
-        pool_overhead_us: Waits {
-            p50: us(&all.overhead_ns, 0.5),
-            p99: us(&all.overhead_ns, 0.99),
-        },
-        errors: all.errors,
-        max_in_use: max_in_use.load(Ordering::Relaxed),
-        connection_limit: limit,
-        concurrency: args.concurrency,
-        duration_secs: elapsed,
-        threads: args.threads,
-    })
+    Ok((all, max_in_use.load(Ordering::Relaxed)))
 }
 
 fn binding(types: &[Type], has_range: bool) -> Result<Binding, String> {
@@ -625,10 +706,11 @@ fn print_report(r: &Report, args: &BenchArgs) {
     println!(
         "load          {} callers on {} for {:.1}s, connection_limit={}",
         r.concurrency,
-        match r.threads {
-            0 => "every core".to_string(),
-            1 => "one thread".to_string(),
-            n => format!("{n} threads"),
+        match (r.runtimes, r.threads) {
+            (n, _) if n > 1 => format!("{n} threads, each with its own pool"),
+            (_, 0) => "every core".to_string(),
+            (_, 1) => "one thread".to_string(),
+            (_, n) => format!("{n} threads"),
         },
         r.duration_secs,
         r.connection_limit
