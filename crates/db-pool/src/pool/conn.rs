@@ -376,6 +376,7 @@ async fn guard<T>(
     record_statement(shared, backend_pid, sql, started.elapsed());
     if matches!(result, Err(Error::ConnectionClosed)) {
         flags.broken = true;
+        shared.connection_died();
     }
     result
 }

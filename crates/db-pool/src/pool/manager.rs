@@ -37,7 +37,10 @@ use crate::error::Error;
 /// Connections returned to the pool less than this long ago are handed out
 /// again without a round trip to check them (HikariCP's
 /// `aliveBypassWindowMs`); older ones are pinged first. A connection the
-/// server closed is caught before that by `Client::is_closed`.
+/// server closed is caught before that by `Client::is_closed`, once its
+/// driver has read the closing; and after any connection was found dead,
+/// every connection returned before that is pinged too (see
+/// [`Shared::connection_died`]).
 const VALIDATION_BYPASS: Duration = Duration::from_millis(500);
 
 /// What the pool, the manager and every connection share.
@@ -57,6 +60,10 @@ pub(crate) struct Shared {
     /// ones still checked out when its deadline passes.
     drivers: Mutex<HashMap<u64, AbortHandle>>,
     next_id: AtomicU64,
+    /// When a connection was last found dead, in nanoseconds after
+    /// `created` (0: never).
+    last_death: AtomicU64,
+    created: Instant,
 }
 
 /// A connection's driver: runs until the session ends.
@@ -83,6 +90,8 @@ impl Shared {
             handoff: Handoff::default(),
             drivers: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            last_death: AtomicU64::new(0),
+            created: Instant::now(),
         })
     }
 
@@ -200,6 +209,29 @@ impl Shared {
         }
     }
 
+    /// A connection was found dead (closed mid-statement, or at checkout).
+    /// Its backend was terminated or the server restarted: the others may
+    /// have died at the same moment without their drivers having read it
+    /// yet, so each connection returned before now is pinged before it is
+    /// handed out again, even within [`VALIDATION_BYPASS`]. Without this, a
+    /// caller retrying after every backend was killed at once could be
+    /// handed one dead connection after another.
+    pub fn connection_died(&self) {
+        let at = u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_death.fetch_max(at.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether `conn` was returned before the last connection was found
+    /// dead.
+    fn returned_before_a_death(&self, conn: &ClientConn) -> bool {
+        let died = self.last_death.load(Ordering::Relaxed);
+        died != 0
+            && conn
+                .returned
+                .checked_duration_since(self.created)
+                .is_none_or(|at| at.as_nanos() < u128::from(died))
+    }
+
     fn connect_error(&self, e: tokio_postgres::Error) -> Error {
         connect_error(&self.config, e)
     }
@@ -207,6 +239,7 @@ impl Shared {
     /// Checks a connection about to be handed out again.
     pub async fn recycle(&self, conn: &mut ClientConn) -> Result<(), CloseReason> {
         if self.unusable(conn) {
+            self.connection_died();
             return Err(CloseReason::Broken);
         }
         if conn.lifetime.is_some_and(|l| conn.created.elapsed() >= l) {
@@ -228,11 +261,11 @@ impl Shared {
                 .map_err(|_| CloseReason::Broken)?;
             conn.needs_rollback = false;
         }
-        if conn.returned.elapsed() >= VALIDATION_BYPASS {
-            conn.client
-                .check_connection()
-                .await
-                .map_err(|_| CloseReason::Broken)?;
+        if conn.returned.elapsed() >= VALIDATION_BYPASS || self.returned_before_a_death(conn) {
+            if conn.client.check_connection().await.is_err() {
+                self.connection_died();
+                return Err(CloseReason::Broken);
+            }
         }
         Ok(())
     }

@@ -168,3 +168,61 @@ async fn an_outage_under_load_costs_a_few_attempts_not_a_storm() {
     cluster.start().await.unwrap();
     assert!(eventually(Duration::from_secs(5), || works(&pool)).await);
 }
+
+/// Every backend killed at once while the connections' drivers cannot run
+/// (the kill runs on another thread and this single-threaded runtime waits
+/// for it), so none of them has read its closing yet: the first statement
+/// finds its connection dead (P1017). From then on each connection
+/// returned before that death is pinged before it is handed out, so the
+/// caller's retry gets a live one, not the next dead one.
+#[tokio::test(flavor = "current_thread")]
+async fn after_a_dead_connection_the_next_checkout_is_a_live_one() {
+    let cluster = private_server().await;
+    let pool = pool_url(&url(
+        &cluster,
+        "connection_limit=3&application_name=mass_kill",
+    ));
+    for round in 0..3 {
+        let conns: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
+        for c in conns {
+            c.unwrap().query("SELECT 1", &[]).await.unwrap();
+        }
+        let admin_url = cluster.url("postgres");
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (admin, connection) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                admin
+                    .execute(
+                        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = 'mass_kill'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+            });
+        })
+        .join()
+        .unwrap();
+        let mut dead = 0;
+        loop {
+            let mut conn = pool.get().await.unwrap();
+            match conn.query("SELECT 1", &[]).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert_eq!(e.code(), "P1017", "{e}");
+                    dead += 1;
+                }
+            }
+        }
+        assert!(
+            dead <= 1,
+            "round {round}: {dead} dead connections handed out one after another"
+        );
+    }
+}
