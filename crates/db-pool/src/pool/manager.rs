@@ -261,11 +261,11 @@ impl Shared {
                 .map_err(|_| CloseReason::Broken)?;
             conn.needs_rollback = false;
         }
-        if conn.returned.elapsed() >= VALIDATION_BYPASS || self.returned_before_a_death(conn) {
-            if conn.client.check_connection().await.is_err() {
-                self.connection_died();
-                return Err(CloseReason::Broken);
-            }
+        let validate =
+            conn.returned.elapsed() >= VALIDATION_BYPASS || self.returned_before_a_death(conn);
+        if validate && conn.client.check_connection().await.is_err() {
+            self.connection_died();
+            return Err(CloseReason::Broken);
         }
         Ok(())
     }
