@@ -266,6 +266,9 @@ impl Conn {
         let counters = &shared.counters;
         let client = &conn.client;
         let statements = &mut conn.statements;
+        // The caller gave up on its previous statement: tokio-postgres may
+        // not have written it yet, and this one must not overtake it.
+        let abandoned = conn.flags.in_flight;
         let direct = &mut conn.direct;
         let pgbouncer = shared.config.pgbouncer;
         let fut = std::pin::pin!(async {
@@ -289,10 +292,13 @@ impl Conn {
                 .map_err(query_error);
             };
             let (stmt, evicted) = cached_statement(cache, counters, client, sql).await?;
-            if let Some(direct) = direct {
-                if evicted {
-                    direct.closing_statement();
-                }
+            if let (Some(direct), Some(_)) = (direct.as_ref(), &evicted) {
+                // Told before the evicted statement is dropped, which has
+                // tokio-postgres queue its Close.
+                direct.closing_statement();
+            }
+            drop(evicted);
+            if let Some(direct) = direct.as_mut().filter(|_| !abandoned) {
                 if let Some(outcome) = direct.run(&stmt, params, want).await {
                     return match outcome {
                         Outcome::Done(rows, count) => Ok(match want {
@@ -318,24 +324,23 @@ impl Conn {
 }
 
 /// `sql`'s prepared statement from the connection's cache, prepared (and
-/// cached, evicting the least recently used) on a miss; and whether a
-/// statement was evicted.
+/// cached, evicting the least recently used) on a miss; and the statement
+/// evicted, whose drop closes it on the server.
 async fn cached_statement(
     cache: &mut LruCache<String, Statement>,
     counters: &Counters,
     client: &Client,
     sql: &str,
-) -> Result<(Statement, bool), Error> {
+) -> Result<(Statement, Option<(String, Statement)>), Error> {
     if let Some(stmt) = cache.get(sql) {
         Counters::inc(&counters.statement_cache_hits);
-        return Ok((stmt.clone(), false));
+        return Ok((stmt.clone(), None));
     }
     Counters::inc(&counters.statement_cache_misses);
     let stmt = client.prepare(sql).await.map_err(query_error)?;
-    // Only pushed after a miss, so what comes back is an eviction; dropping
-    // the evicted statement closes it on the server.
-    let evicted = cache.push(sql.to_owned(), stmt.clone()).is_some();
-    if evicted {
+    // Only pushed after a miss, so what comes back is an eviction.
+    let evicted = cache.push(sql.to_owned(), stmt.clone());
+    if evicted.is_some() {
         Counters::inc(&counters.statement_cache_evictions);
     }
     Ok((stmt, evicted))

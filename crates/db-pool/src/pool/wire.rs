@@ -225,6 +225,13 @@ struct State {
     closes_queued: u64,
     sent: Frames,
     received: Frames,
+    /// The driver wrote bytes it has not flushed yet (tokio-postgres's
+    /// codec may still hold the rest of a request).
+    unflushed: bool,
+    /// Bytes a direct statement read past its ReadyForQuery (a
+    /// notification, a FATAL on the idle session): the driver's, handed to
+    /// it before anything from the socket.
+    unread: BytesMut,
     /// A direct statement is using the socket.
     borrowed: bool,
     /// A direct statement was abandoned halfway, or the driver ended: the
@@ -237,6 +244,18 @@ struct State {
 }
 
 impl State {
+    /// Counts the ReadyForQuery frames among what the driver just read.
+    fn track_received(&mut self, before: usize, buf: &ReadBuf<'_>) {
+        if self.tracking {
+            let outstanding = &mut self.outstanding;
+            self.received.feed(&buf.filled()[before..], |tag| {
+                if tag == b'Z' {
+                    *outstanding = outstanding.saturating_sub(1);
+                }
+            });
+        }
+    }
+
     fn remember_driver(&mut self, cx: &Context<'_>) {
         if !self
             .driver
@@ -326,6 +345,8 @@ pub(super) fn split(io: Socket) -> (Wire, Direct) {
         closes_queued: 0,
         sent: Frames::default(),
         received: Frames::default(),
+        unflushed: false,
+        unread: BytesMut::new(),
         borrowed: false,
         poisoned: false,
         driver: None,
@@ -354,16 +375,15 @@ impl AsyncRead for Wire {
             return Poll::Pending;
         }
         let before = buf.filled().len();
+        if !st.unread.is_empty() {
+            let n = st.unread.len().min(buf.remaining());
+            buf.put_slice(&st.unread.split_to(n));
+            st.track_received(before, buf);
+            return Poll::Ready(Ok(()));
+        }
         match Pin::new(&mut st.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if st.tracking {
-                    let outstanding = &mut st.outstanding;
-                    st.received.feed(&buf.filled()[before..], |tag| {
-                        if tag == b'Z' {
-                            *outstanding = outstanding.saturating_sub(1);
-                        }
-                    });
-                }
+                st.track_received(before, buf);
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
@@ -391,6 +411,7 @@ impl AsyncWrite for Wire {
         }
         match Pin::new(&mut st.io).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => {
+                st.unflushed = true;
                 if st.tracking {
                     let (outstanding, closes) = (&mut st.outstanding, &mut st.closes_queued);
                     // Sync ends an extended-protocol request, Query a simple
@@ -420,7 +441,15 @@ impl AsyncWrite for Wire {
         if st.borrowed {
             return Poll::Pending;
         }
-        Pin::new(&mut st.io).poll_flush(cx)
+        let flushed = Pin::new(&mut st.io).poll_flush(cx);
+        match flushed {
+            // tokio-postgres's codec flushes the socket only once it has
+            // written everything it holds.
+            Poll::Ready(Ok(())) => st.unflushed = false,
+            Poll::Pending => st.remember_driver(cx),
+            Poll::Ready(Err(_)) => {}
+        }
+        flushed
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -518,6 +547,8 @@ impl Direct {
             let quiet = st.tracking
                 && st.outstanding == 0
                 && st.closes_queued == 0
+                && !st.unflushed
+                && st.unread.is_empty()
                 && st.sent.between_frames()
                 && st.received.between_frames();
             if !quiet || st.borrowed || st.poisoned {
@@ -532,6 +563,10 @@ impl Direct {
         let want_rows = matches!(want, Want::Rows);
         let outcome = exchange(state, out, input, stmt, want_rows).await;
         borrow.finished = !matches!(outcome, Outcome::Lost(_));
+        if borrow.finished && !input.is_empty() {
+            // Read past the answer: the rest is the driver's.
+            lock(state).unread.extend_from_slice(&input.split());
+        }
         drop(borrow);
         Some(outcome)
     }
@@ -639,6 +674,13 @@ async fn exchange(
             // What tokio-postgres's driver would pass to a `Connection`
             // poller, which the pool does not have.
             Message::ParameterStatus(_) | Message::NotificationResponse(_) => {}
+            // A statement that is not a query (COPY ... TO STDOUT): refused
+            // as tokio-postgres refuses it, once its answer has passed.
+            Message::CopyOutResponse(_) | Message::CopyData(_) | Message::CopyDone => {
+                refused.get_or_insert_with(tokio_postgres::Error::unexpected_message);
+            }
+            // COPY ... FROM STDIN waits for data this path has not got
+            // (tokio-postgres would wait for ever): the connection goes.
             _ => {
                 return Outcome::Lost(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -698,7 +740,7 @@ impl Drop for Borrow<'_> {
         let Some(driver) = st.driver.as_ref() else {
             return;
         };
-        if st.poisoned || std::mem::take(&mut st.driver_parked) {
+        if st.poisoned || std::mem::take(&mut st.driver_parked) || !st.unread.is_empty() {
             driver.wake_by_ref();
             return;
         }

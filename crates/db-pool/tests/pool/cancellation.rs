@@ -146,3 +146,23 @@ async fn the_next_statement_after_a_cancelled_one_gets_its_own_rows() {
         assert_eq!(row.get::<_, i32>("n"), n);
     }
 }
+
+/// A statement given up before tokio-postgres even wrote it (its future
+/// polled once, then dropped, the connection's driver not yet run) still
+/// reaches the server before the caller's next statement: they run in the
+/// order the caller issued them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_statement_given_up_before_it_was_sent_is_not_overtaken() {
+    let db = TestDatabase::create().await;
+    let (pool, _app) = pool(&db, "connection_limit=1");
+    let mut conn = pool.get().await.unwrap();
+    let setting = "SELECT current_setting('application_name') AS v";
+    conn.query(setting, &[]).await.unwrap();
+    {
+        let mut set = std::pin::pin!(conn.batch_execute("SET application_name = 'given_up'"));
+        let polled = futures_util::poll!(set.as_mut());
+        assert!(polled.is_pending());
+    }
+    let row = conn.query_one(setting, &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>("v"), "given_up");
+}

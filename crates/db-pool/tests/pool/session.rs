@@ -57,3 +57,26 @@ async fn transactions_commit_and_roll_back() {
         .get(0);
     assert_eq!(n, 1);
 }
+
+/// A statement that is not a query (`COPY ... TO STDOUT` through
+/// `query`) is refused as a failed statement (P2010), the connection kept:
+/// the next statement on it works, on the same backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_through_query_is_refused_and_the_connection_kept() {
+    let db = TestDatabase::create().await;
+    let (pool, _app) = pool(&db, "connection_limit=1");
+    let mut conn = pool.get().await.unwrap();
+    let pid = conn.backend_pid();
+    // Twice: prepared and run, then run from the statement cache.
+    for _ in 0..2 {
+        let err = conn
+            .query("COPY (SELECT 1) TO STDOUT", &[])
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "P2010", "{err}");
+        let row = conn.query_one("SELECT 41 + 1 AS n", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>("n"), 42);
+    }
+    drop(conn);
+    assert_eq!(pool.get().await.unwrap().backend_pid(), pid);
+}

@@ -444,7 +444,10 @@ impl Error {
         Error::new(Kind::Closed, None)
     }
 
-    pub(crate) fn unexpected_message() -> Error {
+    // Patched for db-pool (vendor/README.md): public so the pool's direct
+    // statement path can build what tokio-postgres returns.
+    #[doc(hidden)]
+    pub fn unexpected_message() -> Error {
         Error::new(Kind::UnexpectedMessage, None)
     }
 
