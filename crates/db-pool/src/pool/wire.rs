@@ -25,8 +25,11 @@
 //! takes the normal path. While borrowed, the driver's reads and writes
 //! wait; afterwards its read interest is registered again, so a server that
 //! closes the connection is still noticed at once. A direct statement
-//! abandoned halfway (its caller dropped, `socket_timeout`) leaves the
-//! protocol in an unknown state: the connection is then closed for both.
+//! abandoned once sent (its caller dropped, `socket_timeout`) has its
+//! answer passed over before the driver reads anything, as tokio-postgres
+//! passes over the answers of dropped requests; one abandoned while its
+//! request was being written leaves the protocol in an unknown state, and
+//! the connection is closed for both.
 
 use std::io;
 use std::pin::Pin;
@@ -178,6 +181,8 @@ struct Frames {
     header: [u8; 5],
     have: usize,
     left: usize,
+    /// The type byte of the frame being passed.
+    tag: u8,
 }
 
 impl Frames {
@@ -203,9 +208,44 @@ impl Frames {
                 ]);
                 self.left = (len as usize).saturating_sub(4);
                 self.have = 0;
+                self.tag = self.header[0];
                 on_frame(self.header[0]);
             }
         }
+    }
+
+    /// Passes over `data` up to the end of the `answers`-th ReadyForQuery
+    /// frame, counting `answers` down; returns how many bytes that was.
+    fn skip_answers(&mut self, data: &[u8], answers: &mut u32) -> usize {
+        let mut used = 0;
+        while used < data.len() && *answers > 0 {
+            if self.left == 0 {
+                let n = (5 - self.have).min(data.len() - used);
+                self.header[self.have..self.have + n].copy_from_slice(&data[used..used + n]);
+                self.have += n;
+                used += n;
+                if self.have < 5 {
+                    continue;
+                }
+                let len = u32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                self.left = (len as usize).saturating_sub(4);
+                self.have = 0;
+                self.tag = self.header[0];
+            } else {
+                let n = self.left.min(data.len() - used);
+                self.left -= n;
+                used += n;
+            }
+            if self.left == 0 && self.tag == b'Z' {
+                *answers -= 1;
+            }
+        }
+        used
     }
 
     fn between_frames(&self) -> bool {
@@ -232,6 +272,11 @@ struct State {
     /// notification, a FATAL on the idle session): the driver's, handed to
     /// it before anything from the socket.
     unread: BytesMut,
+    /// Answers to direct statements whose callers gave up after sending
+    /// them: passed over, unseen by the driver, before anything it reads.
+    abandoned_answers: u32,
+    /// Where the passing over is, frame-wise.
+    abandoned_frames: Frames,
     /// A direct statement is using the socket.
     borrowed: bool,
     /// A direct statement was abandoned halfway, or the driver ended: the
@@ -347,6 +392,8 @@ pub(super) fn split(io: Socket) -> (Wire, Direct) {
         received: Frames::default(),
         unflushed: false,
         unread: BytesMut::new(),
+        abandoned_answers: 0,
+        abandoned_frames: Frames::default(),
         borrowed: false,
         poisoned: false,
         driver: None,
@@ -374,23 +421,36 @@ impl AsyncRead for Wire {
         if st.borrowed {
             return Poll::Pending;
         }
-        let before = buf.filled().len();
-        if !st.unread.is_empty() {
-            let n = st.unread.len().min(buf.remaining());
-            buf.put_slice(&st.unread.split_to(n));
+        loop {
+            let before = buf.filled().len();
+            if !st.unread.is_empty() {
+                let n = st.unread.len().min(buf.remaining());
+                buf.put_slice(&st.unread.split_to(n));
+            } else {
+                match Pin::new(&mut st.io).poll_read(cx, buf) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Pending => {
+                        st.remember_driver(cx);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                }
+            }
+            let end = buf.filled().len();
+            if st.abandoned_answers > 0 && end > before {
+                // An abandoned direct statement's answer comes first: cut
+                // it out of what was read.
+                let skipped = st
+                    .abandoned_frames
+                    .skip_answers(&buf.filled()[before..], &mut st.abandoned_answers);
+                buf.filled_mut().copy_within(before + skipped..end, before);
+                buf.set_filled(end - skipped);
+                if buf.filled().len() == before {
+                    continue;
+                }
+            }
             st.track_received(before, buf);
             return Poll::Ready(Ok(()));
-        }
-        match Pin::new(&mut st.io).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) => {
-                st.track_received(before, buf);
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => {
-                st.remember_driver(cx);
-                Poll::Pending
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         }
     }
 }
@@ -549,6 +609,7 @@ impl Direct {
                 && st.closes_queued == 0
                 && !st.unflushed
                 && st.unread.is_empty()
+                && st.abandoned_answers == 0
                 && st.sent.between_frames()
                 && st.received.between_frames();
             if !quiet || st.borrowed || st.poisoned {
@@ -558,14 +619,19 @@ impl Direct {
         }
         let mut borrow = Borrow {
             state,
+            input,
+            sent: false,
             finished: false,
+            lost: false,
         };
         let want_rows = matches!(want, Want::Rows);
-        let outcome = exchange(state, out, input, stmt, want_rows).await;
-        borrow.finished = !matches!(outcome, Outcome::Lost(_));
-        if borrow.finished && !input.is_empty() {
+        let outcome = exchange(&mut borrow, out, stmt, want_rows).await;
+        borrow.lost = matches!(outcome, Outcome::Lost(_));
+        borrow.finished = !borrow.lost;
+        if borrow.finished && !borrow.input.is_empty() {
             // Read past the answer: the rest is the driver's.
-            lock(state).unread.extend_from_slice(&input.split());
+            let rest = borrow.input.split();
+            lock(state).unread.extend_from_slice(&rest);
         }
         drop(borrow);
         Some(outcome)
@@ -605,12 +671,12 @@ fn encode(out: &mut BytesMut, stmt: &Statement, params: &[Param<'_>]) -> bool {
 
 /// Writes the request and reads its answer up to ReadyForQuery.
 async fn exchange(
-    state: &Mutex<State>,
+    borrow: &mut Borrow<'_>,
     out: &[u8],
-    input: &mut BytesMut,
     stmt: &Statement,
     want_rows: bool,
 ) -> Outcome {
+    let state = borrow.state;
     let mut written = 0;
     while written < out.len() {
         let wrote = std::future::poll_fn(|cx| {
@@ -628,6 +694,8 @@ async fn exchange(
     if let Err(e) = flushed {
         return Outcome::Lost(e);
     }
+    borrow.sent = true;
+    let input = &mut *borrow.input;
     let mut rows = Vec::new();
     let mut affected = 0;
     let mut refused = None;
@@ -726,7 +794,14 @@ async fn read_more(state: &Mutex<State>, input: &mut BytesMut) -> io::Result<()>
 /// however it ends.
 struct Borrow<'a> {
     state: &'a Mutex<State>,
+    /// What was read and not yet parsed (from a frame's start).
+    input: &'a mut BytesMut,
+    /// The whole request is on the wire.
+    sent: bool,
+    /// The answer was read to its ReadyForQuery.
     finished: bool,
+    /// The connection failed under it (closed, or a protocol error).
+    lost: bool,
 }
 
 impl Drop for Borrow<'_> {
@@ -734,13 +809,32 @@ impl Drop for Borrow<'_> {
         let mut guard = lock(self.state);
         let st = &mut *guard;
         st.borrowed = false;
-        if !self.finished {
+        let abandoned = !self.finished;
+        if self.lost || (abandoned && !self.sent) {
+            // Lost, or given up halfway through writing: the protocol
+            // state is gone.
             st.poisoned = true;
+        } else if abandoned {
+            // The caller gave up after sending: its answer is passed over
+            // (from what was read of it already) before the driver reads,
+            // and the connection goes on, as with tokio-postgres.
+            st.abandoned_answers += 1;
+            st.abandoned_frames = Frames::default();
+            let skipped = st
+                .abandoned_frames
+                .skip_answers(self.input, &mut st.abandoned_answers);
+            let rest = self.input.split_off(skipped);
+            st.unread.extend_from_slice(&rest);
+            self.input.clear();
         }
         let Some(driver) = st.driver.as_ref() else {
             return;
         };
-        if st.poisoned || std::mem::take(&mut st.driver_parked) || !st.unread.is_empty() {
+        if abandoned
+            || st.poisoned
+            || std::mem::take(&mut st.driver_parked)
+            || !st.unread.is_empty()
+        {
             driver.wake_by_ref();
             return;
         }
@@ -781,5 +875,29 @@ mod tests {
         let mut frames = Frames::default();
         frames.feed(&wire[..7], |_| {});
         assert!(!frames.between_frames());
+    }
+
+    #[test]
+    fn an_abandoned_answer_is_passed_over_to_its_ready_for_query_exactly() {
+        // BindComplete, DataRow, CommandComplete, ReadyForQuery: the answer
+        // passed over; then a NoticeResponse that is the driver's.
+        let mut answer = Vec::new();
+        answer.extend_from_slice(&[b'2', 0, 0, 0, 4]);
+        answer.extend_from_slice(&[b'D', 0, 0, 0, 10, 0, 1, 0, 0, 0, 0]);
+        answer.extend_from_slice(&[b'C', 0, 0, 0, 13]);
+        answer.extend_from_slice(b"SELECT 1\0");
+        answer.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        let mut wire = answer.clone();
+        wire.extend_from_slice(&[b'N', 0, 0, 0, 4]);
+        for chunk in 1..wire.len() {
+            let mut frames = Frames::default();
+            let mut answers = 1;
+            let mut passed = 0;
+            for piece in wire.chunks(chunk) {
+                passed += frames.skip_answers(piece, &mut answers);
+            }
+            assert_eq!(passed, answer.len(), "chunks of {chunk}");
+            assert_eq!(answers, 0);
+        }
     }
 }

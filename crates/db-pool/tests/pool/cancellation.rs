@@ -166,3 +166,26 @@ async fn a_statement_given_up_before_it_was_sent_is_not_overtaken() {
     let row = conn.query_one(setting, &[]).await.unwrap();
     assert_eq!(row.get::<_, String>("v"), "given_up");
 }
+
+/// A caller that gives up on a statement already sent, and goes on with
+/// the same connection, gets its next statements' own rows: the answer it
+/// gave up on passes unseen, as with tokio-postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_giving_up_on_a_sent_statement_the_connection_answers_the_next() {
+    let db = TestDatabase::create().await;
+    let (pool, _app) = pool(&db, "connection_limit=1");
+    let mut conn = pool.get().await.unwrap();
+    let slow = "SELECT $1::int AS n FROM pg_sleep($2::float8)";
+    // Prepared and cached, so the next run goes out on the socket directly.
+    conn.query(slow, &[&1i32, &0.0f64]).await.unwrap();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        conn.query(slow, &[&2i32, &0.5f64]),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    for n in 3..6i32 {
+        let row = conn.query_one(slow, &[&n, &0.0f64]).await.unwrap();
+        assert_eq!(row.get::<_, i32>("n"), n);
+    }
+}
