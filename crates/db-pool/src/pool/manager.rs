@@ -28,9 +28,10 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::attempts::{Attempts, Gate, Handoff};
 use super::observe::Observer;
+use super::socket::Socket;
 use super::stats::{CloseReason, Counters};
 use super::tls;
-use super::wire::{self, Direct, Socket, TlsBeneath};
+use super::wire::{self, Direct, TlsBeneath};
 use crate::config::{Host, PoolConfig};
 use crate::error::Error;
 

@@ -8,6 +8,7 @@ mod manager;
 mod observe;
 mod params;
 mod pipeline;
+mod socket;
 mod stats;
 mod tls;
 mod wire;
