@@ -64,30 +64,40 @@ struct Frames {
 }
 
 impl Frames {
+    /// Moves over the start of `data`: the rest of the current frame's
+    /// body, or (part of) the next header. Returns the bytes passed, and
+    /// whether a header was just completed (its type byte is `tag`).
+    fn step(&mut self, data: &[u8]) -> (usize, bool) {
+        if self.left > 0 {
+            let n = self.left.min(data.len());
+            self.left -= n;
+            return (n, false);
+        }
+        let n = (5 - self.have).min(data.len());
+        self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+        self.have += n;
+        if self.have < 5 {
+            return (n, false);
+        }
+        let len = u32::from_be_bytes([
+            self.header[1],
+            self.header[2],
+            self.header[3],
+            self.header[4],
+        ]);
+        self.left = (len as usize).saturating_sub(4);
+        self.have = 0;
+        self.tag = self.header[0];
+        (n, true)
+    }
+
     /// Follows `data`, calling `on_frame` with each frame's type byte.
     fn feed(&mut self, mut data: &[u8], mut on_frame: impl FnMut(u8)) {
         while !data.is_empty() {
-            if self.left > 0 {
-                let n = self.left.min(data.len());
-                self.left -= n;
-                data = &data[n..];
-                continue;
-            }
-            let n = (5 - self.have).min(data.len());
-            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
-            self.have += n;
+            let (n, started) = self.step(data);
             data = &data[n..];
-            if self.have == 5 {
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.left = (len as usize).saturating_sub(4);
-                self.have = 0;
-                self.tag = self.header[0];
-                on_frame(self.header[0]);
+            if started {
+                on_frame(self.tag);
             }
         }
     }
@@ -97,29 +107,10 @@ impl Frames {
     fn skip_answers(&mut self, data: &[u8], answers: &mut u32) -> usize {
         let mut used = 0;
         while used < data.len() && *answers > 0 {
-            if self.left == 0 {
-                let n = (5 - self.have).min(data.len() - used);
-                self.header[self.have..self.have + n].copy_from_slice(&data[used..used + n]);
-                self.have += n;
-                used += n;
-                if self.have < 5 {
-                    continue;
-                }
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                self.left = (len as usize).saturating_sub(4);
-                self.have = 0;
-                self.tag = self.header[0];
-            } else {
-                let n = self.left.min(data.len() - used);
-                self.left -= n;
-                used += n;
-            }
-            if self.left == 0 && self.tag == b'Z' {
+            used += self.step(&data[used..]).0;
+            // Every step passes at least one byte: between frames now
+            // means a frame just ended.
+            if self.between_frames() && self.tag == b'Z' {
                 *answers -= 1;
             }
         }

@@ -20,6 +20,14 @@ fn url(cluster: &LocalCluster, params: &str) -> String {
     )
 }
 
+/// Checks out `n` connections at once and runs a statement on each.
+async fn use_each_connection(pool: &Pool, n: usize) {
+    let conns = futures_util::future::join_all((0..n).map(|_| pool.get())).await;
+    for c in conns {
+        c.unwrap().query("SELECT 1", &[]).await.unwrap();
+    }
+}
+
 async fn works(pool: &Pool) -> bool {
     match pool.get().await {
         Ok(mut c) => c.query("SELECT 1", &[]).await.is_ok(),
@@ -85,12 +93,9 @@ async fn a_terminated_pooled_backend_is_never_handed_out() {
         "connection_limit=3&application_name=victims",
     ));
     for round in 0..5 {
-        let conns: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
         // A statement on each first: run on the socket directly, it must
         // leave the connection's driver watching the socket again.
-        for c in conns {
-            c.unwrap().query("SELECT 1", &[]).await.unwrap();
-        }
+        use_each_connection(&pool, 3).await;
         // Kill every idle pooled backend, waiting until each has exited.
         admin
             .execute(
@@ -183,10 +188,7 @@ async fn after_a_dead_connection_the_next_checkout_is_a_live_one() {
         "connection_limit=3&application_name=mass_kill",
     ));
     for round in 0..3 {
-        let conns: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.get())).await;
-        for c in conns {
-            c.unwrap().query("SELECT 1", &[]).await.unwrap();
-        }
+        use_each_connection(&pool, 3).await;
         let admin_url = cluster.url("postgres");
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
