@@ -10,7 +10,7 @@ use lru::LruCache;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Row, Statement};
 
-use super::manager::{ClientConn, Flags, Manager, Shared};
+use super::manager::{ClientConn, Flags, Manager, Shared, CANCEL_ONCE};
 use super::params::{infer_types, Param};
 use super::stats::{CloseReason, Counters};
 use super::wire::Outcome;
@@ -370,7 +370,7 @@ async fn guard<T>(
             Ok(result) => result,
             Err(_) => {
                 Counters::inc(&shared.counters.socket_timeouts);
-                shared.cancel(client);
+                shared.cancel(client, CANCEL_ONCE);
                 flags.broken = true;
                 Err(Error::SocketTimeout(limit))
             }

@@ -279,45 +279,27 @@ impl Shared {
             // Also when the session is already closed on this side (a
             // direct statement abandoned halfway closes it): the server
             // does not notice until its statement ends.
-            self.cancel(&conn.client);
+            self.cancel(&conn.client, CANCEL_DISCARDED);
             return true;
         }
         conn.flags.broken || conn.client.is_closed()
     }
 
-    /// Sends a cancel request for whatever the connection is running.
-    pub fn cancel(&self, client: &tokio_postgres::Client) {
+    /// Sends cancel requests for whatever the connection is running: one
+    /// after each wait in `schedule` ([`CANCEL_ONCE`], [`CANCEL_DISCARDED`]).
+    pub fn cancel(&self, client: &tokio_postgres::Client, schedule: &'static [Duration]) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let token = client.cancel_token();
-        let mut tls = self.tls.clone();
-        // The pool opened the connection's socket itself, so tokio-postgres
-        // does not know where to send the request: the pool opens that
-        // socket too, and tokio-postgres negotiates TLS on it as it did for
-        // the session.
+        let tls = self.tls.clone();
         let config = self.config.clone();
         runtime.spawn(async move {
-            let sent = match Socket::open(&config).await {
-                Err(e) => {
+            for wait in schedule {
+                tokio::time::sleep(*wait).await;
+                if let Err(e) = send_cancel(&token, &config, &tls).await {
                     tracing::debug!(error = %e, "cancel request failed");
-                    return;
                 }
-                Ok(socket) => match &config.host {
-                    Host::Unix(_) => token.cancel_query_raw(socket, NoTls).await,
-                    Host::Tcp(host) => {
-                        match MakeTlsConnect::<Socket>::make_tls_connect(&mut tls, host) {
-                            Ok(tls) => token.cancel_query_raw(socket, tls).await,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "cancel request failed");
-                                return;
-                            }
-                        }
-                    }
-                },
-            };
-            if let Err(e) = sent {
-                tracing::debug!(error = %e, "cancel request failed");
             }
         });
     }
@@ -379,6 +361,42 @@ impl Shared {
             None
         }
     }
+}
+
+/// One cancel request, at once: for a statement past its `socket_timeout`,
+/// whose caller may go on using the connection until it is returned.
+pub(crate) const CANCEL_ONCE: &[Duration] = &[Duration::ZERO];
+
+/// Cancel requests for a connection discarded with a statement in flight:
+/// at once, and twice more, 0.25 s and 1 s later. The server ignores a
+/// cancel that arrives between statements, and the statement may not have
+/// started yet (a pipelined one waits for those ahead of it; the server
+/// may not have read it). The connection is never used again, so a later
+/// request cancels nothing a caller still wants.
+const CANCEL_DISCARDED: &[Duration] = &[
+    Duration::ZERO,
+    Duration::from_millis(250),
+    Duration::from_millis(750),
+];
+
+/// One cancel request on a socket the pool opens (tokio-postgres does not
+/// know where the session's socket went), TLS negotiated on it as for the
+/// session.
+async fn send_cancel(
+    token: &tokio_postgres::CancelToken,
+    config: &PoolConfig,
+    tls: &MakeRustlsConnect,
+) -> Result<(), String> {
+    let socket = Socket::open(config).await.map_err(|e| e.to_string())?;
+    let sent = match &config.host {
+        Host::Unix(_) => token.cancel_query_raw(socket, NoTls).await,
+        Host::Tcp(host) => {
+            let tls = MakeTlsConnect::<Socket>::make_tls_connect(&mut tls.clone(), host)
+                .map_err(|e| e.to_string())?;
+            token.cancel_query_raw(socket, tls).await
+        }
+    };
+    sent.map_err(|e| e.to_string())
 }
 
 /// Reopens the gate when an attempt is dropped before its outcome.
